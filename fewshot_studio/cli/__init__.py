@@ -1,0 +1,69 @@
+"""``fewshot-studio`` command line. Without a subcommand it opens the desktop app.
+
+Each subcommand lives in its own module here with a ``register(subparsers)`` function that adds
+its parser and sets ``func`` (``args -> exit code``)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from fewshot_studio import __version__
+from fewshot_studio.errors import UserError
+
+# Modules under fewshot_studio.cli, each registering one or more subcommands.
+SUBCOMMAND_MODULES = ("train", "evaluate", "label", "checkpoints", "export_onnx")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fewshot-studio",
+        description="Label folders of images from a few examples per class.",
+    )
+    parser.add_argument("--version", action="version", version=f"fewshot-studio {__version__}")
+    parser.add_argument("--demo", action="store_true", help="open the bundled demo project")
+    parser.add_argument("--screenshot", metavar="PNG",
+                        help="with --demo: label the demo, save a window screenshot, exit")
+    parser.add_argument("--open", dest="project", metavar="PROJECT",
+                        help="a project file to open")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in SUBCOMMAND_MODULES:
+        try:
+            module = importlib.import_module(f"fewshot_studio.cli.{name}")
+        except ModuleNotFoundError as e:
+            if e.name != f"fewshot_studio.cli.{name}":
+                raise
+            continue  # not built yet
+        module.register(sub)
+    return parser
+
+
+def _open_app(args: argparse.Namespace) -> int:
+    try:
+        from fewshot_studio.gui.app import run_app
+    except ModuleNotFoundError as e:
+        if not e.name or not e.name.startswith("fewshot_studio.gui"):
+            raise
+        from fewshot_studio.cli.demo import run_headless_demo
+
+        return run_headless_demo()
+    return run_app(args)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    # Subcommand names may not collide with the optional project path.
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command is None:
+            return _open_app(args)
+        return int(args.func(args) or 0)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

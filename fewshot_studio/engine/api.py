@@ -1,0 +1,69 @@
+"""The labeling engine's public types, shared by the CLI (``fewshot-studio label``) and the
+GUI. Qt-free. The implementation lives in :mod:`fewshot_studio.engine.session`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+
+
+class Status(StrEnum):
+    OK = "ok"
+    UNKNOWN = "unknown"
+    ERROR = "error"
+
+
+@dataclass(frozen=True)
+class LabelSettings:
+    """User-facing knobs. ``unknown_threshold``: predictions whose top probability is below it
+    get status ``unknown``. ``transductive``: refine prototypes with soft k-means over the
+    queries (Ren et al. 2018). ``corrections_join_support``: a corrected query image becomes a
+    support example of its class. ``device``: "auto" | "cpu" | "cuda"."""
+
+    unknown_threshold: float = 0.5
+    transductive: bool = False
+    corrections_join_support: bool = True
+    recursive: bool = True
+    device: str = "auto"
+    batch_size: int = 64
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One query image's result. ``path`` is absolute. ``top`` holds up to three
+    ``(label, probability)`` pairs, best first. ``corrected``: the label was set by the user
+    (then ``confidence`` is 1.0 and ``status`` OK)."""
+
+    path: Path
+    label: str | None
+    confidence: float
+    margin: float
+    status: Status
+    top: tuple[tuple[str, float], ...] = ()
+    error: str = ""
+    corrected: bool = False
+
+
+@dataclass(frozen=True)
+class BackendInfo:
+    """What actually runs: ``name`` "onnxruntime" | "torch"; ``device`` "cpu" | "cuda";
+    ``detail`` e.g. the ONNX Runtime providers in use."""
+
+    name: str
+    device: str
+    detail: str = ""
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.device.upper()})" + (f", {self.detail}" if self.detail else "")
+
+
+@dataclass
+class EngineCounters:
+    """Counts for tests and summaries: images embedded vs served from the cache."""
+
+    embedded: int = 0
+    cache_hits: int = 0
+    errors: int = 0
+    relabels: int = 0
+    extra: dict[str, int] = field(default_factory=dict)

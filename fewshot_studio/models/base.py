@@ -1,0 +1,86 @@
+"""The one method contract (after easyfsl's ``FewShotClassifier``).
+
+Every method splits into two parts:
+
+* ``embed(images)``: the part that does not depend on the support set. Its output is what the
+  labeling engine caches per image and what is exported to ONNX. ProtoNet: backbone features;
+  Relation Network: backbone feature maps; ANIL: backbone features; full MAML: the preprocessed
+  image itself (identity), since every weight adapts.
+* ``fit(support_features, support_labels)``: adapt to a support set and return a
+  :class:`Predictor` that scores query features -> ``(n_query, n_way)`` logits.
+
+``forward(support_images, support_labels, query_images)`` chains the two for training/eval.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class Predictor(Protocol):
+    """An adapted classifier: ``(n_query, *feature_shape)`` -> ``(n_query, n_way)`` logits."""
+
+    def __call__(self, query_features: Tensor) -> Tensor: ...
+
+
+class FewShotClassifier(nn.Module, ABC):
+    """Base class of all few-shot methods.
+
+    Subclasses set ``method_name`` (their registry name) and implement :meth:`fit`;
+    :meth:`config` returns the constructor kwargs that rebuild the method from a checkpoint.
+    """
+
+    method_name: str = ""
+
+    def __init__(self, backbone: nn.Module) -> None:
+        super().__init__()
+        self.backbone = backbone
+
+    # -- the cacheable part -------------------------------------------------------------
+    def embed(self, images: Tensor) -> Tensor:
+        """``(n, C, H, W)`` float images -> ``(n, *feature_shape)`` features."""
+        return self.backbone(images)
+
+    # -- the support-dependent part -----------------------------------------------------
+    @abstractmethod
+    def fit(self, support_features: Tensor, support_labels: Tensor,
+            n_way: int | None = None) -> Predictor:
+        """Adapt to ``support_features`` ``(n_support, *feature_shape)`` with integer
+        ``support_labels`` ``(n_support,)`` in ``[0, n_way)``; return a Predictor."""
+
+    def forward(self, support_images: Tensor, support_labels: Tensor,
+                query_images: Tensor) -> Tensor:
+        """``(n_s, C, H, W)``, ``(n_s,)``, ``(n_q, C, H, W)`` -> ``(n_q, n_way)`` logits."""
+        n_s = support_images.shape[0]
+        feats = self.embed(torch.cat([support_images, query_images]))
+        predictor = self.fit(feats[:n_s], support_labels)
+        return predictor(feats[n_s:])
+
+    def loss(self, logits: Tensor, query_labels: Tensor) -> Tensor:
+        """Training loss of ``(n_q, n_way)`` logits against ``(n_q,)`` labels."""
+        return F.cross_entropy(logits, query_labels)
+
+    def meta_loss(self, support_images: Tensor, support_labels: Tensor,
+                  query_images: Tensor, query_labels: Tensor) -> tuple[Tensor, Tensor]:
+        """Mean loss and accuracy over a task batch.
+
+        Shapes: ``(T, n_s, C, H, W)``, ``(T, n_s)``, ``(T, n_q, C, H, W)``, ``(T, n_q)``.
+        Returns scalar tensors ``(loss, accuracy)``. MAML overrides this with a vectorised
+        (``torch.func.vmap``) version.
+        """
+        losses, accs = [], []
+        for sx, sy, qx, qy in zip(support_images, support_labels, query_images, query_labels,
+                                  strict=True):
+            logits = self(sx, sy, qx)
+            losses.append(self.loss(logits, qy))
+            accs.append((logits.argmax(-1) == qy).float().mean())
+        return torch.stack(losses).mean(), torch.stack(accs).mean().detach()
+
+    def config(self) -> dict[str, Any]:
+        """Constructor kwargs (JSON-serialisable, backbone excluded) to rebuild this method."""
+        return {}
