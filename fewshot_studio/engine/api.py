@@ -21,7 +21,7 @@ class LabelSettings:
     queries (Ren et al. 2018). ``corrections_join_support``: a corrected query image becomes a
     support example of its class. ``device``: "auto" | "cpu" | "cuda"."""
 
-    unknown_threshold: float = 0.5
+    unknown_threshold: float = 0.4  # chosen on data: see benchmarks/unknown_threshold.py
     transductive: bool = False
     corrections_join_support: bool = True
     recursive: bool = True

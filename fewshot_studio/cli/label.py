@@ -1,0 +1,137 @@
+"""``fewshot-studio label``: label a folder of images from a folder of examples per class."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+from fewshot_studio.engine.api import LabelSettings, Status
+from fewshot_studio.errors import UserError
+from fewshot_studio.progress import ProgressBar
+
+DEFAULT_THRESHOLD = LabelSettings().unknown_threshold
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "label", help="label a folder of images from example images per class",
+        description="Label every image under --query using the examples in --support "
+                    "(one sub-folder per class) and write a CSV or JSON.")
+    p.add_argument("--checkpoint", required=True, help="bundled checkpoint name or a path")
+    p.add_argument("--support", required=True, type=Path,
+                   help="folder with one sub-folder of example images per class")
+    p.add_argument("--query", required=True, type=Path, help="folder of images to label")
+    p.add_argument("--out", required=True, type=Path, help="output file (labels.csv)")
+    p.add_argument("--format", choices=("csv", "json"), default=None,
+                   help="output format (default: from the --out suffix, else csv)")
+    p.add_argument("--unknown-threshold", type=float, default=DEFAULT_THRESHOLD, metavar="P",
+                   help=f"top probability below which an image is 'unknown' "
+                        f"(default {DEFAULT_THRESHOLD})")
+    p.add_argument("--transductive", action="store_true",
+                   help="refine the class prototypes with the queries (soft k-means)")
+    dest = p.add_mutually_exclusive_group()
+    dest.add_argument("--copy-to", type=Path, metavar="DIR",
+                      help="also copy the images into DIR/<label>/")
+    dest.add_argument("--move-to", type=Path, metavar="DIR",
+                      help="also move the images into DIR/<label>/")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--backend", choices=("auto", "onnxruntime", "torch"), default="auto",
+                   help="embedding backend (default: torch on CUDA, else ONNX Runtime)")
+    p.add_argument("--absolute-paths", action="store_true",
+                   help="write absolute paths (default: relative to --query)")
+    p.add_argument("--no-recursive", action="store_true",
+                   help="only images directly in --query, not in its sub-folders")
+    p.add_argument("--cache", type=Path, metavar="PATH",
+                   help="embedding cache file (default: the user cache directory)")
+    p.add_argument("--batch-size", type=int, default=LabelSettings().batch_size)
+    p.set_defaults(func=run)
+
+
+def support_classes(root: Path) -> dict[str, list[Path]]:
+    """``root/<class>/**/<image>`` -> {class: sorted images}; UserError for a missing folder,
+    fewer than 2 classes or a class without image files."""
+    from fewshot_studio.engine.session import LabelingSession
+
+    if not root.exists():
+        raise UserError(f"support folder not found: {root}")
+    if not root.is_dir():
+        raise UserError(f"support path is not a folder: {root}")
+    classes: dict[str, list[Path]] = {}
+    for d in sorted(root.iterdir()):
+        if d.name.startswith(".") or not d.is_dir():
+            continue
+        images = LabelingSession.scan_queries(d, recursive=True)
+        if not images:
+            raise UserError(f"support class {d.name!r} has no image files ({d})")
+        classes[d.name] = images
+    if len(classes) < 2:
+        raise UserError(f"need at least 2 classes (sub-folders with images) in {root}, "
+                        f"found {len(classes)}")
+    return classes
+
+
+def _check_dest(d: Path) -> None:
+    probe = d
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK):
+        raise UserError(f"cannot write into {d}")
+
+
+def run(args: argparse.Namespace) -> int:
+    from fewshot_studio.engine import export
+    from fewshot_studio.engine.session import LabelingSession
+
+    # Every check that can fail fast happens before any work.
+    fmt = args.format or ("json" if args.out.suffix.lower() == ".json" else "csv")
+    if not 0.0 <= args.unknown_threshold <= 1.0:
+        raise UserError(f"--unknown-threshold must be in [0, 1], got {args.unknown_threshold}")
+    if args.batch_size < 1:
+        raise UserError("--batch-size must be >= 1")
+    classes = support_classes(args.support)
+    queries = LabelingSession.scan_queries(args.query, recursive=not args.no_recursive)
+    export.ensure_writable(args.out)
+    dest = args.copy_to or args.move_to
+    if dest is not None:
+        _check_dest(dest)
+    if args.device == "cuda":
+        from fewshot_studio.engine.backends import onnxruntime_providers, torch_cuda_works
+
+        if not (torch_cuda_works() or "CUDAExecutionProvider" in onnxruntime_providers()):
+            raise UserError("--device cuda: no working CUDA (torch has none and onnxruntime-gpu "
+                            "is not installed); use --device auto or cpu")
+    settings = LabelSettings(unknown_threshold=args.unknown_threshold,
+                             transductive=args.transductive, recursive=not args.no_recursive,
+                             device=args.device, batch_size=args.batch_size)
+    t0 = time.perf_counter()
+    with LabelingSession(args.checkpoint, settings, cache_path=args.cache,
+                         backend=args.backend) as session:
+        session.set_support(classes)
+        bar = ProgressBar("labeling", unit="img")
+        for p in session.run(queries):
+            bar.update(p, force=p.done == p.total)
+        bar.close()
+        preds = session.predictions()
+        seconds = time.perf_counter() - t0
+        writer = export.write_json if fmt == "json" else export.write_csv
+        writer(preds, args.out, args.query, absolute_paths=args.absolute_paths)
+        if dest is not None:
+            bar = ProgressBar("moving" if args.move_to else "copying", unit="file")
+            for p in export.copy_to_class_folders(preds, dest, move=args.move_to is not None):
+                bar.update(p, force=p.done == p.total)
+            bar.close()
+        counters, backend = session.counters, session.backend
+    n_ok = sum(p.status == Status.OK for p in preds)
+    n_unknown = sum(p.status == Status.UNKNOWN for p in preds)
+    n_err = sum(p.status == Status.ERROR for p in preds)
+    rate = len(preds) / seconds if seconds > 0 else 0.0
+    backend_s = str(backend) if counters.embedded else f"{backend} (nothing to embed)"
+    print(f"labeled {n_ok}, unknown {n_unknown}, errors {n_err} of {len(preds)} images "
+          f"in {seconds:.1f} s ({rate:.1f} images/s); embedded {counters.embedded}, "
+          f"from cache {counters.cache_hits}; backend {backend_s}")
+    print(f"wrote {args.out}" + (f"; files in {dest}" if dest is not None else ""))
+    sys.stdout.flush()
+    return 0

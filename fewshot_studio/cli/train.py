@@ -1,0 +1,246 @@
+"""``fewshot-studio train``: episodic meta-training with a progress bar.
+
+    fewshot-studio train --method protonet --backbone conv4 --data images_background.zip \\
+        --way 60 --shot 5 --query 5 --episodes 20000 --rotations 0 90 180 270 --out runs/x
+
+Under ``torchrun --nproc_per_node N -m fewshot_studio train ...`` it trains data-parallel.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+from fewshot_studio.data.preprocess import Preprocess
+from fewshot_studio.errors import UserError
+from fewshot_studio.progress import ProgressBar
+from fewshot_studio.training.config import AUGMENTS, DEVICES, SCHEDULES, SPLITS, TrainConfig
+
+
+def _kv(text: str) -> tuple[str, Any]:
+    """``key=value`` with a JSON value (bare words stay strings)."""
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    key, value = text.split("=", 1)
+    try:
+        return key.strip().replace("-", "_"), json.loads(value)
+    except json.JSONDecodeError:
+        return key.strip().replace("-", "_"), value
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    d = TrainConfig()
+    p = subparsers.add_parser(
+        "train", help="meta-train a few-shot model on class-folder data",
+        description="Meta-train a few-shot model episodically. Writes best.safetensors, "
+                    "last.safetensors, resume.safetensors and metrics.csv into --out.")
+    m = p.add_argument_group("model")
+    m.add_argument("--method", default=d.method, help="protonet | relation | maml (default "
+                   "%(default)s)")
+    m.add_argument("--method-arg", action="append", type=_kv, default=[], metavar="KEY=VALUE",
+                   help="method option, e.g. distance=cosine, first_order=true (repeatable)")
+    m.add_argument("--backbone", default=d.backbone, help="conv4 | resnet12 | "
+                   "efficientnet_lite0 (default %(default)s)")
+    m.add_argument("--backbone-arg", action="append", type=_kv, default=[], metavar="KEY=VALUE",
+                   help="backbone option, e.g. hidden=64, pretrained=true (repeatable)")
+    m.add_argument("--image-size", type=int, help="input side in px (default: the "
+                   "backbone's, 28 for conv4)")
+    m.add_argument("--channels", type=int, choices=(1, 3), help="1 grayscale, 3 RGB "
+                   "(default: the backbone's)")
+    m.add_argument("--mean", type=float, nargs="+", help="per-channel mean on [0, 1]")
+    m.add_argument("--std", type=float, nargs="+", help="per-channel std on [0, 1]")
+    m.add_argument("--resize", choices=("squash", "center_crop"),
+                   help="default: squash for 1 channel, center_crop for 3")
+
+    g = p.add_argument_group("data")
+    g.add_argument("--data", action="append", nargs="+", default=[], metavar="PATH",
+                   help="class-folder dataset: folder or .zip (repeatable)")
+    g.add_argument("--split", choices=SPLITS, default=None,
+                   help="how validation classes are chosen (default: random, or files when "
+                        "--val-classes is a file)")
+    g.add_argument("--val-classes", metavar="FRACTION|FILE",
+                   help=f"fraction of classes held out (default {d.val_fraction}) or a file "
+                        "with one class per line")
+    g.add_argument("--train-classes", metavar="FILE", help="file with one class per line")
+    g.add_argument("--splits-dir", help="folder of vinyals_*.txt (default: the shared data)")
+    g.add_argument("--rotations", type=int, nargs="+", default=list(d.rotations),
+                   help="rotations as new classes, e.g. 0 90 180 270 (Omniglot)")
+    g.add_argument("--augment", choices=AUGMENTS, default=d.augment,
+                   help="omniglot: small affine warps + stroke thickness; photo: random "
+                        "resized crop, flip, colour jitter")
+    g.add_argument("--augment-strength", type=float, default=d.augment_strength,
+                   help="scales every augmentation range (default %(default)s)")
+
+    e = p.add_argument_group("episodes and optimisation")
+    e.add_argument("--way", type=int, default=d.way)
+    e.add_argument("--shot", type=int, default=d.shot)
+    e.add_argument("--query", type=int, default=d.query)
+    e.add_argument("--meta-batch", type=int, default=d.meta_batch, help="tasks per step")
+    e.add_argument("--episodes", type=int, default=None,
+                   help=f"optimiser steps (default {d.episodes}; with --resume: the run's)")
+    e.add_argument("--lr", type=float, default=d.lr)
+    e.add_argument("--schedule", choices=SCHEDULES, default=d.schedule)
+    e.add_argument("--warmup", type=int, default=d.warmup)
+    e.add_argument("--step-size", type=int, default=d.step_size)
+    e.add_argument("--gamma", type=float, default=d.gamma)
+    e.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    e.add_argument("--grad-clip", type=float, default=None)
+
+    v = p.add_argument_group("validation")
+    v.add_argument("--val-every", type=int, default=d.val_every)
+    v.add_argument("--val-episodes", type=int, default=d.val_episodes)
+    v.add_argument("--val-way", type=int, default=d.val_way)
+    v.add_argument("--val-shot", type=int, default=d.val_shot)
+    v.add_argument("--val-query", type=int, default=None,
+                   help="default: 15, or what the smallest validation class allows")
+
+    r = p.add_argument_group("run")
+    r.add_argument("--out", default=d.out, help="run directory (default %(default)s)")
+    r.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its last checkpoint")
+    r.add_argument("--seed", type=int, default=d.seed)
+    r.add_argument("--device", choices=DEVICES, default=d.device)
+    r.add_argument("--amp", action="store_true", help="bfloat16 autocast on CUDA")
+    r.add_argument("--time-limit", type=float, default=None, metavar="SECONDS",
+                   help="stop (with checkpoints) after this long")
+    r.add_argument("--fp16-checkpoints", action="store_true",
+                   help="store best/last weights as float16 (half the size)")
+    r.add_argument("--name", default="", help="checkpoint name (default: the run folder's)")
+    r.add_argument("--description", default="")
+    r.add_argument("--log-every", type=int, default=d.log_every)
+    p.set_defaults(func=run)
+
+
+def default_preprocess(backbone: str, image_size: int | None = None,
+                       channels: int | None = None, mean: list[float] | None = None,
+                       std: list[float] | None = None, resize: str | None = None) -> Preprocess:
+    """Preprocessing for ``backbone``: explicit values win; else the backbone factory's
+    ``default_preprocess`` (if it has one), its ``image_size`` / ``in_channels`` defaults,
+    and 1 channel: mean 0 / std 1, squash; 3 channels: mean 0.5 / std 0.5, centre crop."""
+    from fewshot_studio.models import BACKBONES
+
+    try:
+        factory = BACKBONES.get(backbone).factory
+    except KeyError as e:
+        raise UserError(str(e).strip("'\"")) from None
+    base = getattr(factory, "default_preprocess", None)
+    if isinstance(base, Preprocess):
+        size, ch = base.image_size, base.channels
+    else:
+        params = inspect.signature(factory).parameters
+        size = int(params["image_size"].default) if "image_size" in params else 28
+        ch = int(params["in_channels"].default) if "in_channels" in params else 1
+        base = None
+    ch = channels or ch
+    size = image_size or size
+    if base is not None and ch == base.channels:
+        dm, ds, dr = base.mean, base.std, base.resize
+    else:
+        dm, ds = ((0.0,), (1.0,)) if ch == 1 else ((0.5,) * 3, (0.5,) * 3)
+        dr = "squash" if ch == 1 else "center_crop"
+    mean_t = tuple(mean) if mean else dm
+    std_t = tuple(std) if std else ds
+    for name, t in (("--mean", mean_t), ("--std", std_t)):
+        if len(t) not in (1, ch):
+            raise UserError(f"{name} needs 1 or {ch} values")
+    return Preprocess(image_size=size, channels=ch, mean=mean_t, std=std_t,
+                      resize=resize or dr)
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    data = tuple(str(Path(x).expanduser()) for group in args.data for x in group)
+    split = args.split
+    val_fraction = TrainConfig.val_fraction
+    val_classes = None
+    if args.val_classes is not None:
+        try:
+            val_fraction = float(args.val_classes)
+        except ValueError:
+            val_classes = args.val_classes
+            split = split or "files"
+    if args.train_classes and split is None:
+        split = "files"
+    pre = default_preprocess(args.backbone, args.image_size, args.channels, args.mean,
+                             args.std, args.resize)
+    return TrainConfig(
+        method=args.method, method_kwargs=dict(args.method_arg), backbone=args.backbone,
+        backbone_kwargs=dict(args.backbone_arg), preprocess=pre, data=data,
+        split=split or "random", val_fraction=val_fraction, train_classes=args.train_classes,
+        val_classes=val_classes, splits_dir=args.splits_dir, rotations=tuple(args.rotations),
+        way=args.way, shot=args.shot, query=args.query, meta_batch=args.meta_batch,
+        episodes=args.episodes or TrainConfig.episodes, lr=args.lr, schedule=args.schedule,
+        warmup=args.warmup, step_size=args.step_size, gamma=args.gamma,
+        weight_decay=args.weight_decay, grad_clip=args.grad_clip, augment=args.augment,
+        augment_strength=args.augment_strength,
+        val_every=args.val_every, val_episodes=args.val_episodes, val_way=args.val_way,
+        val_shot=args.val_shot, val_query=args.val_query, seed=args.seed, device=args.device,
+        amp=args.amp, out=args.out, name=args.name, description=args.description,
+        log_every=args.log_every, time_limit_s=args.time_limit,
+        fp16_checkpoints=args.fp16_checkpoints,
+    )
+
+
+def resume_config(args: argparse.Namespace) -> TrainConfig:
+    """The config stored in ``--out``'s resume state, with ``--episodes``, ``--device`` and
+    ``--time-limit`` overridable."""
+    from fewshot_studio.training.trainer import RESUME, load_train_state
+
+    _, meta = load_train_state(Path(args.out).expanduser() / RESUME)
+    cfg = TrainConfig.from_dict(meta["config"])
+    changes: dict[str, Any] = {"device": args.device, "time_limit_s": args.time_limit,
+                               "out": str(Path(args.out).expanduser())}
+    if args.episodes:
+        changes["episodes"] = args.episodes
+    return cfg.with_(**changes)
+
+
+def run(args: argparse.Namespace) -> int:
+    from fewshot_studio.training.distributed import env_world_size
+    from fewshot_studio.training.trainer import TrainResult, train
+
+    cfg = resume_config(args) if args.resume else config_from_args(args)
+    main_rank = int(os.environ.get("RANK", "0")) == 0
+    bar = ProgressBar("train", unit="ep", stream=sys.stderr if main_rank else _Null())
+    result: TrainResult | None = None
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        gen = train(cfg, resume=args.resume)
+        try:
+            for p in gen:
+                bar.update(p, force=p.done == 0 or isinstance(p.payload, TrainResult))
+                if isinstance(p.payload, TrainResult):
+                    result = p.payload
+        except KeyboardInterrupt:
+            gen.close()
+            bar.close()
+            if main_rank:
+                print(f"interrupted: resumable checkpoint in {cfg.out} "
+                      f"(fewshot-studio train --resume --out {cfg.out})", file=sys.stderr)
+            return 130
+        finally:
+            bar.close()
+    if result is None or not main_rank:
+        return 0
+    ws = env_world_size()
+    print(f"trained {result.step} episodes{f' on {ws} processes' if ws > 1 else ''}; "
+          f"run dir: {result.run_dir}")
+    if result.best_val is not None:
+        print(f"best validation {result.best_val}")
+    print(f"best checkpoint: {result.best_path}")
+    return 0
+
+
+class _Null:
+    """A stream that drops everything (the progress bar of ranks other than 0)."""
+
+    def write(self, text: str) -> int:
+        return len(text)
+
+    def flush(self) -> None:
+        pass

@@ -1,0 +1,264 @@
+"""Menus, actions and keyboard shortcuts of the main window, and the small dialog flows they
+start (open / save / export). Kept apart from the window's wiring."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from PySide6.QtCore import QUrl
+from PySide6.QtGui import QAction, QDesktopServices, QGuiApplication, QKeySequence
+from PySide6.QtWidgets import QFileDialog, QMenu, QMessageBox
+
+from fewshot_studio import __version__
+from fewshot_studio import paths as app_paths
+from fewshot_studio.errors import UserError
+from fewshot_studio.gui.project_io import PROJECT_SUFFIX
+
+if TYPE_CHECKING:
+    from fewshot_studio.gui.main_window import MainWindow
+
+PROJECT_FILTER = f"FewShot Studio project (*{PROJECT_SUFFIX})"
+SHORTCUTS = """<table cellpadding=3>
+<tr><td><b>Ctrl+L</b></td><td>Label all images</td></tr>
+<tr><td><b>Esc</b></td><td>Cancel labeling</td></tr>
+<tr><td><b>1 – 9</b></td><td>Correct the selected images to class 1–9</td></tr>
+<tr><td><b>Ctrl+Z / Ctrl+Shift+Z</b></td><td>Undo / redo</td></tr>
+<tr><td><b>Delete</b></td><td>Remove the selected examples from a class</td></tr>
+<tr><td><b>Ctrl+V</b></td><td>Paste an image as an example of the current class</td></tr>
+<tr><td><b>Ctrl+Shift+N</b></td><td>Add a class</td></tr>
+<tr><td><b>Ctrl+Shift+O</b></td><td>Choose the query folder</td></tr>
+<tr><td><b>Ctrl+E</b></td><td>Export CSV</td></tr>
+<tr><td><b>Ctrl+N / Ctrl+O / Ctrl+S</b></td><td>New / open / save project</td></tr>
+</table>"""
+
+
+@dataclass
+class Actions:
+    new: QAction
+    open: QAction
+    save: QAction
+    save_as: QAction
+    demo: QAction
+    query_folder: QAction
+    open_checkpoint: QAction
+    export_csv: QAction
+    export_json: QAction
+    export_copy: QAction
+    undo: QAction
+    redo: QAction
+    add_class: QAction
+    paste: QAction
+    label: QAction
+    cancel: QAction
+    join_support: QAction
+    transductive: QAction
+    recent_menu: QMenu
+
+
+def _act(win: MainWindow, text: str, slot, shortcut=None, tip: str = "") -> QAction:
+    a = QAction(text, win)
+    if shortcut is not None:
+        a.setShortcut(QKeySequence(shortcut))
+    if tip:
+        a.setStatusTip(tip)
+        a.setToolTip(tip)
+    a.triggered.connect(lambda _=False: slot())
+    win.addAction(a)
+    return a
+
+
+def build(win: MainWindow) -> Actions:
+    K = QKeySequence.StandardKey
+    undo = win.stack.createUndoAction(win, "&Undo")
+    undo.setShortcut(QKeySequence(K.Undo))
+    redo = win.stack.createRedoAction(win, "&Redo")
+    redo.setShortcuts([QKeySequence("Ctrl+Shift+Z"), QKeySequence("Ctrl+Y")])
+    a = Actions(
+        new=_act(win, "&New project", lambda: new_project(win), K.New),
+        open=_act(win, "&Open project…", lambda: open_project(win), K.Open),
+        save=_act(win, "&Save project", lambda: save(win), K.Save),
+        save_as=_act(win, "Save project &as…", lambda: save(win, ask=True), "Ctrl+Shift+S"),
+        demo=_act(win, "Open the &demo project", lambda: open_demo(win)),
+        query_folder=_act(win, "Choose &query folder…", lambda: choose_query_folder(win),
+                          "Ctrl+Shift+O", "The folder of images to label"),
+        open_checkpoint=_act(win, "Open &checkpoint…", lambda: open_checkpoint(win)),
+        export_csv=_act(win, "&Export CSV…", lambda: export(win, "csv"), "Ctrl+E"),
+        export_json=_act(win, "Export &JSON…", lambda: export(win, "json")),
+        export_copy=_act(win, "&Copy images into class folders…",
+                         lambda: export(win, "copy")),
+        undo=undo, redo=redo,
+        add_class=_act(win, "Add &class", lambda: win.classes_ctl.add_class(), "Ctrl+Shift+N"),
+        paste=_act(win, "&Paste image as example", lambda: paste(win), K.Paste),
+        label=_act(win, "Label", win.label, "Ctrl+L", "Label every image (Ctrl+L)"),
+        cancel=_act(win, "Cancel labeling", win.labeling.cancel, "Esc"),
+        join_support=_act(win, "Corrected images &join the examples",
+                          lambda: _toggle(win, "corrections_join_support")),
+        transductive=_act(win, "&Transductive refinement",
+                          lambda: _toggle(win, "transductive")),
+        recent_menu=QMenu("Open &recent", win),
+    )
+    a.cancel.setEnabled(False)
+    for t in (a.join_support, a.transductive):
+        t.setCheckable(True)
+    mb = win.menuBar()
+    f = mb.addMenu("&File")
+    for x in (a.new, a.open):
+        f.addAction(x)
+    f.addMenu(a.recent_menu)
+    f.addAction(a.demo)
+    f.addSeparator()
+    for x in (a.save, a.save_as):
+        f.addAction(x)
+    f.addSeparator()
+    f.addAction(a.query_folder)
+    f.addAction(a.open_checkpoint)
+    f.addSeparator()
+    ex = f.addMenu("E&xport")
+    for x in (a.export_csv, a.export_json, a.export_copy):
+        ex.addAction(x)
+    f.addSeparator()
+    f.addAction(_act(win, "&Quit", win.close, K.Quit))
+    e = mb.addMenu("&Edit")
+    for x in (a.undo, a.redo):
+        e.addAction(x)
+        win.addAction(x)
+    e.addSeparator()
+    e.addAction(a.add_class)
+    e.addAction(a.paste)
+    lm = mb.addMenu("&Label")
+    for x in (a.label, a.cancel):
+        lm.addAction(x)
+    lm.addSeparator()
+    lm.addAction(a.join_support)
+    lm.addAction(a.transductive)
+    h = mb.addMenu("&Help")
+    h.addAction(_act(win, "&Keyboard shortcuts", lambda: QMessageBox.information(
+        win, "Keyboard shortcuts", SHORTCUTS)))
+    h.addAction(_act(win, "Open &log folder", lambda: QDesktopServices.openUrl(
+        QUrl.fromLocalFile(str(app_paths.user_log_dir())))))
+    h.addAction(_act(win, "&About", lambda: QMessageBox.about(
+        win, "About FewShot Studio",
+        f"<b>FewShot Studio {__version__}</b><br>Label folders of images from a few "
+        "examples per class.<br>Demo images: Caltech-101 (Fei-Fei, Fergus &amp; Perona "
+        "2004), CC BY 4.0.")))
+    return a
+
+
+def _toggle(win: MainWindow, field: str) -> None:
+    s = win.labeling.settings
+    win.labeling.set_settings(replace(s, **{field: not getattr(s, field)}))
+    win.project.mark_dirty()
+
+
+def _start_dir(win: MainWindow) -> str:
+    p = win.project.path
+    return str(p.parent) if p else os.path.expanduser("~")
+
+
+def fill_recent(win: MainWindow) -> None:
+    m = win.acts.recent_menu
+    m.clear()
+    items = win.project.recent.list()
+    for p in items:
+        act = m.addAction(p.name)
+        act.setToolTip(str(p))
+        act.triggered.connect(lambda _=False, p=p: open_project(win, p))
+    if not items:
+        m.addAction("(none)").setEnabled(False)
+
+
+def new_project(win: MainWindow) -> None:
+    if win.maybe_keep_changes():
+        win.project.new()
+
+
+def open_project(win: MainWindow, path: Path | None = None) -> None:
+    if not win.maybe_keep_changes():
+        return
+    if path is None:
+        f, _ = QFileDialog.getOpenFileName(win, "Open project", _start_dir(win), PROJECT_FILTER)
+        if not f:
+            return
+        path = Path(f)
+    try:
+        rec = win.project.recoverable(path)
+        win.project.open(path)
+        if rec and QMessageBox.question(
+                win, "Recover changes?", "This project has unsaved changes from an earlier "
+                "session. Recover them?") == QMessageBox.StandardButton.Yes:
+            win.project.recover(rec)
+    except UserError as e:
+        win.report("Cannot open the project", str(e))
+
+
+def open_demo(win: MainWindow) -> None:
+    if win.maybe_keep_changes():
+        try:
+            win.project.open_demo()
+        except UserError as e:
+            win.report("Cannot open the demo", str(e))
+
+
+def save(win: MainWindow, ask: bool = False) -> bool:
+    target = win.project.path
+    if ask or target is None:
+        f, _ = QFileDialog.getSaveFileName(win, "Save project", _start_dir(win), PROJECT_FILTER)
+        if not f:
+            return False
+        target = Path(f)
+    try:
+        saved = win.project.save(target)
+    except UserError as e:
+        win.report("Cannot save", str(e))
+        return False
+    win.statusBar().showMessage(f"Saved {saved}", 5000)
+    fill_recent(win)
+    return True
+
+
+def choose_query_folder(win: MainWindow) -> None:
+    start = str(win.labeling.query_folder or _start_dir(win))
+    d = QFileDialog.getExistingDirectory(win, "Choose the folder of images to label", start)
+    if d:
+        win.set_query_folder(Path(d))
+
+
+def open_checkpoint(win: MainWindow) -> None:
+    f, _ = QFileDialog.getOpenFileName(win, "Open checkpoint", _start_dir(win),
+                                       "Checkpoints (*.safetensors)")
+    if f:
+        win.set_checkpoint(f)
+    else:
+        win.toolbar.set_checkpoints(app_paths.bundled_checkpoints(), win.labeling.checkpoint)
+
+
+def export(win: MainWindow, kind: str) -> None:
+    preds = win.gallery_model.predictions()
+    root = win.labeling.query_folder
+    if not preds or root is None:
+        win.report("Nothing to export", "Label the images first (Ctrl+L).")
+        return
+    if kind == "copy":
+        d = QFileDialog.getExistingDirectory(win, "Copy images into class folders under…",
+                                             str(root.parent))
+        if d:
+            win.export.copy_to_folders(preds, Path(d))
+        return
+    filt = "CSV (*.csv)" if kind == "csv" else "JSON (*.json)"
+    f, _ = QFileDialog.getSaveFileName(win, f"Export {kind.upper()}",
+                                       str(root.parent / f"labels.{kind}"), filt)
+    if f:
+        win.export.export_file(kind, preds, Path(f), root)
+
+
+def paste(win: MainWindow) -> None:
+    img = QGuiApplication.clipboard().image()
+    if win.classes.rowCount() == 0:
+        win.statusBar().showMessage("Add a class first, then paste", 4000)
+    elif img.isNull():
+        win.statusBar().showMessage("The clipboard holds no image", 4000)
+    else:
+        win.classes_ctl.paste_image(win.class_panel.current_row, img)

@@ -1,0 +1,73 @@
+"""File > Export: CSV (the CLI's schema, via ``engine.export.write_csv``), JSON, or copies
+of the images in one folder per class. Always in a worker; progress goes to the status bar."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+from PySide6.QtCore import QObject, Signal
+
+from fewshot_studio.engine.api import Prediction
+from fewshot_studio.gui.workers import GeneratorWorker
+from fewshot_studio.progress import Progress
+
+FORMATS = {"csv": "CSV (*.csv)", "json": "JSON (*.json)"}
+
+
+def _write_job(kind: str, preds: Sequence[Prediction], out: Path,
+               root: Path) -> Iterator[Progress]:
+    from fewshot_studio.engine import export
+
+    yield Progress(0, len(preds), f"Writing {out.name}…")
+    if kind == "csv":
+        return export.write_csv(preds, out, root)
+    return export.write_json(preds, out, root)
+
+
+def _copy_job(preds: Sequence[Prediction], dest: Path) -> Iterator[Progress]:
+    from fewshot_studio.engine import export
+
+    yield from export.copy_to_class_folders(preds, dest, move=False)
+    return dest
+
+
+class ExportController(QObject):
+    progress = Signal(int, int, str)
+    finished = Signal(str)  # a status-bar message
+    failed = Signal(str, str, str)
+
+    def __init__(self, parent: QObject | None = None) -> None:
+        super().__init__(parent)
+        self.worker: GeneratorWorker | None = None
+
+    def export_file(self, kind: str, preds: Sequence[Prediction], out: Path,
+                    root: Path) -> GeneratorWorker:
+        """Write ``preds`` as ``kind`` ("csv" | "json") to ``out``, paths relative to
+        ``root``."""
+        w = GeneratorWorker(_write_job, kind, list(preds), Path(out), Path(root))
+        w.signals.finished.connect(
+            lambda p: self.finished.emit(f"Exported {len(preds)} rows to {p}"))
+        return self._start(w)
+
+    def copy_to_folders(self, preds: Sequence[Prediction], dest: Path) -> GeneratorWorker:
+        w = GeneratorWorker(_copy_job, list(preds), Path(dest))
+        w.signals.finished.connect(
+            lambda d: self.finished.emit(f"Copied {len(preds)} images into class folders in {d}"))
+        return self._start(w)
+
+    def _start(self, w: GeneratorWorker) -> GeneratorWorker:
+        last = [0.0]
+
+        def on_item(p: Progress) -> None:  # at most ~10 updates a second
+            now = time.perf_counter()
+            if now - last[0] >= 0.1 or p.done == p.total:
+                last[0] = now
+                self.progress.emit(p.done, p.total or 0, p.message)
+
+        w.signals.yielded.connect(on_item)
+        w.signals.errored.connect(
+            lambda e: self.failed.emit("Export failed", str(e), ""))
+        self.worker = w
+        return w.start()

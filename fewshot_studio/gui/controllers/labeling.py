@@ -1,0 +1,377 @@
+"""Labeling: drives the engine's ``LabelingSession`` from a single background thread.
+
+Every engine call (session creation, ``set_support``, ``run``, ``correct``, ``set_settings``,
+``scan_queries``, ``close``) happens inside a job on ``self.pool``, a one-thread pool, so calls
+are serialised (the session is not thread-safe) and the UI thread never waits on a model.
+Results arrive as signals: streamed batches go straight into the gallery model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import traceback
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from PySide6.QtCore import QObject, QThreadPool, QTimer, Signal
+
+from fewshot_studio.engine.api import LabelSettings, Prediction, Status
+from fewshot_studio.errors import UserError
+from fewshot_studio.gui.models.classes import ClassListModel
+from fewshot_studio.gui.models.gallery import GalleryModel
+from fewshot_studio.gui.workers import GeneratorWorker
+from fewshot_studio.progress import EtaEstimator, Progress, format_seconds
+
+SessionFactory = Callable[..., Any]
+
+
+def _default_factory(checkpoint: str, settings: LabelSettings, cache_path: Path | None) -> Any:
+    from fewshot_studio.engine.session import LabelingSession
+
+    return LabelingSession(checkpoint, settings=settings, cache_path=cache_path)
+
+
+def _scan(root: Path, recursive: bool) -> list[Path]:
+    from fewshot_studio.engine.session import LabelingSession
+
+    return LabelingSession.scan_queries(root, recursive=recursive)
+
+
+def describe_error(e: BaseException) -> str:
+    if isinstance(e, UserError):
+        return str(e)
+    return f"{type(e).__name__}: {e}"
+
+
+class LabelingController(QObject):
+    busy_changed = Signal(bool)  # a labeling run started / ended
+    progress = Signal(int, int, str)  # done, total, text ("123/2000 · 45 img/s · ETA 00:31")
+    run_finished = Signal(dict)  # summary: labeled, unknown, errors, corrected, seconds
+    run_cancelled = Signal()
+    relabeled = Signal()  # predictions changed after a correction / threshold / support edit
+    scanned = Signal(int)  # query folder scanned: number of images
+    backend_changed = Signal(str)
+    failed = Signal(str, str, str)  # title, message, details (traceback; "" for UserError)
+    corrections_changed = Signal()
+
+    def __init__(self, gallery: GalleryModel, classes: ClassListModel,
+                 session_factory: SessionFactory | None = None,
+                 scan: Callable[[Path, bool], list[Path]] | None = None,
+                 parent: QObject | None = None) -> None:
+        super().__init__(parent)
+        self.gallery, self.classes = gallery, classes
+        self.session_factory = session_factory or _default_factory
+        self.scan_fn = scan or _scan
+        self.pool = QThreadPool(self)
+        self.pool.setMaxThreadCount(1)
+        self.pool.setExpiryTimeout(-1)
+        self.checkpoint = ""
+        self.settings = LabelSettings()
+        self.cache_path: Path | None = None
+        self.query_folder: Path | None = None
+        self.corrections: dict[Path, str] = {}
+        self.backend = ""
+        self.workers: list[GeneratorWorker] = []  # every job started (tests inspect threads)
+        self._session: Any = None  # touched only inside jobs (pool thread)
+        self._session_key: tuple[str, Path | None] | None = None
+        self._labeled = False  # a complete run with the current support/session
+        self._run: GeneratorWorker | None = None
+        self._eta = EtaEstimator()
+        self._relabel_timer = QTimer(self, singleShot=True, interval=250)
+        self._relabel_timer.timeout.connect(self._relabel)
+        classes.support_changed.connect(self._on_support_changed)
+
+    def warm_up(self) -> GeneratorWorker:
+        """Import the engine and its runtimes in the engine thread now: loading C extensions
+        holds the GIL for a while, better at start-up than when the user presses Label."""
+        return self._job(self._warm_job)
+
+    @staticmethod
+    def _warm_job() -> Iterator[Progress]:
+        import importlib
+
+        for name in ("fewshot_studio.engine.session", "fewshot_studio.engine.export",
+                     "fewshot_studio.models", "onnxruntime"):
+            with contextlib.suppress(ImportError):
+                importlib.import_module(name)
+        return None
+        yield
+
+    # -- state ----------------------------------------------------------------------------
+    @property
+    def busy(self) -> bool:
+        return self._run is not None
+
+    @property
+    def labeled(self) -> bool:
+        return self._labeled
+
+    def set_checkpoint(self, name: str) -> None:
+        if name != self.checkpoint:
+            self.checkpoint = name
+            self._labeled = False
+
+    def set_cache_path(self, path: Path | None) -> None:
+        self.cache_path = path
+
+    def set_settings(self, settings: LabelSettings) -> None:
+        old, self.settings = self.settings, settings
+        if settings != old and self._labeled:
+            self._job(self._settings_job, settings, on_done=self._apply_all)
+
+    def set_threshold(self, value: float) -> None:
+        self.set_settings(replace(self.settings, unknown_threshold=value))
+
+    def set_corrections(self, corrections: Mapping[Path, str]) -> None:
+        """Replace all corrections (opening a project); applied by the next run."""
+        self.corrections = dict(corrections)
+        self._labeled = False
+
+    def rename_class(self, old: str, new: str) -> None:
+        """Carry corrections and shown labels over to a renamed class (instant; the
+        relabel that follows the support change confirms it)."""
+        changed = {p: new for p, lab in self.corrections.items() if lab == old}
+        self.corrections.update(changed)
+        preds = []
+        for p in self.gallery.predictions():
+            top = tuple((new if lab == old else lab, pr) for lab, pr in p.top)
+            if p.label == old or top != p.top:
+                preds.append(replace(p, label=new if p.label == old else p.label, top=top))
+        self.gallery.apply_predictions(preds)
+        if changed:
+            self.corrections_changed.emit()
+
+    # -- query folder -----------------------------------------------------------------------
+    def set_query_folder(self, folder: Path | None) -> GeneratorWorker | None:
+        """Scan ``folder`` in the background; the gallery fills when it is done."""
+        self.query_folder = folder
+        self._labeled = False
+        if folder is None:
+            self.gallery.set_paths([])
+            return None
+        return self._job(self._scan_job, folder, self.settings.recursive,
+                         on_done=self._on_scanned, pool=QThreadPool.globalInstance())
+
+    def _scan_job(self, folder: Path, recursive: bool) -> Iterator[Progress]:
+        yield Progress(0, None, f"Scanning {folder.name}…")
+        return self.scan_fn(folder, recursive)
+
+    def _on_scanned(self, paths: list[Path]) -> None:
+        self.gallery.set_paths(paths)
+        self.scanned.emit(len(paths))
+
+    # -- labeling ---------------------------------------------------------------------------
+    def label(self) -> GeneratorWorker | None:
+        """Label every query image (streams into the gallery). None if nothing to do."""
+        if self._run is not None:
+            return None
+        paths = self.gallery.paths()
+        if not self.checkpoint:
+            self.failed.emit("No checkpoint", "Choose a checkpoint in the toolbar first.", "")
+            return None
+        if not paths:
+            self.failed.emit("Nothing to label",
+                             "Choose a query folder (File > Open query folder…) first.", "")
+            return None
+        self._eta = EtaEstimator()
+        w = self._job(self._label_job, self.checkpoint, self.cache_path, self.settings,
+                      self.classes.support(), paths, dict(self.corrections),
+                      on_done=self._on_label_done, on_item=self._on_label_progress,
+                      start=False)
+        # connect everything before it starts: a fast run could finish before a later connect
+        w.signals.cancelled.connect(self._on_cancelled)
+        w.signals.done.connect(self._on_run_done)
+        self._run = w
+        w.start(self.pool)
+        self.busy_changed.emit(True)
+        return w
+
+    def cancel(self) -> None:
+        if self._run is not None:
+            self._run.cancel()
+
+    def _session_for(self, checkpoint: str, cache_path: Path | None,
+                     settings: LabelSettings) -> Any:  # pool thread
+        key = (checkpoint, cache_path)
+        if self._session is None or self._session_key != key:
+            if self._session is not None:
+                self._session.close()
+            self._session = None
+            self._session = self.session_factory(checkpoint, settings, cache_path)
+            self._session_key = key
+            if hasattr(self._session, "prepare"):
+                self._session.prepare()  # ONNX export / runtime start, under "Loading model"
+            self.backend_changed.emit(str(self._session.backend))
+        elif self._session.settings != settings:
+            self._session.set_settings(settings)
+        return self._session
+
+    def _label_job(self, checkpoint: str, cache_path: Path | None, settings: LabelSettings,
+                   support: dict[str, list[Path]], paths: list[Path],
+                   corrections: dict[Path, str]) -> Iterator[Progress]:
+        yield Progress(0, len(paths), "Loading model…")
+        s = self._session_for(checkpoint, cache_path, settings)
+        s.set_support(support)
+        yield from s.run(paths)
+        self.backend_changed.emit(str(s.backend))
+        return self._reconcile(s, corrections, support) or s.predictions()
+
+    @staticmethod
+    def _reconcile(s: Any, wanted: dict[Path, str],
+                   support: dict[str, list[Path]]) -> list[Prediction] | None:
+        """Make the session's corrections equal ``wanted`` (dropping unknown class names)."""
+        wanted = {p: lab for p, lab in wanted.items() if lab in support}
+        have = s.corrections()
+        preds = None
+        for p in [p for p in have if p not in wanted]:
+            preds = s.correct([p], None)
+        by_label: dict[str, list[Path]] = {}
+        for p, lab in wanted.items():
+            if have.get(p) != lab:
+                by_label.setdefault(lab, []).append(p)
+        for lab, ps in by_label.items():
+            preds = s.correct(ps, lab)
+        return preds
+
+    def _on_label_progress(self, p: Progress) -> None:
+        if isinstance(p.payload, list):
+            self.gallery.apply_predictions(p.payload)
+        self._eta.update(p.done)
+        parts = [f"{p.done}/{p.total}" if p.total else str(p.done)]
+        if self._eta.rate:
+            parts.append(f"{self._eta.rate:.0f} img/s")
+        eta = self._eta.eta(p.done, p.total)
+        if eta is not None and p.done:
+            parts.append(f"ETA {format_seconds(eta)}")
+        if p.message and not p.done:
+            parts.append(p.message)
+        self.progress.emit(p.done, p.total or 0, " · ".join(parts))
+
+    def _on_label_done(self, preds: list[Prediction]) -> None:
+        self._labeled = True
+        self._apply_all(preds)
+        summary = {
+            "labeled": sum(p.status == Status.OK for p in preds),
+            "unknown": sum(p.status == Status.UNKNOWN for p in preds),
+            "errors": sum(p.status == Status.ERROR for p in preds),
+            "corrected": sum(p.corrected for p in preds),
+            "seconds": self._eta.elapsed,
+        }
+        self.run_finished.emit(summary)
+
+    def _on_cancelled(self) -> None:
+        self._labeled = False
+        self.run_cancelled.emit()
+
+    def _on_run_done(self) -> None:
+        self._run = None
+        self.busy_changed.emit(False)
+
+    # -- corrections & relabeling -----------------------------------------------------------
+    def apply_corrections(self, changes: Mapping[Path, str | None]) -> None:
+        """Set or clear corrections (the undo commands call this), then relabel in a worker.
+        Before the first run only the tiles change; the engine gets them on the next run."""
+        for p, lab in changes.items():
+            if lab is None:
+                self.corrections.pop(p, None)
+            else:
+                self.corrections[p] = lab
+        self.corrections_changed.emit()
+        if self._labeled:
+            self._job(self._correct_job, dict(changes), on_done=self._apply_all)
+            self._show_local(changes)  # instant feedback; the worker's result follows
+        else:
+            self._show_local(changes)
+
+    def _show_local(self, changes: Mapping[Path, str | None]) -> None:
+        preds = []
+        for p, lab in changes.items():
+            old = self.gallery.prediction_for(p)
+            if lab is not None:
+                preds.append(Prediction(p, lab, 1.0, 1.0, Status.OK,
+                                        old.top if old else (), "", True))
+            elif old is not None and old.corrected:
+                preds.append(replace(old, corrected=False, label=None, confidence=0.0,
+                                     status=Status.UNKNOWN))
+        self.gallery.apply_predictions(preds)
+        self.relabeled.emit()
+
+    def _correct_job(self, changes: dict[Path, str | None]) -> Iterator[Progress]:
+        s = self._session
+        preds = None
+        by_label: dict[str | None, list[Path]] = {}
+        for p, lab in changes.items():
+            by_label.setdefault(lab, []).append(p)
+        for lab, ps in by_label.items():
+            preds = s.correct(ps, lab)
+        return preds
+        yield
+
+    def _settings_job(self, settings: LabelSettings) -> Iterator[Progress]:
+        return self._session.set_settings(settings)
+        yield
+
+    def _on_support_changed(self) -> None:
+        if self._labeled:
+            self._relabel_timer.start()
+
+    def _relabel(self) -> None:
+        if self._labeled and self._run is None:
+            self._job(self._relabel_job, self.classes.support(), self.gallery.paths(),
+                      dict(self.corrections), on_done=self._apply_all)
+
+    def _relabel_job(self, support: dict[str, list[Path]], paths: list[Path],
+                     corrections: dict[Path, str]) -> Iterator[Progress]:
+        s = self._session
+        s.set_support(support)
+        preds = s.relabel()  # cached features: only new examples are embedded
+        return self._reconcile(s, corrections, support) or preds
+        yield
+
+    def _apply_all(self, preds: list[Prediction] | None) -> None:
+        if preds is not None:
+            self.gallery.apply_predictions(preds)
+        self.relabeled.emit()
+
+    # -- plumbing ---------------------------------------------------------------------------
+    def _job(self, fn: Callable[..., Iterator[Any]], *args: Any,
+             on_done: Callable[[Any], None] | None = None,
+             on_item: Callable[[Any], None] | None = None,
+             pool: QThreadPool | None = None, start: bool = True) -> GeneratorWorker:
+        w = GeneratorWorker(fn, *args)
+        if on_done:
+            w.signals.finished.connect(on_done)
+        if on_item:
+            w.signals.yielded.connect(on_item)
+        w.signals.errored.connect(self._on_error)
+        self.workers.append(w)
+        del self.workers[:-50]
+        return w.start(pool or self.pool) if start else w
+
+    def _on_error(self, e: BaseException) -> None:
+        if isinstance(e, UserError):
+            self.failed.emit("Cannot label", str(e), "")
+        else:
+            details = "".join(traceback.format_exception(e))
+            self.failed.emit("Labeling failed", describe_error(e), details)
+        self._labeled = False
+
+    def wait(self, msecs: int = 30_000) -> bool:
+        return self.pool.waitForDone(msecs)
+
+    def shutdown(self) -> None:
+        """Cancel, wait, and close the session in its own thread."""
+        self.cancel()
+        self._relabel_timer.stop()
+
+        def _close() -> Iterator[Progress]:
+            if self._session is not None:
+                self._session.close()
+                self._session = None
+            return None
+            yield
+
+        GeneratorWorker(_close).start(self.pool)
+        self.pool.waitForDone(10_000)

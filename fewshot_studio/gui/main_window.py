@@ -1,0 +1,292 @@
+"""The main window: builds the models, controllers and views and wires their signals.
+Behaviour lives in the controllers; menus and shortcuts in :mod:`.actions`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from PySide6.QtCore import QItemSelection, Qt, QTimer, Signal
+from PySide6.QtGui import QCloseEvent, QUndoStack
+from PySide6.QtWidgets import (
+    QLabel,
+    QMainWindow,
+    QMessageBox,
+    QProgressBar,
+    QPushButton,
+    QSplitter,
+    QVBoxLayout,
+    QWidget,
+)
+
+from fewshot_studio import paths as app_paths
+from fewshot_studio.engine.api import Status
+from fewshot_studio.gui import actions
+from fewshot_studio.gui.controllers.classes import ClassesController
+from fewshot_studio.gui.controllers.export import ExportController
+from fewshot_studio.gui.controllers.labeling import LabelingController, SessionFactory
+from fewshot_studio.gui.controllers.project import ProjectController
+from fewshot_studio.gui.excepthook import show_error_dialog
+from fewshot_studio.gui.models.classes import ClassListModel
+from fewshot_studio.gui.models.gallery import GalleryModel, GalleryProxy, Role
+from fewshot_studio.gui.settings import UiSettings, restore_window_state, save_window_state
+from fewshot_studio.gui.thumbnails import ThumbnailCache
+from fewshot_studio.gui.undo import CorrectCommand
+from fewshot_studio.gui.views.class_panel import ClassPanel
+from fewshot_studio.gui.views.detail import DetailPane
+from fewshot_studio.gui.views.gallery import GalleryView
+from fewshot_studio.gui.views.toolbar import MainToolBar, ReviewBar
+
+
+class MainWindow(QMainWindow):
+    closing = Signal()
+
+    def __init__(self, session_factory: SessionFactory | None = None,
+                 ui: UiSettings | None = None, restore_state: bool = True) -> None:
+        super().__init__()
+        self.setWindowTitle("FewShot Studio")
+        self.resize(1360, 820)
+        self.ui = ui = ui or UiSettings()
+        # Dialog hooks (tests replace them): errors, and the unsaved-changes question.
+        self.show_error = show_error_dialog
+        self.ask_unsaved = self._ask_unsaved
+        # -- models and controllers ----------------------------------------------------
+        self.thumbs = ThumbnailCache(ui.thumbnail_px, ui.thumbnail_cache, ui.thumbnail_threads,
+                                     parent=self)
+        self.stack = QUndoStack(self)
+        self.classes = ClassListModel(self)
+        self.gallery_model = GalleryModel(self.thumbs, self.classes.color_of, self)
+        self.proxy = GalleryProxy(self)
+        self.proxy.setSourceModel(self.gallery_model)
+        self.labeling = LabelingController(self.gallery_model, self.classes, session_factory,
+                                           parent=self)
+        self.classes_ctl = ClassesController(self.classes, self.stack,
+                                             self.labeling.rename_class, self)
+        self.project = ProjectController(self.classes, self.labeling, self.stack, ui,
+                                         parent=self)
+        self.export = ExportController(self)
+        # -- views -----------------------------------------------------------------------
+        self.acts = actions.build(self)
+        self.toolbar = MainToolBar(self.acts.label, self)
+        self.addToolBar(self.toolbar)
+        self.class_panel = ClassPanel(self.classes, self.classes_ctl, self.thumbs,
+                                      self.correct_paths, self)
+        self.gallery = GalleryView()
+        self.gallery.setModel(self.proxy)
+        self.review = ReviewBar()
+        self.detail = DetailPane(self.classes.color_of)
+        center = QWidget()
+        center.setObjectName("centralArea")
+        cl = QVBoxLayout(center)
+        cl.setContentsMargins(0, 0, 0, 0)
+        cl.setSpacing(0)
+        cl.addWidget(self.review)
+        cl.addWidget(self.gallery, 1)
+        self.splitter = QSplitter(Qt.Orientation.Horizontal)
+        self.splitter.addWidget(self.class_panel)
+        self.splitter.addWidget(center)
+        self.splitter.addWidget(self.detail)
+        self.splitter.setSizes([310, 740, 310])
+        self.splitter.setStretchFactor(1, 1)
+        self.splitter.setChildrenCollapsible(False)
+        self.setCentralWidget(self.splitter)
+        self._build_status_bar()
+        self._wire()
+        self.toolbar.set_checkpoints(app_paths.bundled_checkpoints(), "")
+        if restore_state and (sp := restore_window_state(self)) is not None:
+            self.splitter.restoreState(sp)
+        self._counts_timer = QTimer(self, singleShot=True, interval=150)
+        self._counts_timer.timeout.connect(self._update_counts)
+        self.project.new()
+        self.labeling.warm_up()
+
+    def _build_status_bar(self) -> None:
+        sb = self.statusBar()
+        self.progress = QProgressBar()
+        self.progress.setFixedWidth(220)
+        self.progress.setTextVisible(False)
+        self.progress_text = QLabel()
+        self.progress_text.setObjectName("hintLabel")
+        self.cancel_button = QPushButton("Cancel")
+        self.cancel_button.setToolTip("Stop labeling (Esc)")
+        self.cancel_button.clicked.connect(self.labeling.cancel)
+        for w in (self.progress_text, self.progress, self.cancel_button):
+            sb.addPermanentWidget(w)
+            w.hide()
+
+    def _wire(self) -> None:
+        lab, tb = self.labeling, self.toolbar
+        tb.checkpoint_chosen.connect(self.set_checkpoint)
+        tb.open_checkpoint_requested.connect(self.acts.open_checkpoint.trigger)
+        tb.threshold_changed.connect(self._on_threshold)
+        lab.busy_changed.connect(self._on_busy)
+        lab.progress.connect(self._on_progress)
+        lab.run_finished.connect(self._on_run_finished)
+        lab.run_cancelled.connect(lambda: self.statusBar().showMessage("Labeling cancelled", 5000))
+        lab.relabeled.connect(self._on_relabeled)
+        lab.scanned.connect(self._on_scanned)
+        lab.backend_changed.connect(tb.set_backend)
+        lab.failed.connect(self.report)
+        self.classes_ctl.message.connect(lambda m: self.statusBar().showMessage(m, 5000))
+        self.classes_ctl.failed.connect(self.report)
+        self.export.failed.connect(self.report)
+        self.export.finished.connect(lambda m: self.statusBar().showMessage(m, 8000))
+        self.export.progress.connect(
+            lambda d, t, m: self.statusBar().showMessage(f"Exporting… {d}/{t} {m}", 2000))
+        self.project.changed.connect(self._update_title)
+        self.project.opened.connect(self._on_project_opened)
+        self.classes.support_changed.connect(
+            lambda: self.review.set_classes(self.classes.names()))
+        self.classes.dataChanged.connect(lambda *_: self.gallery_model.refresh_colors())
+        self.review.filter_changed.connect(self._on_filter)
+        self.review.sort_changed.connect(self.proxy.set_sort)
+        self.gallery.correct_requested.connect(self.correct_selected)
+        self.gallery.folder_dropped.connect(self.set_query_folder)
+        self.gallery.selectionModel().selectionChanged.connect(self._on_selection)
+        self.gallery_model.dataChanged.connect(lambda *_: self._counts_timer.start())
+        self.gallery_model.modelReset.connect(self._update_counts)
+
+    # -- actions ------------------------------------------------------------------------------
+    def set_checkpoint(self, name: str) -> None:
+        self.labeling.set_checkpoint(name)
+        self.toolbar.set_checkpoints(app_paths.bundled_checkpoints(), name)
+        self.toolbar.set_backend("not loaded")
+        self.project.mark_dirty()
+
+    def set_query_folder(self, folder: Path) -> None:
+        self.labeling.set_corrections({})
+        self.labeling.set_query_folder(Path(folder))
+        self.project.mark_dirty()
+        self.statusBar().showMessage(f"Scanning {folder}…")
+
+    def label(self) -> None:
+        self.labeling.label()
+
+    def correct_selected(self, class_row: int) -> None:
+        paths = self.gallery.selected_paths()
+        if paths and 0 <= class_row < self.classes.rowCount():
+            self.correct_paths(paths, class_row)
+
+    def correct_paths(self, paths: list[Path], class_row: int) -> None:
+        name = self.classes.names()[class_row]
+        prev = {p: self.labeling.corrections.get(p) for p in paths}
+        if all(v == name for v in prev.values()):
+            return
+        self.stack.push(CorrectCommand(self.labeling, paths, name, prev))
+        self.statusBar().showMessage(
+            f"Corrected {len(paths)} image{'s' if len(paths) != 1 else ''} to “{name}”", 4000)
+
+    def report(self, title: str, message: str, details: str = "") -> None:
+        self.statusBar().showMessage(message, 8000)
+        self.show_error(title, message, details)
+
+    # -- slots ----------------------------------------------------------------------------------
+    def _on_threshold(self, value: float) -> None:
+        self.labeling.set_threshold(value)
+        self.project.mark_dirty()
+
+    def _on_busy(self, busy: bool) -> None:
+        for w in (self.progress, self.progress_text, self.cancel_button):
+            w.setVisible(busy)
+        self.acts.label.setEnabled(not busy)
+        self.acts.cancel.setEnabled(busy)
+        self.progress.setRange(0, 0)
+
+    def _on_progress(self, done: int, total: int, text: str) -> None:
+        if total:
+            self.progress.setRange(0, total)
+            self.progress.setValue(done)
+        self.progress_text.setText(text)
+
+    def _on_run_finished(self, s: dict[str, Any]) -> None:
+        self.proxy.refresh()
+        self._update_counts()
+        self.statusBar().showMessage(
+            f"Labeled {s['labeled']} · unknown {s['unknown']} · errors {s['errors']} "
+            f"in {s['seconds']:.1f} s", 10000)
+
+    def _on_relabeled(self) -> None:
+        if self.proxy.filter != "all" or self.proxy.by_confidence:
+            self.proxy.refresh()
+        self._update_counts()
+        self._on_selection()
+
+    def _on_scanned(self, n: int) -> None:
+        self.statusBar().showMessage(f"{n} images in {self.labeling.query_folder}", 5000)
+        self.proxy.refresh()
+
+    def _on_filter(self, mode: str) -> None:
+        self.proxy.set_filter(mode)
+        self._update_counts()
+
+    def _on_selection(self, *_: QItemSelection) -> None:
+        rows = self.gallery.selectionModel().selectedIndexes()
+        cur = self.gallery.currentIndex()
+        if not rows:
+            self.detail.show_prediction(None, None)
+            return
+        ix = cur if cur.isValid() and cur in rows else rows[0]
+        self.detail.show_prediction(Path(ix.data(Role.PATH)), ix.data(Role.PREDICTION),
+                                    len(rows))
+
+    def _on_project_opened(self) -> None:
+        lab = self.labeling
+        self.toolbar.set_checkpoints(app_paths.bundled_checkpoints(), lab.checkpoint)
+        self.toolbar.set_threshold(lab.settings.unknown_threshold)
+        self.toolbar.set_backend("not loaded")
+        self.review.set_classes(self.classes.names())
+        self.acts.join_support.setChecked(lab.settings.corrections_join_support)
+        self.acts.transductive.setChecked(lab.settings.transductive)
+        actions.fill_recent(self)
+
+    def _update_counts(self) -> None:
+        m = self.gallery_model
+        n = m.rowCount()
+        preds = m.predictions()
+        parts = [f"{n} images"]
+        if preds:
+            parts.append(f"{sum(p.status == Status.OK for p in preds)} labeled")
+            parts.append(f"{sum(p.status == Status.UNKNOWN for p in preds)} unknown")
+            if corrected := sum(p.corrected for p in preds):
+                parts.append(f"{corrected} corrected")
+            if errors := sum(p.status == Status.ERROR for p in preds):
+                parts.append(f"{errors} errors")
+        if self.proxy.filter != "all":
+            parts.append(f"showing {self.proxy.rowCount()}")
+        self.review.set_counts(" · ".join(parts))
+
+    def _update_title(self) -> None:
+        star = " •" if self.project.dirty else ""
+        self.setWindowTitle(f"{self.project.title}{star} — FewShot Studio")
+        self.setWindowModified(self.project.dirty)
+
+    # -- closing -------------------------------------------------------------------------------
+    def _ask_unsaved(self) -> str:
+        """"save", "discard" or "cancel"."""
+        b = QMessageBox.question(
+            self, "Unsaved changes",
+            f"Save the changes to “{self.project.title}” before closing?",
+            QMessageBox.StandardButton.Save | QMessageBox.StandardButton.Discard
+            | QMessageBox.StandardButton.Cancel, QMessageBox.StandardButton.Save)
+        return {QMessageBox.StandardButton.Save: "save",
+                QMessageBox.StandardButton.Discard: "discard"}.get(b, "cancel")
+
+    def maybe_keep_changes(self) -> bool:
+        """True if it is fine to drop the current project (saved, or the user said so)."""
+        if not self.project.dirty:
+            return True
+        answer = self.ask_unsaved()
+        if answer == "save":
+            return actions.save(self)
+        return answer == "discard"
+
+    def closeEvent(self, e: QCloseEvent) -> None:
+        if not self.maybe_keep_changes():
+            e.ignore()
+            return
+        save_window_state(self, self.splitter.saveState())
+        self.project.discard_recovery()
+        self.labeling.shutdown()
+        self.thumbs.clear()
+        self.closing.emit()
+        e.accept()

@@ -1,0 +1,282 @@
+"""The query gallery: one row per query image, with its latest prediction (if any).
+
+``GalleryModel`` is a flat ``QAbstractListModel`` with named roles (also exposed through
+``roleNames`` for QML/debugging); ``GalleryProxy`` is the review layer on top: filter by class
+/ unknown / corrected / error, sort by confidence (least confident first). Sorting and
+filtering are explicit (``dynamicSortFilter`` off) so that streaming results never trigger a
+20,000-row re-sort on the UI thread.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from enum import IntEnum
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PySide6.QtCore import (
+    QAbstractListModel,
+    QByteArray,
+    QModelIndex,
+    QPersistentModelIndex,
+    QSortFilterProxyModel,
+    Qt,
+)
+from PySide6.QtGui import QColor
+
+from fewshot_studio.engine.api import Prediction, Status
+from fewshot_studio.gui.thumbnails import ThumbnailCache
+
+_Index = QModelIndex | QPersistentModelIndex
+
+
+class Role(IntEnum):
+    PATH = Qt.ItemDataRole.UserRole + 1
+    LABEL = PATH + 1  # str | None (None: unlabeled, unknown or error)
+    CONFIDENCE = PATH + 2  # float | None
+    STATUS = PATH + 3  # "ok" | "unknown" | "error" | "" (not labeled yet)
+    CORRECTED = PATH + 4
+    ERROR = PATH + 5  # reason text ("" if none); includes thumbnail decode errors
+    TOP = PATH + 6  # tuple of (label, prob)
+    COLOR = PATH + 7  # QColor of the label's class (None if no label)
+    PREDICTION = PATH + 8
+    GUESS = PATH + 9  # best guess even when unknown
+
+
+ROLE_NAMES = {
+    Role.PATH: b"path", Role.LABEL: b"label", Role.CONFIDENCE: b"confidence",
+    Role.STATUS: b"status", Role.CORRECTED: b"corrected", Role.ERROR: b"error",
+    Role.TOP: b"top", Role.COLOR: b"color", Role.PREDICTION: b"prediction",
+    Role.GUESS: b"guess",
+}
+
+
+class GalleryModel(QAbstractListModel):
+    """Query images in scan order (sorted path) and their predictions."""
+
+    def __init__(self, thumbs: ThumbnailCache, color_of: Callable[[str], QColor | None],
+                 parent: Any = None) -> None:
+        super().__init__(parent)
+        self.thumbs = thumbs
+        self.color_of = color_of
+        self._paths: list[Path] = []
+        self._keys: list[str] = []
+        self._row: dict[str, int] = {}
+        self._pred: list[Prediction | None] = []
+        thumbs.ready.connect(self._on_thumb)
+
+    # -- content ------------------------------------------------------------------------
+    def set_paths(self, paths: Sequence[Path]) -> None:
+        self.beginResetModel()
+        self._paths = [Path(p) for p in paths]
+        self._keys = [str(p) for p in self._paths]
+        self._row = {k: i for i, k in enumerate(self._keys)}
+        self._pred = [None] * len(self._paths)
+        self.endResetModel()
+
+    def paths(self) -> list[Path]:
+        return list(self._paths)
+
+    def apply_predictions(self, preds: Iterable[Prediction]) -> int:
+        """Store predictions for known paths; one ``dataChanged`` over the touched span.
+        Returns how many rows changed."""
+        lo, hi, n = len(self._pred), -1, 0
+        for p in preds:
+            r = self._row.get(str(p.path))
+            if r is None:
+                continue
+            self._pred[r] = p
+            lo, hi, n = min(lo, r), max(hi, r), n + 1
+        if n:
+            self.dataChanged.emit(self.index(lo), self.index(hi))
+        return n
+
+    def clear_predictions(self) -> None:
+        if self._pred:
+            self._pred = [None] * len(self._pred)
+            self.dataChanged.emit(self.index(0), self.index(len(self._pred) - 1))
+
+    def prediction(self, row: int) -> Prediction | None:
+        return self._pred[row]
+
+    def prediction_for(self, path: Path) -> Prediction | None:
+        r = self._row.get(str(path))
+        return None if r is None else self._pred[r]
+
+    def predictions(self) -> list[Prediction]:
+        """All predictions (rows never labeled are skipped), in path order."""
+        return [p for p in self._pred if p is not None]
+
+    def labeled_count(self) -> int:
+        return sum(p is not None for p in self._pred)
+
+    def row_of(self, path: Path | str) -> int | None:
+        return self._row.get(str(path))
+
+    def refresh_colors(self) -> None:
+        if self._pred:
+            self.dataChanged.emit(self.index(0), self.index(len(self._pred) - 1),
+                                  [Role.COLOR, Role.LABEL])
+
+    def sort_rows(self, by_confidence: bool) -> None:
+        """Reorder rows in place (numpy argsort; selection follows through persistent
+        indexes): by confidence (errors first, least confident first, unlabeled last) or by
+        path. O(n log n) in C, so 20,000 rows sort in milliseconds."""
+        n = len(self._paths)
+        if by_confidence:
+            key = np.array([_key(p) for p in self._pred], dtype=np.float64)
+            order = np.lexsort((np.arange(n), key))
+        else:
+            order = np.argsort(np.array(self._keys, dtype=object), kind="stable")
+        order = [int(i) for i in order]
+        if order == list(range(n)):
+            return
+        self.layoutAboutToBeChanged.emit()
+        new_row = [0] * n
+        for new, old in enumerate(order):
+            new_row[old] = new
+        self._paths = [self._paths[i] for i in order]
+        self._keys = [self._keys[i] for i in order]
+        self._pred = [self._pred[i] for i in order]
+        self._row = {k: i for i, k in enumerate(self._keys)}
+        old_ix = self.persistentIndexList()
+        self.changePersistentIndexList(old_ix, [self.index(new_row[i.row()]) for i in old_ix])
+        self.layoutChanged.emit()
+
+    def _on_thumb(self, key: str) -> None:
+        r = self._row.get(key)
+        if r is not None:
+            ix = self.index(r)
+            self.dataChanged.emit(ix, ix, [Qt.ItemDataRole.DecorationRole, Role.ERROR])
+
+    # -- Qt API ---------------------------------------------------------------------------
+    def rowCount(self, parent: _Index = QModelIndex()) -> int:  # noqa: B008
+        return 0 if parent.isValid() else len(self._paths)
+
+    def roleNames(self) -> dict[int, QByteArray]:
+        return {int(k): QByteArray(v) for k, v in ROLE_NAMES.items()}
+
+    def flags(self, index: _Index) -> Qt.ItemFlag:
+        f = super().flags(index)
+        return f | Qt.ItemFlag.ItemIsDragEnabled if index.isValid() else f
+
+    def data(self, index: _Index, role: int = Qt.ItemDataRole.DisplayRole) -> Any:
+        r = index.row()
+        if not index.isValid() or r >= len(self._paths):
+            return None
+        p = self._pred[r]
+        if role == Qt.ItemDataRole.DecorationRole:
+            return self.thumbs.get(self._keys[r])
+        if role in (Qt.ItemDataRole.DisplayRole, Role.LABEL):
+            return p.label if p else None
+        if role in (Role.PATH, Qt.ItemDataRole.ToolTipRole):
+            if role == Role.PATH:
+                return self._paths[r]
+            return self._tooltip(r, p)
+        if role == Role.CONFIDENCE:
+            return p.confidence if p else None
+        if role == Role.STATUS:
+            return str(p.status) if p else ""
+        if role == Role.CORRECTED:
+            return bool(p and p.corrected)
+        if role == Role.ERROR:
+            return (p.error if p and p.error else "") or self.thumbs.error(self._keys[r]) or ""
+        if role == Role.TOP:
+            return p.top if p else ()
+        if role == Role.GUESS:
+            return p.top[0][0] if p and p.top else None
+        if role == Role.COLOR:
+            return self.color_of(p.label) if p and p.label else None
+        if role == Role.PREDICTION:
+            return p
+        return None
+
+    def _tooltip(self, r: int, p: Prediction | None) -> str:
+        name = self._paths[r].name
+        if p is None:
+            return name
+        if p.status == Status.ERROR:
+            return f"{name}\nerror: {p.error}"
+        tops = "\n".join(f"  {lab}: {prob:.0%}" for lab, prob in p.top)
+        head = f"{p.label} (corrected)" if p.corrected else (p.label or "unknown")
+        return f"{name}\n{head}\n{tops}"
+
+
+class GalleryProxy(QSortFilterProxyModel):
+    """Filter (``set_filter``) and sort (``set_sort``) for review. Filters: ``"all"``,
+    ``"unknown"``, ``"corrected"``, ``"error"``, ``"unlabeled"`` or ``"class:<name>"``."""
+
+    def __init__(self, parent: Any = None) -> None:
+        super().__init__(parent)
+        self.setDynamicSortFilter(False)
+        self._filter = "all"
+        self._by_confidence = False
+
+    @property
+    def filter(self) -> str:
+        return self._filter
+
+    @property
+    def by_confidence(self) -> bool:
+        return self._by_confidence
+
+    def set_filter(self, mode: str) -> None:
+        self._refilter(mode)
+
+    def _refilter(self, mode: str) -> None:
+        if hasattr(self, "beginFilterChange"):  # Qt >= 6.9; invalidateFilter is deprecated
+            self.beginFilterChange()
+            self._filter = mode
+            self.endFilterChange()
+        else:
+            self._filter = mode
+            self.invalidateFilter()
+
+    def _source(self) -> GalleryModel:
+        src = self.sourceModel()
+        assert isinstance(src, GalleryModel)
+        return src
+
+    def set_sort(self, by_confidence: bool) -> None:
+        """Sorting reorders the source model (in C, via numpy); the proxy keeps its order."""
+        self._by_confidence = by_confidence
+        self._source().sort_rows(by_confidence)
+
+    def refresh(self) -> None:
+        """Re-apply filter and sort (after a labeling run or a correction)."""
+        if self._by_confidence:
+            self._source().sort_rows(True)
+        if self._filter != "all":
+            self._refilter(self._filter)
+
+    def source_row(self, proxy_row: int) -> int:
+        return self.mapToSource(self.index(proxy_row, 0)).row()
+
+    def filterAcceptsRow(self, row: int, parent: _Index) -> bool:
+        if self._filter == "all":
+            return True
+        src = self.sourceModel()
+        assert isinstance(src, GalleryModel)
+        p = src.prediction(row)
+        f = self._filter
+        if f == "unlabeled":
+            return p is None
+        if p is None:
+            return False
+        if f == "unknown":
+            return p.status == Status.UNKNOWN
+        if f == "error":
+            return p.status == Status.ERROR
+        if f == "corrected":
+            return p.corrected
+        if f.startswith("class:"):
+            return p.label == f[6:]
+        return True
+
+
+def _key(p: Prediction | None) -> float:
+    """Errors first, then least confident; unlabeled last."""
+    if p is None:
+        return 2.0
+    return -1.0 if p.status == Status.ERROR else p.confidence

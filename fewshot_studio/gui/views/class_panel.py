@@ -1,0 +1,369 @@
+"""The class panel: a card per class (key number, colour, editable name, example count and
+example thumbnails). Image files / folders dropped on a card become its examples; gallery
+tiles dropped on a card are corrected to it; a folder of class sub-folders dropped on the
+panel becomes one card per sub-folder."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from PySide6.QtCore import QMimeData, QSize, Qt, Signal
+from PySide6.QtGui import QAction, QColor, QDragEnterEvent, QDropEvent, QIcon, QKeySequence
+from PySide6.QtWidgets import (
+    QAbstractItemView,
+    QColorDialog,
+    QFileDialog,
+    QFrame,
+    QHBoxLayout,
+    QLabel,
+    QLineEdit,
+    QListView,
+    QListWidget,
+    QListWidgetItem,
+    QMenu,
+    QPushButton,
+    QScrollArea,
+    QToolButton,
+    QVBoxLayout,
+    QWidget,
+)
+
+from fewshot_studio.gui.controllers.classes import ClassesController
+from fewshot_studio.gui.models.classes import ClassListModel
+from fewshot_studio.gui.thumbnails import ThumbnailCache
+
+QUERY_MIME = "application/x-fewshot-query-paths"
+
+
+def local_paths(mime: QMimeData) -> list[Path]:
+    return [Path(u.toLocalFile()) for u in mime.urls() if u.isLocalFile()]
+
+
+def query_paths(mime: QMimeData) -> list[Path]:
+    if not mime.hasFormat(QUERY_MIME):
+        return []
+    text = bytes(mime.data(QUERY_MIME).data()).decode("utf-8")
+    return [Path(s) for s in text.split("\n") if s]
+
+
+class ExamplesView(QListWidget):
+    """A card's example thumbnails; a drop target for files and gallery tiles."""
+
+    def __init__(self, card: ClassCard) -> None:
+        super().__init__(card)
+        self.card = card
+        self.setViewMode(QListView.ViewMode.IconMode)
+        self.setFlow(QListView.Flow.LeftToRight)
+        self.setWrapping(True)
+        self.setResizeMode(QListView.ResizeMode.Adjust)
+        self.setIconSize(QSize(48, 48))
+        self.setGridSize(QSize(54, 54))
+        self.setFixedHeight(64)
+        self.setMovement(QListView.Movement.Static)
+        self.setSelectionMode(QAbstractItemView.SelectionMode.ExtendedSelection)
+        self.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+        self.setVerticalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+        self.setAcceptDrops(True)
+        self.setDragEnabled(False)
+        self.setDropIndicatorShown(False)
+        self.setContextMenuPolicy(Qt.ContextMenuPolicy.CustomContextMenu)
+        self.customContextMenuRequested.connect(self._menu)
+        self.setObjectName("examplesView")
+
+    def fit_height(self) -> None:
+        """Grow with the examples (wrapping rows), up to three rows, then scroll."""
+        per_row = max(1, (self.width() - 4) // self.gridSize().width())
+        needed = max(1, -(-self.count() // per_row))
+        rows = min(3, needed)
+        self.setVerticalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAsNeeded if needed > 3
+                                        else Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+        self.setFixedHeight(rows * self.gridSize().height() + 8)
+
+    def resizeEvent(self, e) -> None:
+        super().resizeEvent(e)
+        self.fit_height()
+
+    def selected_paths(self) -> list[Path]:
+        return [Path(i.data(Qt.ItemDataRole.UserRole)) for i in self.selectedItems()]
+
+    def keyPressEvent(self, e) -> None:
+        if (e.matches(QKeySequence.StandardKey.Delete) or e.key() in (
+                Qt.Key.Key_Delete, Qt.Key.Key_Backspace)) and self.selectedItems():
+            self.card.remove_selected()
+            return
+        super().keyPressEvent(e)
+
+    def _menu(self, pos) -> None:
+        m = QMenu(self)
+        rm = m.addAction("Remove selected examples")
+        rm.setEnabled(bool(self.selectedItems()))
+        rm.triggered.connect(self.card.remove_selected)
+        m.addAction("Add images…").triggered.connect(self.card.browse_images)
+        m.exec(self.viewport().mapToGlobal(pos))
+
+    def dragEnterEvent(self, e: QDragEnterEvent) -> None:
+        self.card.drag_enter(e)
+
+    def dragMoveEvent(self, e) -> None:
+        self.card.drag_enter(e)
+
+    def dragLeaveEvent(self, e) -> None:
+        self.card.set_drop_highlight(False)
+
+    def dropEvent(self, e: QDropEvent) -> None:
+        self.card.drop(e)
+
+    def paintEvent(self, e) -> None:
+        super().paintEvent(e)
+        if self.count() == 0:
+            from PySide6.QtGui import QPainter
+
+            p = QPainter(self.viewport())
+            p.setPen(QColor("#8a94a6"))
+            p.drawText(self.viewport().rect(), Qt.AlignmentFlag.AlignCenter,
+                       "Drop example images here")
+
+
+class ClassCard(QFrame):
+    activated = Signal(int)
+
+    def __init__(self, row: int, panel: ClassPanel) -> None:
+        super().__init__(panel)
+        self.row, self.panel = row, panel
+        self.ctl: ClassesController = panel.ctl
+        self.setObjectName("classCard")
+        self.setAcceptDrops(True)
+        self._items: dict[str, QListWidgetItem] = {}
+        lay = QVBoxLayout(self)
+        lay.setContentsMargins(10, 8, 10, 8)
+        lay.setSpacing(6)
+        head = QHBoxLayout()
+        head.setSpacing(6)
+        self.key = QLabel()
+        self.key.setObjectName("keyHint")
+        self.key.setAlignment(Qt.AlignmentFlag.AlignCenter)
+        self.key.setFixedSize(20, 20)
+        self.swatch = QToolButton()
+        self.swatch.setObjectName("swatch")
+        self.swatch.setFixedSize(18, 18)
+        self.swatch.setToolTip("Change colour")
+        self.swatch.clicked.connect(self.choose_color)
+        self.name = QLineEdit()
+        self.name.setObjectName("className")
+        self.name.setFrame(False)
+        self.name.editingFinished.connect(self._rename)
+        self.count = QLabel()
+        self.count.setObjectName("countLabel")
+        more = QToolButton()
+        more.setText("⋯")
+        more.setObjectName("moreButton")
+        more.setPopupMode(QToolButton.ToolButtonPopupMode.InstantPopup)
+        menu = QMenu(more)
+        menu.addAction("Add images…").triggered.connect(self.browse_images)
+        menu.addAction("Change colour…").triggered.connect(self.choose_color)
+        menu.addSeparator()
+        menu.addAction("Remove class").triggered.connect(lambda: self.ctl.remove_class(self.row))
+        more.setMenu(menu)
+        for w in (self.key, self.swatch, self.name, more):
+            head.addWidget(w)
+        head.setStretch(2, 1)
+        lay.addLayout(head)
+        lay.addWidget(self.count)
+        self.examples = ExamplesView(self)
+        lay.addWidget(self.examples)
+        self.refresh()
+
+    @property
+    def model(self) -> ClassListModel:
+        return self.panel.model
+
+    def refresh(self) -> None:
+        spec = self.model.spec(self.row)
+        self.key.setText(str(self.row + 1) if self.row < 9 else "")
+        self.key.setToolTip(f"Press {self.row + 1} to correct selected tiles to this class")
+        if not self.name.hasFocus():
+            self.name.setText(spec.name)
+            self.name.setCursorPosition(0)
+        self.swatch.setStyleSheet(f"background:{spec.color}; border-radius:9px; border:none;")
+        self.setStyleSheet(f"#classCard {{ border-left: 4px solid {spec.color}; }}")
+        n = len(spec.examples)
+        self.count.setText(f"{n} example{'s' if n != 1 else ''}"
+                           + (" · drop images to add more" if n else ""))
+        keys = [str(p) for p in spec.examples]
+        if list(self._items) != keys:
+            self.examples.clear()
+            self._items = {}
+            for k in keys:
+                it = QListWidgetItem()
+                it.setData(Qt.ItemDataRole.UserRole, k)
+                it.setToolTip(Path(k).name)
+                it.setSizeHint(QSize(52, 52))
+                self.examples.addItem(it)
+                self._items[k] = it
+                self.set_thumb(k)
+            self.examples.fit_height()
+
+    def set_thumb(self, key: str) -> None:
+        it = self._items.get(key)
+        if it is None:
+            return
+        pm = self.panel.thumbs.get(key)
+        if pm is not None:
+            it.setIcon(QIcon(pm))
+
+    def _rename(self) -> None:
+        if not self.ctl.rename_class(self.row, self.name.text()):
+            self.name.setText(self.model.spec(self.row).name)
+
+    def choose_color(self) -> None:
+        c = QColorDialog.getColor(QColor(self.model.spec(self.row).color), self, "Class colour")
+        if c.isValid():
+            self.ctl.set_color(self.row, c.name())
+
+    def browse_images(self) -> None:
+        files, _ = QFileDialog.getOpenFileNames(
+            self, "Add example images", "", "Images (*.jpg *.jpeg *.png *.bmp *.gif *.tif "
+            "*.tiff *.webp);;All files (*)")
+        if files:
+            self.ctl.add_examples(self.row, [Path(f) for f in files])
+
+    def remove_selected(self) -> None:
+        self.ctl.remove_examples(self.row, self.examples.selected_paths())
+
+    # -- drag and drop -------------------------------------------------------------------------
+    def set_drop_highlight(self, on: bool) -> None:
+        self.setProperty("dropTarget", on)
+        self.style().unpolish(self)
+        self.style().polish(self)
+
+    def drag_enter(self, e) -> None:
+        m = e.mimeData()
+        if m.hasFormat(QUERY_MIME) or local_paths(m):
+            e.setDropAction(Qt.DropAction.CopyAction)
+            e.accept()
+            self.set_drop_highlight(True)
+        else:
+            e.ignore()
+
+    def drop(self, e: QDropEvent) -> None:
+        self.set_drop_highlight(False)
+        m = e.mimeData()
+        if qs := query_paths(m):
+            self.panel.correct_to(qs, self.row)
+        elif ps := local_paths(m):
+            self.ctl.add_examples(self.row, ps)
+        else:
+            e.ignore()
+            return
+        e.setDropAction(Qt.DropAction.CopyAction)
+        e.accept()
+
+    def dragEnterEvent(self, e: QDragEnterEvent) -> None:
+        self.drag_enter(e)
+
+    def dragMoveEvent(self, e) -> None:
+        self.drag_enter(e)
+
+    def dragLeaveEvent(self, e) -> None:
+        self.set_drop_highlight(False)
+
+    def dropEvent(self, e: QDropEvent) -> None:
+        self.drop(e)
+
+    def mousePressEvent(self, e) -> None:
+        self.panel.set_current(self.row)
+        super().mousePressEvent(e)
+
+
+class ClassPanel(QWidget):
+    """Cards for every class in ``model``, rebuilt on structural changes."""
+
+    def __init__(self, model: ClassListModel, ctl: ClassesController, thumbs: ThumbnailCache,
+                 correct_to: Callable[[list[Path], int], None],
+                 parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.model, self.ctl, self.thumbs, self._correct_to = model, ctl, thumbs, correct_to
+        self.cards: list[ClassCard] = []
+        self.current_row = 0
+        self.setObjectName("classPanel")
+        self.setAcceptDrops(True)
+        lay = QVBoxLayout(self)
+        lay.setContentsMargins(12, 12, 8, 12)
+        lay.setSpacing(8)
+        head = QHBoxLayout()
+        title = QLabel("Classes")
+        title.setObjectName("panelTitle")
+        self.add_button = QPushButton("+ Class")
+        self.add_button.setObjectName("addClassButton")
+        self.add_button.setToolTip("Add a class (Ctrl+Shift+N). Tip: drop a folder of class "
+                                   "folders here to make one class per folder.")
+        self.add_button.clicked.connect(lambda: self.ctl.add_class())
+        head.addWidget(title)
+        head.addStretch(1)
+        head.addWidget(self.add_button)
+        lay.addLayout(head)
+        self.scroll = QScrollArea()
+        self.scroll.setWidgetResizable(True)
+        self.scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+        self.scroll.setFrameShape(QFrame.Shape.NoFrame)
+        self.inner = QWidget()
+        self.inner.setObjectName("cardsInner")
+        self.cards_layout = QVBoxLayout(self.inner)
+        self.cards_layout.setContentsMargins(0, 0, 4, 0)
+        self.cards_layout.setSpacing(8)
+        self.hint = QLabel("Add a class with “+ Class”, or drop a folder whose sub-folders "
+                           "are classes.")
+        self.hint.setObjectName("hintLabel")
+        self.hint.setWordWrap(True)
+        self.cards_layout.addWidget(self.hint)
+        self.cards_layout.addStretch(1)
+        self.scroll.setWidget(self.inner)
+        lay.addWidget(self.scroll, 1)
+        self.remove_action = QAction("Remove class", self)
+        model.modelReset.connect(self.rebuild)
+        model.rowsInserted.connect(self.rebuild)
+        model.rowsRemoved.connect(self.rebuild)
+        model.dataChanged.connect(self._on_changed)
+        thumbs.ready.connect(self._on_thumb)
+        self.rebuild()
+
+    def rebuild(self) -> None:
+        for c in self.cards:
+            self.cards_layout.removeWidget(c)
+            c.deleteLater()
+        self.cards = [ClassCard(r, self) for r in range(self.model.rowCount())]
+        for i, c in enumerate(self.cards):
+            self.cards_layout.insertWidget(i, c)
+        self.hint.setVisible(not self.cards)
+        self.current_row = min(self.current_row, max(0, len(self.cards) - 1))
+
+    def _on_changed(self, top, bottom, roles=()) -> None:
+        for r in range(top.row(), bottom.row() + 1):
+            if r < len(self.cards):
+                self.cards[r].refresh()
+
+    def _on_thumb(self, key: str) -> None:
+        for c in self.cards:
+            c.set_thumb(key)
+
+    def set_current(self, row: int) -> None:
+        self.current_row = row
+
+    def correct_to(self, paths: list[Path], row: int) -> None:
+        self._correct_to(paths, row)
+
+    def dragEnterEvent(self, e: QDragEnterEvent) -> None:
+        if any(p.is_dir() for p in local_paths(e.mimeData())):
+            e.acceptProposedAction()
+        else:
+            e.ignore()
+
+    def dragMoveEvent(self, e) -> None:
+        self.dragEnterEvent(e)
+
+    def dropEvent(self, e: QDropEvent) -> None:
+        folders = [p for p in local_paths(e.mimeData()) if p.is_dir()]
+        if folders:
+            self.ctl.import_class_folders(folders)
+            e.acceptProposedAction()

@@ -1,0 +1,278 @@
+"""The query gallery: a virtualised ``QListView`` (icon mode, uniform item sizes, batched
+layout) with a tile delegate. Tiles show the thumbnail, the predicted label as a coloured
+badge and the confidence, and distinct marks for unknown (grey dashed badge + best guess),
+corrected (green check) and error (red badge, reason in the tooltip)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from PySide6.QtCore import QMimeData, QModelIndex, QPoint, QRect, QRectF, QSize, Qt, QUrl, Signal
+from PySide6.QtGui import (
+    QBrush,
+    QColor,
+    QDrag,
+    QFont,
+    QFontMetrics,
+    QPainter,
+    QPainterPath,
+    QPen,
+    QPixmap,
+)
+from PySide6.QtWidgets import (
+    QAbstractItemView,
+    QListView,
+    QStyle,
+    QStyledItemDelegate,
+    QStyleOptionViewItem,
+    QWidget,
+)
+
+from fewshot_studio.gui.models.gallery import Role
+from fewshot_studio.gui.views.class_panel import QUERY_MIME, local_paths
+
+TILE = QSize(172, 204)
+THUMB_H = 132
+ACCENT = QColor("#2563eb")
+MUTED = QColor("#6b7280")
+ERROR = QColor("#dc2626")
+OK_GREEN = QColor("#16a34a")
+
+
+def _pill(p: QPainter, rect: QRectF, fill: QColor | None, text: str, fg: QColor,
+          outline: QColor | None = None, dashed: bool = False) -> None:
+    path = QPainterPath()
+    path.addRoundedRect(rect, rect.height() / 2, rect.height() / 2)
+    if fill is not None:
+        p.fillPath(path, fill)
+    if outline is not None:
+        pen = QPen(outline, 1.2)
+        if dashed:
+            pen.setStyle(Qt.PenStyle.DashLine)
+        p.setPen(pen)
+        p.drawPath(path)
+    p.setPen(fg)
+    p.drawText(rect, Qt.AlignmentFlag.AlignCenter, text)
+
+
+class TileDelegate(QStyledItemDelegate):
+    def __init__(self, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.badge_font = QFont()
+        self.badge_font.setPointSizeF(8.5)
+        self.badge_font.setBold(True)
+        self.small_font = QFont()
+        self.small_font.setPointSizeF(8)
+
+    def sizeHint(self, option: QStyleOptionViewItem, index: QModelIndex) -> QSize:
+        return TILE
+
+    def paint(self, p: QPainter, option: QStyleOptionViewItem, index: QModelIndex) -> None:
+        p.save()
+        p.setRenderHint(QPainter.RenderHint.Antialiasing)
+        p.setRenderHint(QPainter.RenderHint.SmoothPixmapTransform)
+        cell = QRectF(option.rect)
+        r = QRectF(0, 0, TILE.width(), TILE.height())
+        r.moveCenter(cell.center())
+        r.adjust(4, 4, -4, -4)
+        selected = bool(option.state & QStyle.StateFlag.State_Selected)
+        hover = bool(option.state & QStyle.StateFlag.State_MouseOver)
+        card = QPainterPath()
+        card.addRoundedRect(r, 8, 8)
+        p.fillPath(card, QColor("#eaf1ff") if selected else QColor("#ffffff"))
+        p.setPen(QPen(ACCENT, 2.2) if selected else QPen(QColor("#c7cdd8" if hover else
+                                                                 "#e1e5ec"), 1))
+        p.drawPath(card)
+
+        thumb = QRectF(r.left() + 6, r.top() + 6, r.width() - 12, THUMB_H)
+        tp = QPainterPath()
+        tp.addRoundedRect(thumb, 5, 5)
+        p.fillPath(tp, QColor("#f0f2f5"))
+        pm = index.data(Qt.ItemDataRole.DecorationRole)
+        status = index.data(Role.STATUS) or ""
+        error = index.data(Role.ERROR) or ""
+        if isinstance(pm, QPixmap) and not pm.isNull():  # "cover": fill the box, crop
+            src = QRectF(pm.rect())
+            aspect = thumb.width() / thumb.height()
+            if src.width() / src.height() > aspect:
+                w = src.height() * aspect
+                src = QRectF(src.left() + (src.width() - w) / 2, src.top(), w, src.height())
+            else:
+                h = src.width() / aspect
+                src = QRectF(src.left(), src.top() + (src.height() - h) / 2, src.width(), h)
+            p.save()
+            p.setClipPath(tp)
+            p.drawPixmap(thumb, pm, src)
+            p.restore()
+        elif error:
+            p.setPen(ERROR)
+            p.setFont(self.small_font)
+            p.drawText(thumb.adjusted(8, 8, -8, -8), Qt.AlignmentFlag.AlignCenter
+                       | Qt.TextFlag.TextWordWrap, "cannot open image")
+
+        corrected = bool(index.data(Role.CORRECTED))
+        if corrected:  # green check in the thumbnail's top-right corner
+            c = QRectF(thumb.right() - 24, thumb.top() + 4, 20, 20)
+            p.setBrush(OK_GREEN)
+            p.setPen(QPen(QColor("white"), 1.5))
+            p.drawEllipse(c)
+            p.setPen(QPen(QColor("white"), 2.2))
+            p.drawPolyline([QPoint(int(c.left() + 5), int(c.top() + 10)),
+                            QPoint(int(c.left() + 9), int(c.top() + 14)),
+                            QPoint(int(c.left() + 15), int(c.top() + 6))])
+        if status == "error" or error:
+            c = QRectF(thumb.left() + 4, thumb.top() + 4, 20, 20)
+            p.setBrush(ERROR)
+            p.setPen(Qt.PenStyle.NoPen)
+            p.drawEllipse(c)
+            p.setPen(QColor("white"))
+            p.setFont(self.badge_font)
+            p.drawText(c, Qt.AlignmentFlag.AlignCenter, "!")
+
+        conf = index.data(Role.CONFIDENCE)
+        color = index.data(Role.COLOR)
+        label = index.data(Role.LABEL)
+        if status == "ok" and conf is not None:  # confidence bar under the thumbnail
+            bar = QRectF(thumb.left(), thumb.bottom() + 4, thumb.width(), 3)
+            p.fillRect(bar, QColor("#e5e7eb"))
+            p.fillRect(QRectF(bar.left(), bar.top(), bar.width() * float(conf), 3),
+                       color or ACCENT)
+
+        p.setFont(self.small_font)
+        fm = QFontMetrics(self.small_font)
+        name = Path(str(index.data(Role.PATH))).name
+        p.setPen(MUTED)
+        p.drawText(QRectF(thumb.left(), thumb.bottom() + 9, thumb.width(), 16),
+                   Qt.AlignmentFlag.AlignLeft | Qt.AlignmentFlag.AlignVCenter,
+                   fm.elidedText(name, Qt.TextElideMode.ElideMiddle, int(thumb.width())))
+
+        row = QRectF(thumb.left(), r.bottom() - 26, thumb.width(), 21)
+        p.setFont(self.badge_font)
+        bfm = QFontMetrics(self.badge_font)
+        right, w = "", 0.0
+        if status == "ok" and label:
+            text = bfm.elidedText(label, Qt.TextElideMode.ElideRight, int(row.width() - 60))
+            w = bfm.horizontalAdvance(text) + 18
+            _pill(p, QRectF(row.left(), row.top(), w, row.height()), color or ACCENT, text,
+                  QColor("white"))
+            right = "✓ fixed" if corrected else f"{float(conf or 0):.0%}"
+        elif status == "unknown":
+            guess = index.data(Role.GUESS)
+            w = bfm.horizontalAdvance("unknown") + 18
+            _pill(p, QRectF(row.left(), row.top(), w, row.height()), QColor("#f3f4f6"),
+                  "unknown", QColor("#4b5563"), QColor("#9ca3af"), dashed=True)
+            right = f"{guess}? {float(conf or 0):.0%}" if guess else ""
+        elif status == "error":
+            w = bfm.horizontalAdvance("error") + 18
+            _pill(p, QRectF(row.left(), row.top(), w, row.height()), ERROR, "error",
+                  QColor("white"))
+        else:
+            p.setPen(QColor("#9ca3af"))
+            p.drawText(row, Qt.AlignmentFlag.AlignLeft | Qt.AlignmentFlag.AlignVCenter,
+                       "not labeled")
+        if right:
+            p.setFont(self.small_font)
+            p.setPen(OK_GREEN if corrected else QColor("#374151"))
+            p.drawText(row, Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter,
+                       fm.elidedText(right, Qt.TextElideMode.ElideMiddle,
+                                     int(row.width() - w - 6)))
+        p.restore()
+
+
+class GalleryView(QListView):
+    """Emits ``correct_requested(class_row)`` for keys 1-9 and ``folder_dropped(path)``."""
+
+    correct_requested = Signal(int)
+    folder_dropped = Signal(Path)
+
+    def __init__(self, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.setObjectName("gallery")
+        self.setViewMode(QListView.ViewMode.IconMode)
+        self.setUniformItemSizes(True)
+        self.setLayoutMode(QListView.LayoutMode.Batched)
+        self.setBatchSize(500)
+        self.setResizeMode(QListView.ResizeMode.Adjust)
+        self.setMovement(QListView.Movement.Static)
+        self.setSpacing(2)
+        self.setSelectionMode(QAbstractItemView.SelectionMode.ExtendedSelection)
+        self.setSelectionRectVisible(True)
+        self.setDragEnabled(True)
+        self.setAcceptDrops(True)
+        self.setDragDropMode(QAbstractItemView.DragDropMode.DragDrop)
+        self.setDefaultDropAction(Qt.DropAction.CopyAction)
+        self.setMouseTracking(True)
+        self.setVerticalScrollMode(QAbstractItemView.ScrollMode.ScrollPerPixel)
+        self.verticalScrollBar().setSingleStep(24)
+        self.setItemDelegate(TileDelegate(self))
+        self.placeholder = "Choose a query folder (Ctrl+O), or drop one here"
+
+    def resizeEvent(self, e) -> None:
+        super().resizeEvent(e)
+        self._fit_grid()
+
+    def _fit_grid(self) -> None:
+        """Spread the columns over the full width (no ragged gap on the right)."""
+        w = self.viewport().width() - 2 * self.spacing() - 2
+        cols = max(1, w // TILE.width())
+        grid = QSize(max(TILE.width(), w // cols), TILE.height())
+        if grid != self.gridSize():
+            self.setGridSize(grid)
+
+    def selected_paths(self) -> list[Path]:
+        rows = sorted(self.selectionModel().selectedIndexes(), key=lambda i: i.row())
+        return [Path(i.data(Role.PATH)) for i in rows]
+
+    def keyPressEvent(self, e) -> None:
+        k = e.key()
+        if Qt.Key.Key_1 <= k <= Qt.Key.Key_9 and not (
+                e.modifiers() & (Qt.KeyboardModifier.ControlModifier
+                                 | Qt.KeyboardModifier.AltModifier)):
+            self.correct_requested.emit(k - Qt.Key.Key_1)
+            e.accept()
+            return
+        super().keyPressEvent(e)
+
+    def startDrag(self, actions) -> None:
+        paths = self.selected_paths()
+        if not paths:
+            return
+        mime = QMimeData()
+        mime.setData(QUERY_MIME, "\n".join(str(p) for p in paths).encode("utf-8"))
+        mime.setUrls([QUrl.fromLocalFile(str(p)) for p in paths[:200]])
+        drag = QDrag(self)
+        drag.setMimeData(mime)
+        pm = self.model().index(self.currentIndex().row(), 0).data(
+            Qt.ItemDataRole.DecorationRole)
+        if isinstance(pm, QPixmap):
+            drag.setPixmap(pm.scaled(72, 72, Qt.AspectRatioMode.KeepAspectRatio))
+        drag.exec(Qt.DropAction.CopyAction)
+
+    def dragEnterEvent(self, e) -> None:
+        if e.mimeData().hasFormat(QUERY_MIME):
+            e.ignore()  # our own tiles: nothing to do here
+        elif any(p.is_dir() for p in local_paths(e.mimeData())):
+            e.acceptProposedAction()
+        else:
+            e.ignore()
+
+    def dragMoveEvent(self, e) -> None:
+        self.dragEnterEvent(e)
+
+    def dropEvent(self, e) -> None:
+        dirs = [p for p in local_paths(e.mimeData()) if p.is_dir()]
+        if dirs:
+            self.folder_dropped.emit(dirs[0])
+            e.acceptProposedAction()
+
+    def paintEvent(self, e) -> None:
+        super().paintEvent(e)
+        if self.model() is None or self.model().rowCount() == 0:
+            p = QPainter(self.viewport())
+            p.setPen(QColor("#8a94a6"))
+            f = p.font()
+            f.setPointSizeF(f.pointSizeF() * 1.15)
+            p.setFont(f)
+            p.drawText(QRect(self.viewport().rect()), Qt.AlignmentFlag.AlignCenter,
+                       self.placeholder)
+            p.setBrush(QBrush())

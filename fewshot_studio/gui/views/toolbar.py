@@ -1,0 +1,214 @@
+"""The main toolbar (checkpoint picker, backend indicator, Label, unknown threshold) and the
+review bar above the gallery (filter, sort, counts)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from PySide6.QtCore import QSize, Qt, QTimer, Signal
+from PySide6.QtGui import QAction
+from PySide6.QtWidgets import (
+    QComboBox,
+    QHBoxLayout,
+    QLabel,
+    QSizePolicy,
+    QSlider,
+    QToolBar,
+    QWidget,
+)
+
+OPEN_CHECKPOINT = "__open__"
+
+
+class MainToolBar(QToolBar):
+    """``checkpoint_chosen(name_or_path)``, ``open_checkpoint_requested``,
+    ``threshold_changed(float)`` (debounced)."""
+
+    checkpoint_chosen = Signal(str)
+    open_checkpoint_requested = Signal()
+    threshold_changed = Signal(float)
+
+    def __init__(self, label_action: QAction, parent: QWidget | None = None) -> None:
+        super().__init__("Main", parent)
+        self.setObjectName("mainToolBar")
+        self.setMovable(False)
+        self.setIconSize(QSize(18, 18))
+        self.setToolButtonStyle(Qt.ToolButtonStyle.ToolButtonTextBesideIcon)
+        self.addWidget(_caption("Model"))
+        self.checkpoint = QComboBox()
+        self.checkpoint.setObjectName("checkpointCombo")
+        self.checkpoint.setMinimumWidth(190)
+        self.checkpoint.setToolTip("The few-shot model that labels your images")
+        self.checkpoint.activated.connect(self._on_activated)
+        self.addWidget(self.checkpoint)
+        self.backend = QLabel("not loaded")
+        self.backend.setObjectName("backendChip")
+        self.backend.setToolTip("The backend and device that run the model")
+        self.addWidget(self.backend)
+        self.addSeparator()
+        self.label_action = label_action
+        self.addAction(label_action)
+        btn = self.widgetForAction(label_action)
+        if btn is not None:
+            btn.setObjectName("labelButton")
+        self.addSeparator()
+        self.addWidget(_caption("Unknown below"))
+        self.threshold = QSlider(Qt.Orientation.Horizontal)
+        self.threshold.setObjectName("thresholdSlider")
+        self.threshold.setRange(0, 100)
+        self.threshold.setFixedWidth(140)
+        self.threshold.setToolTip("Predictions less confident than this are marked unknown")
+        self.threshold_value = QLabel()
+        self.threshold_value.setObjectName("thresholdValue")
+        self.threshold_value.setMinimumWidth(36)
+        self.addWidget(self.threshold)
+        self.addWidget(self.threshold_value)
+        spacer = QWidget()
+        spacer.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Preferred)
+        self.addWidget(spacer)
+        self._debounce = QTimer(self, singleShot=True, interval=150)
+        self._debounce.timeout.connect(
+            lambda: self.threshold_changed.emit(self.threshold.value() / 100))
+        self.threshold.valueChanged.connect(self._on_slider)
+        self._items: list[str] = []
+
+    def set_checkpoints(self, bundled: dict[str, Path], current: str) -> None:
+        self.checkpoint.blockSignals(True)
+        self.checkpoint.clear()
+        self._items = []
+        for name in bundled:
+            self.checkpoint.addItem(name, name)
+            self._items.append(name)
+        if current and current not in bundled:
+            self.checkpoint.addItem(Path(current).name, current)
+            self._items.append(current)
+        if not self._items:
+            self.checkpoint.addItem("(no bundled checkpoints)", "")
+            self._items.append("")
+        self.checkpoint.insertSeparator(self.checkpoint.count())
+        self.checkpoint.addItem("Open checkpoint…", OPEN_CHECKPOINT)
+        if current in self._items:
+            self.checkpoint.setCurrentIndex(self._items.index(current))
+        self.checkpoint.blockSignals(False)
+
+    def current_checkpoint(self) -> str:
+        d = self.checkpoint.currentData()
+        return "" if d in (None, OPEN_CHECKPOINT) else str(d)
+
+    def _on_activated(self, i: int) -> None:
+        d = self.checkpoint.itemData(i)
+        if d == OPEN_CHECKPOINT:
+            self.open_checkpoint_requested.emit()
+        elif d:
+            self.checkpoint_chosen.emit(str(d))
+
+    def set_threshold(self, value: float) -> None:
+        self.threshold.blockSignals(True)
+        self.threshold.setValue(round(value * 100))
+        self.threshold.blockSignals(False)
+        self.threshold_value.setText(f"{value:.0%}")
+
+    def _on_slider(self, v: int) -> None:
+        self.threshold_value.setText(f"{v}%")
+        self._debounce.start()
+
+    def set_backend(self, text: str) -> None:
+        """``str(BackendInfo)``, e.g. "onnxruntime (CPU), CPUExecutionProvider": shown short
+        ("ONNX Runtime · CPU"), in full in the tooltip."""
+        head = text.split(",")[0]
+        for raw, nice in (("onnxruntime", "ONNX Runtime"), ("torch", "PyTorch")):
+            head = head.replace(raw, nice)
+        self.backend.setText(head.replace(" (", " · ").replace(")", ""))
+        self.backend.setToolTip(f"Runs on: {text}")
+
+
+def _caption(text: str) -> QLabel:
+    lab = QLabel(text)
+    lab.setObjectName("toolbarCaption")
+    return lab
+
+
+class ElidedLabel(QLabel):
+    """A one-line label that elides (…) instead of demanding width."""
+
+    def __init__(self, text: str = "", parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self._full = text
+        self.setText(text)
+
+    def setText(self, text: str) -> None:
+        self._full = text
+        self.setToolTip(text)
+        self._elide()
+
+    def text_full(self) -> str:
+        return self._full
+
+    def resizeEvent(self, e) -> None:
+        super().resizeEvent(e)
+        self._elide()
+
+    def _elide(self) -> None:
+        shown = self.fontMetrics().elidedText(self._full, Qt.TextElideMode.ElideRight,
+                                              max(10, self.width() - 4))
+        super().setText(shown)
+
+
+class ReviewBar(QWidget):
+    """Filter and sort controls above the gallery, and the counts."""
+
+    filter_changed = Signal(str)
+    sort_changed = Signal(bool)  # True: least confident first
+
+    def __init__(self, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.setObjectName("reviewBar")
+        lay = QHBoxLayout(self)
+        lay.setContentsMargins(12, 10, 12, 6)
+        lay.setSpacing(8)
+        self.title = QLabel("Images")
+        self.title.setObjectName("panelTitle")
+        self.counts = ElidedLabel()
+        self.counts.setObjectName("countsLabel")
+        self.filter = QComboBox()
+        self.filter.setObjectName("filterCombo")
+        self.sort = QComboBox()
+        self.sort.setObjectName("sortCombo")
+        self.sort.addItem("By file name", False)
+        self.sort.addItem("Least confident first", True)
+        self.sort.setToolTip("Sort order: review the least confident images first")
+        self.filter.setToolTip("Show only some images")
+        for combo in (self.filter, self.sort):
+            combo.setSizeAdjustPolicy(
+                QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
+            combo.setMinimumContentsLength(13)
+            combo.setMaximumWidth(185)
+        self.counts.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Preferred)
+        self.counts.setMinimumWidth(60)
+        lay.addWidget(self.title)
+        lay.addWidget(self.counts, 1)
+        lay.addWidget(self.filter)
+        lay.addWidget(self.sort)
+        self.filter.activated.connect(lambda i: self.filter_changed.emit(self.filter.itemData(i)))
+        self.sort.activated.connect(lambda i: self.sort_changed.emit(bool(self.sort.itemData(i))))
+        self.set_classes([])
+
+    def set_classes(self, names: list[str]) -> None:
+        cur = self.filter.currentData() or "all"
+        self.filter.blockSignals(True)
+        self.filter.clear()
+        for text, key in [("All images", "all"), ("Unknown", "unknown"),
+                          ("Corrected", "corrected"), ("Errors", "error"),
+                          ("Not labeled", "unlabeled")]:
+            self.filter.addItem(text, key)
+        self.filter.insertSeparator(self.filter.count())
+        for n in names:
+            self.filter.addItem(f"Class: {n}", f"class:{n}")
+        i = self.filter.findData(cur)
+        self.filter.setCurrentIndex(max(0, i))
+        self.filter.blockSignals(False)
+        if i < 0 and cur != "all":
+            self.filter_changed.emit("all")
+
+    def set_counts(self, text: str) -> None:
+        self.counts.setText(text)

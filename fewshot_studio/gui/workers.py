@@ -1,0 +1,117 @@
+"""Run long work off the UI thread: a :class:`GeneratorWorker` drives a generator (of
+:class:`~fewshot_studio.progress.Progress`, usually) in a ``QThreadPool`` and reports through
+Qt signals, which arrive on the UI thread as queued events. Cancelling is cooperative: the
+worker stops at the next ``yield`` and closes the generator (its ``finally`` blocks run).
+
+Modelled on napari/superqt's ``GeneratorWorker``.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Generator, Iterator
+from typing import Any, ClassVar
+
+from PySide6.QtCore import QObject, QRunnable, QThreadPool, Signal
+
+
+class WorkerSignals(QObject):
+    """``started``; ``yielded(value)`` per item; then exactly one of ``finished(return
+    value)``, ``errored(exception)`` or ``cancelled``; ``done`` always comes last."""
+
+    started = Signal()
+    yielded = Signal(object)
+    finished = Signal(object)
+    errored = Signal(object)
+    cancelled = Signal()
+    done = Signal()
+
+
+class GeneratorWorker(QRunnable):
+    """Run ``func(*args, **kwargs)`` (a generator function) in a thread pool.
+
+    ``thread_ident`` records the thread the body ran on (for tests and assertions)."""
+
+    _live: ClassVar[set[GeneratorWorker]] = set()  # keep Python wrappers alive until done
+
+    def __init__(self, func: Callable[..., Iterator[Any]], *args: Any, **kwargs: Any) -> None:
+        super().__init__()
+        self.setAutoDelete(False)
+        self.signals = WorkerSignals()
+        self._func, self._args, self._kwargs = func, args, kwargs
+        self._abort = threading.Event()
+        self.thread_ident: int | None = None
+        self.is_running = False
+        self.is_done = False
+
+    # convenience aliases, as in superqt
+    @property
+    def yielded(self) -> Any:
+        return self.signals.yielded
+
+    @property
+    def finished(self) -> Any:
+        return self.signals.finished
+
+    @property
+    def errored(self) -> Any:
+        return self.signals.errored
+
+    def cancel(self) -> None:
+        """Ask the worker to stop at its next yield (or before it starts)."""
+        self._abort.set()
+
+    @property
+    def abort_requested(self) -> bool:
+        return self._abort.is_set()
+
+    def start(self, pool: QThreadPool | None = None) -> GeneratorWorker:
+        GeneratorWorker._live.add(self)
+        self.signals.done.connect(lambda: GeneratorWorker._live.discard(self))
+        (pool or QThreadPool.globalInstance()).start(self)
+        return self
+
+    def run(self) -> None:  # in the pool thread
+        self.thread_ident = threading.get_ident()
+        self.is_running = True
+        sig = self.signals
+        try:
+            if self._abort.is_set():
+                sig.cancelled.emit()
+                return
+            sig.started.emit()
+            gen = self._func(*self._args, **self._kwargs)
+            result = None
+            while True:
+                if self._abort.is_set():
+                    if isinstance(gen, Generator):
+                        gen.close()
+                    sig.cancelled.emit()
+                    return
+                try:
+                    value = next(gen)
+                except StopIteration as stop:
+                    result = stop.value
+                    break
+                sig.yielded.emit(value)
+            sig.finished.emit(result)
+        except BaseException as e:
+            sig.errored.emit(e)
+        finally:
+            self.is_running = False
+            self.is_done = True
+            sig.done.emit()
+
+
+def _call(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Generator[Any, None, Any]:
+    return fn(*args, **kwargs)
+    yield  # unreachable: makes this a generator function
+
+
+def function_worker(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> GeneratorWorker:
+    """A worker for a plain function: ``finished`` carries its return value."""
+    return GeneratorWorker(_call, fn, *args, **kwargs)
+
+
+def main_thread_ident() -> int:
+    return threading.main_thread().ident or 0

@@ -1,0 +1,451 @@
+"""MAML (Finn et al. 2017), first-order MAML, Meta-SGD (Li et al. 2017) and ANIL (Raghu et al.
+2020), with a Proto-MAML head (Triantafillou et al. 2020) so one model serves any number of
+classes.
+
+Two layers:
+
+* :class:`MAML`, a learn2learn-style wrapper around any module: ``learner = maml.clone()``,
+  ``learner.adapt(loss)`` (one differentiable SGD step; second order through
+  ``create_graph=True`` unless ``first_order``; learnable per-parameter rates with
+  ``meta_sgd``), ``learner(x)``; and :meth:`MAML.meta_loss`, the same algorithm vectorised
+  over a task batch with ``torch.func`` (``functional_call``, ``grad``, ``vmap``).
+* :class:`MAMLClassifier`, the few-shot method registered as ``"maml"``. Its
+  :meth:`~MAMLClassifier.meta_loss` is vectorised over tasks with ``torch.func``;
+  :func:`meta_loss_loop` is the per-task Python-loop reference (``torch.autograd.grad``) that
+  tests and benchmarks compare it with.
+
+The head: for a task with ``n_way`` classes the linear head is initialised from the support
+prototypes ``c_k`` of the (current) features, ``W = 2 c_k``, ``b = -||c_k||^2`` (so before
+adaptation the logits equal ProtoNet's up to a per-query constant), then adapted with the
+backbone (full MAML) or alone (ANIL). The initialisation stays differentiable, so the outer
+loop trains the backbone through it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call, grad, vmap
+
+from fewshot_studio.models import functional as Fn
+from fewshot_studio.models.base import FewShotClassifier
+from fewshot_studio.models.registry import METHODS
+
+Params = dict[str, Tensor]
+LossFn = Callable[[Tensor, Tensor], Tensor]
+Rates = float | Tensor | Mapping[str, float | Tensor]
+
+
+def _key(name: str) -> str:
+    """A parameter name as a ParameterDict key (dots are not allowed there)."""
+    return name.replace(".", "__")
+
+
+def _rate(lr: Rates, name: str) -> float | Tensor:
+    return lr[name] if isinstance(lr, Mapping) else lr
+
+
+def sgd_step(loss: Tensor, params: Mapping[str, Tensor], lr: Rates,
+             names: Iterable[str] | None = None, first_order: bool = False) -> Params:
+    """One inner-loop step ``p' = p - lr_p * dloss/dp`` with ``torch.autograd.grad``.
+
+    ``names``: the parameters to adapt (default all; those not requiring grad are skipped).
+    Second order (default) keeps the graph of the gradient (``create_graph=True``) so that a
+    meta-gradient flows through it; ``first_order`` treats the gradient as a constant. ``lr``
+    is a number, a tensor, or a mapping name -> rate (Meta-SGD: tensors broadcastable to the
+    parameter). Gradients are taken with respect to the given tensors: if one was computed
+    from another, pass views (``v.view_as(v)``) made before computing ``loss`` to get partial
+    derivatives. Returns a new dict; the inputs are not modified.
+    """
+    names = [n for n in (params if names is None else names) if params[n].requires_grad]
+    out = dict(params)
+    if not names:
+        return out
+    # retain_graph: the outer (meta) graph, e.g. a head initialised from features, is shared
+    grads = torch.autograd.grad(loss, [params[n] for n in names], retain_graph=True,
+                                create_graph=not first_order, allow_unused=True)
+    for n, g in zip(names, grads, strict=True):
+        if g is not None:
+            out[n] = params[n] - _rate(lr, n) * g
+    return out
+
+
+class MAMLLearner:
+    """A clone of a :class:`MAML`-wrapped module whose weights (``params``) adapt.
+
+    Calling it runs the wrapped module with the current fast weights
+    (``torch.func.functional_call``); :meth:`adapt` takes one SGD step on a loss.
+    """
+
+    def __init__(self, maml: MAML, params: Params) -> None:
+        self.maml = maml
+        self.params = params
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Tensor:
+        return functional_call(self.maml.module, self.params, args, kwargs, strict=False)
+
+    def adapt(self, loss: Tensor, first_order: bool | None = None) -> MAMLLearner:
+        """One inner step on ``loss`` (computed with this learner); returns ``self``."""
+        fo = self.maml.first_order if first_order is None else first_order
+        self.params = sgd_step(loss, self.params, self.maml.rates(),
+                               self.maml.adapted_names(), first_order=fo)
+        return self
+
+
+class MAML(nn.Module):
+    """learn2learn-style MAML wrapper.
+
+    ``lr``: the inner learning rate (Meta-SGD: the initial value of the learnable
+    per-parameter rates, one tensor of each parameter's shape, in ``self.lrs``);
+    ``first_order``: FOMAML; ``adapt``: predicate on parameter names choosing which ones
+    the inner loop adapts (default all).
+
+    >>> maml = MAML(net, lr=0.1)
+    >>> learner = maml.clone()
+    >>> learner.adapt(F.cross_entropy(learner(support_x), support_y))
+    >>> F.cross_entropy(learner(query_x), query_y).backward()   # meta-gradient in net
+    """
+
+    def __init__(self, module: nn.Module, lr: float = 0.4, first_order: bool = False,
+                 meta_sgd: bool = False, adapt: Callable[[str], bool] | None = None) -> None:
+        super().__init__()
+        self.module = module
+        self.lr = float(lr)
+        self.first_order = first_order
+        self.meta_sgd = meta_sgd
+        self._adapt = adapt or (lambda _name: True)
+        self.lrs = nn.ParameterDict()
+        if meta_sgd:
+            for n in self.adapted_names():
+                p = self.module.get_parameter(n)
+                self.lrs[_key(n)] = nn.Parameter(torch.full_like(p.detach(), self.lr))
+
+    def adapted_names(self) -> list[str]:
+        """Names of the parameters the inner loop adapts."""
+        return [n for n, _ in self.module.named_parameters() if self._adapt(n)]
+
+    def rates(self) -> Rates:
+        """The inner learning rate(s): a float, or name -> tensor with Meta-SGD."""
+        if not self.meta_sgd:
+            return self.lr
+        return {n: self.lrs[_key(n)] for n in self.adapted_names()}
+
+    def clone(self) -> MAMLLearner:
+        """A learner starting from the current weights (differentiably: a meta-gradient
+        flows back into the wrapped module's parameters)."""
+        return MAMLLearner(self, dict(self.module.named_parameters()))
+
+    def forward(self, *args: Any, **kwargs: Any) -> Tensor:
+        return self.module(*args, **kwargs)
+
+    def meta_loss(self, support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor,
+                  steps: int = 1, loss_fn: LossFn = F.cross_entropy) -> Tensor:
+        """Mean query loss after ``steps`` inner steps, vectorised over the task batch
+        (``torch.func.vmap`` over dim 0 of every input, ``torch.func.grad`` inside).
+
+        Shapes: ``(T, n_s, ...)``, ``(T, n_s, ...)``, ``(T, n_q, ...)``, ``(T, n_q, ...)``.
+        Equals averaging ``clone()``/``adapt()`` over the tasks, in both gradient orders.
+        The wrapped module must not update buffers (e.g. BatchNorm running statistics)
+        in the mode it is called in.
+        """
+        params = dict(self.module.named_parameters())
+        names = self.adapted_names()
+        rates = self.rates()
+        first_order = self.first_order
+
+        def task(sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor) -> Tensor:
+            fast = dict(params)
+            for _ in range(steps):
+                # first order: the gradient is a constant, so evaluate it on detached inputs
+                base = {n: v.detach() for n, v in fast.items()} if first_order else fast
+                point = {n: base[n] for n in names}
+
+                def inner(a: Params, base: Params = base, sx: Tensor = sx,
+                          sy: Tensor = sy) -> Tensor:
+                    return loss_fn(functional_call(self.module, {**base, **a}, (sx,)), sy)
+
+                g = grad(inner)(point)
+                fast = {**fast, **{n: fast[n] - _rate(rates, n) * g[n] for n in names}}
+            return loss_fn(functional_call(self.module, fast, (qx,)), qy)
+
+        return vmap(task)(support_x, support_y, query_x, query_y).mean()
+
+
+# -- the few-shot method ---------------------------------------------------------------------
+
+def use_vmap_safe_norms(module: nn.Module) -> int:
+    """Replace, in place, every affine ``nn.BatchNorm2d(track_running_stats=False)`` inside
+    ``module`` by the equivalent :class:`BatchStatNorm2d` (same parameter names and values),
+    whose second-order gradients under ``torch.func.vmap`` are exact. Returns the count."""
+    from fewshot_studio.models.backbones.conv4 import BatchStatNorm2d
+
+    count = 0
+    for parent in list(module.modules()):
+        for name, child in list(parent.named_children()):
+            if (isinstance(child, nn.BatchNorm2d) and not child.track_running_stats
+                    and child.affine):
+                new = BatchStatNorm2d(child.num_features, child.eps).to(
+                    device=child.weight.device, dtype=child.weight.dtype)
+                with torch.no_grad():
+                    new.weight.copy_(child.weight)
+                    new.bias.copy_(child.bias)
+                setattr(parent, name, new)
+                count += 1
+    return count
+
+
+HEAD_W, HEAD_B = "head.weight", "head.bias"
+_BB = "backbone."
+
+
+def proto_head(support_features: Tensor, support_labels: Tensor, n_way: int) -> Params:
+    """Proto-MAML head initialisation (Triantafillou et al. 2020): ``(n_s, d)`` features ->
+    ``{"head.weight": 2 c (n_way, d), "head.bias": -||c||^2 (n_way,)}``."""
+    protos = Fn.prototypes(support_features, support_labels, n_way)
+    return {HEAD_W: 2.0 * protos, HEAD_B: -protos.pow(2).sum(-1)}
+
+
+@dataclass(frozen=True, eq=False)
+class MAMLPredictor:
+    """Adapted weights closed over: ``(n_q, *feature_shape)`` query features (ANIL: backbone
+    features; full MAML: preprocessed images) -> ``(n_q, n_way)`` logits."""
+
+    weights: Params
+    model: MAMLClassifier
+
+    def __call__(self, query_features: Tensor) -> Tensor:
+        return self.model.logits(self.weights, query_features)
+
+
+@METHODS.register("maml")
+class MAMLClassifier(FewShotClassifier):
+    """MAML / FOMAML / Meta-SGD / ANIL with a Proto-MAML head (any ``n_way`` at test time).
+
+    ``inner_steps``/``inner_lr``: the inner loop while training (``test_inner_steps``, default
+    the same, in eval mode); ``first_order``: FOMAML; ``meta_sgd``: learnable per-parameter
+    inner rates (per feature for the head, so they do not depend on ``n_way``); ``anil``:
+    adapt only the head, ``embed()`` = backbone features (cacheable); otherwise full MAML,
+    ``embed()`` = identity and :meth:`fit` adapts the whole network. ``pool``: "flatten" or
+    "avg" (global average pooling) of the backbone maps.
+
+    Full MAML needs a backbone whose BatchNorm layers use batch statistics
+    (``track_running_stats=False``, as in Finn et al.); then predictions use the statistics of
+    the query batch they are computed on.
+    """
+
+    method_name = "maml"
+    fit_needs_grad = True  # fit() runs a gradient-based inner loop
+
+    def __init__(self, backbone: nn.Module, inner_steps: int = 1, inner_lr: float = 0.4,
+                 first_order: bool = False, meta_sgd: bool = False, anil: bool = False,
+                 pool: str = "flatten", test_inner_steps: int | None = None) -> None:
+        super().__init__(backbone)
+        if pool not in ("flatten", "avg"):
+            raise ValueError(f"pool must be 'flatten' or 'avg', got {pool!r}")
+        if not anil:
+            if any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+                   for m in backbone.modules()):
+                raise ValueError("full MAML needs a backbone with track_running_stats=False "
+                                 "(batch statistics, as in Finn et al.); or use anil=True")
+            use_vmap_safe_norms(backbone)
+        self.inner_steps = int(inner_steps)
+        self.test_inner_steps = int(test_inner_steps if test_inner_steps is not None
+                                    else inner_steps)
+        self.inner_lr = float(inner_lr)
+        self.first_order = first_order
+        self.meta_sgd = meta_sgd
+        self.anil = anil
+        self.pool = pool
+        self.feature_dim = self._feature_dim()
+        self.inner_lrs = nn.ParameterDict()
+        if meta_sgd:
+            for n, shape in self._adapted_shapes().items():
+                self.inner_lrs[_key(n)] = nn.Parameter(torch.full(shape, self.inner_lr))
+
+    # -- shapes and names ------------------------------------------------------------------
+    def _feature_dim(self) -> int:
+        shape = getattr(self.backbone, "feature_shape", None)
+        if shape is None:
+            raise ValueError("MAML needs a backbone with a `feature_shape` attribute")
+        return int(shape[0]) if self.pool == "avg" or len(shape) == 1 else \
+            int(torch.Size(shape).numel())
+
+    def _adapted_shapes(self) -> dict[str, tuple[int, ...]]:
+        shapes: dict[str, tuple[int, ...]] = {}
+        if not self.anil:
+            shapes.update({_BB + n: tuple(p.shape) for n, p in self.backbone.named_parameters()})
+        shapes[HEAD_W] = (1, self.feature_dim)  # per feature, shared by all classes
+        shapes[HEAD_B] = (1,)
+        return shapes
+
+    def rates(self) -> Rates:
+        """Inner learning rate(s): ``inner_lr`` or name -> Meta-SGD rate tensor."""
+        if not self.meta_sgd:
+            return self.inner_lr
+        return {n: self.inner_lrs[_key(n)] for n in self._adapted_shapes()}
+
+    def _backbone_params(self) -> Params:
+        return {_BB + n: p for n, p in self.backbone.named_parameters()}
+
+    # -- the network as a function of its (fast) weights -----------------------------------
+    def _pool(self, maps: Tensor) -> Tensor:
+        if maps.dim() == 4 and self.pool == "avg":
+            return maps.mean(dim=(-2, -1))
+        return maps.flatten(1)
+
+    def embed(self, images: Tensor) -> Tensor:
+        """ANIL: ``(n, C, H, W)`` -> ``(n, d)`` backbone features. Full MAML: identity (every
+        weight adapts, so the preprocessed image is what can be cached)."""
+        if self.anil:
+            return self._pool(self.backbone(images))
+        return images
+
+    def features(self, weights: Mapping[str, Tensor], x: Tensor) -> Tensor:
+        """``(n, d)`` features of ``x`` (ANIL: ``x`` already is features) under ``weights``
+        (backbone entries prefixed ``backbone.``; missing ones are the module's own)."""
+        if self.anil:
+            return x
+        bb = {n[len(_BB):]: v for n, v in weights.items() if n.startswith(_BB)}
+        return self._pool(functional_call(self.backbone, bb, (x,), strict=False))
+
+    def logits(self, weights: Mapping[str, Tensor], x: Tensor) -> Tensor:
+        """``(n, n_way)`` logits of ``x`` under fast ``weights`` (incl. the head)."""
+        return self.features(weights, x) @ weights[HEAD_W].t() + weights[HEAD_B]
+
+    def init_weights(self, support: Tensor, support_labels: Tensor, n_way: int) -> Params:
+        """Fast weights before adaptation: the backbone's (full MAML) + the Proto-MAML head
+        from the support features."""
+        weights = {} if self.anil else self._backbone_params()
+        weights.update(proto_head(self.features(weights, support), support_labels, n_way))
+        return weights
+
+    def _adapted_names(self, weights: Mapping[str, Tensor]) -> list[str]:
+        return [n for n in weights if not self.anil or n in (HEAD_W, HEAD_B)]
+
+    # -- adaptation: autograd (per task) -----------------------------------------------------
+    def adapt(self, support: Tensor, support_labels: Tensor, n_way: int, steps: int,
+              first_order: bool | None = None) -> Params:
+        """The inner loop on one task with ``torch.autograd.grad`` (:func:`sgd_step`):
+        ``(n_s, *feature_shape)`` support, ``(n_s,)`` labels -> adapted fast weights."""
+        fo = self.first_order if first_order is None else first_order
+        weights = self.init_weights(support, support_labels, n_way)
+        names = self._adapted_names(weights)
+        rates = self.rates()
+        for _ in range(steps):
+            # fresh views: the head was computed from the backbone weights, but the inner step
+            # takes partial derivatives, treating every fast weight as an independent variable
+            weights = {n: (v.view_as(v) if n in names else v) for n, v in weights.items()}
+            loss = F.cross_entropy(self.logits(weights, support), support_labels)
+            weights = sgd_step(loss, weights, rates, names, first_order=fo)
+        return weights
+
+    def fit(self, support_features: Tensor, support_labels: Tensor,
+            n_way: int | None = None) -> MAMLPredictor:
+        """Adapt to a support set (``inner_steps`` in training mode, ``test_inner_steps`` in
+        eval mode) and return a predictor over the adapted weights.
+
+        Runs under ``torch.enable_grad()`` even when called under ``no_grad``; then (or in
+        eval mode) nothing outside is differentiated: the result is detached."""
+        n_way = Fn.infer_n_way(support_labels, n_way)
+        keep_graph = torch.is_grad_enabled() and self.training
+        steps = self.inner_steps if self.training else self.test_inner_steps
+        with torch.enable_grad():
+            if keep_graph:
+                weights = self.adapt(support_features, support_labels, n_way, steps)
+            else:
+                weights = self._adapt_detached(support_features, support_labels, n_way, steps)
+        return MAMLPredictor(weights, self)
+
+    def _adapt_detached(self, support: Tensor, labels: Tensor, n_way: int,
+                        steps: int) -> Params:
+        support = support.detach()
+        weights = {n: v.detach() for n, v in self.init_weights(support, labels, n_way).items()}
+        names = self._adapted_names(weights)
+        rates = self.rates()
+        rates = ({n: r.detach() for n, r in rates.items()} if isinstance(rates, Mapping)
+                 else rates)
+        for _ in range(steps):
+            weights = {n: (v.requires_grad_(True) if n in names else v)
+                       for n, v in weights.items()}
+            loss = F.cross_entropy(self.logits(weights, support), labels)
+            weights = {n: v.detach() for n, v in
+                       sgd_step(loss, weights, rates, names, first_order=True).items()}
+        return weights
+
+    # -- adaptation: torch.func, vectorised over tasks ---------------------------------------
+    def meta_loss(self, support_images: Tensor, support_labels: Tensor,
+                  query_images: Tensor, query_labels: Tensor) -> tuple[Tensor, Tensor]:
+        """Mean query loss and accuracy over a task batch, vectorised with ``torch.func``
+        (``vmap`` over tasks; ``grad`` for the inner steps; second order unless
+        ``first_order``). Shapes: ``(T, n_s, C, H, W)``, ``(T, n_s)``, ``(T, n_q, C, H, W)``,
+        ``(T, n_q)``; every task has the same ``n_way`` (``max label + 1``)."""
+        n_way = int(torch.maximum(support_labels.max(), query_labels.max()).item()) + 1
+        sx, qx = self._embed_tasks(support_images), self._embed_tasks(query_images)
+        steps = self.inner_steps if self.training else self.test_inner_steps
+        first_order = self.first_order
+        rates = self.rates()
+
+        def task(sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor) -> tuple[Tensor, Tensor]:
+            weights = self.init_weights(sx, sy, n_way)
+            names = self._adapted_names(weights)
+            for _ in range(steps):
+                # first order: the gradient is a constant, so evaluate it on detached inputs
+                if first_order:
+                    base = {n: v.detach() for n, v in weights.items()}
+                    s_in = sx.detach()
+                else:
+                    base, s_in = weights, sx
+                point = {n: base[n] for n in names}
+
+                def inner(a: Params, base: Params = base, s_in: Tensor = s_in,
+                          sy: Tensor = sy) -> Tensor:
+                    return F.cross_entropy(self.logits({**base, **a}, s_in), sy)
+
+                g = grad(inner)(point)
+                weights = {**weights,
+                           **{n: weights[n] - _rate(rates, n) * g[n] for n in names}}
+            logits = self.logits(weights, qx)
+            return F.cross_entropy(logits, qy), (logits.argmax(-1) == qy).float().mean()
+
+        losses, accs = vmap(task)(sx, support_labels, qx, query_labels)
+        return losses.mean(), accs.mean().detach()
+
+    def _embed_tasks(self, images: Tensor) -> Tensor:
+        """``(T, n, C, H, W)`` -> ``(T, n, *feature_shape)`` in one backbone call (ANIL)."""
+        if not self.anil:
+            return images
+        t, n = images.shape[:2]
+        return self.embed(images.flatten(0, 1)).unflatten(0, (t, n))
+
+    def config(self) -> dict[str, Any]:
+        return {"inner_steps": self.inner_steps, "inner_lr": self.inner_lr,
+                "first_order": self.first_order, "meta_sgd": self.meta_sgd,
+                "anil": self.anil, "pool": self.pool,
+                "test_inner_steps": self.test_inner_steps}
+
+
+def meta_loss_loop(model: MAMLClassifier, support_images: Tensor, support_labels: Tensor,
+                   query_images: Tensor, query_labels: Tensor) -> tuple[Tensor, Tensor]:
+    """The per-task Python-loop reference for :meth:`MAMLClassifier.meta_loss`: same inputs,
+    same result (loss, accuracy), inner steps by ``torch.autograd.grad`` one task at a time.
+    Under ``no_grad`` it still adapts (locally enabling grad) and returns detached values."""
+    if not torch.is_grad_enabled():
+        with torch.enable_grad():
+            loss, acc = meta_loss_loop(model, support_images, support_labels, query_images,
+                                       query_labels)
+        return loss.detach(), acc
+    n_way = int(torch.maximum(support_labels.max(), query_labels.max()).item()) + 1
+    steps = model.inner_steps if model.training else model.test_inner_steps
+    sx, qx = model._embed_tasks(support_images), model._embed_tasks(query_images)
+    losses, accs = [], []
+    for s, sy, q, qy in zip(sx, support_labels, qx, query_labels, strict=True):
+        weights = model.adapt(s, sy, n_way, steps)
+        logits = model.logits(weights, q)
+        losses.append(F.cross_entropy(logits, qy))
+        accs.append((logits.argmax(-1) == qy).float().mean())
+    return torch.stack(losses).mean(), torch.stack(accs).mean().detach()

@@ -1,0 +1,175 @@
+"""Episodic evaluation: mean accuracy over fixed N-way K-shot episodes with a 95% confidence
+interval (``1.96 * std / sqrt(n)``), deterministic for a seed.
+
+The method contract makes this fast: ``embed()`` does not depend on the support set, so every
+image the episodes use is embedded once (in eval mode) and each episode only runs
+``fit()`` + the predictor on cached features. MAML's ``fit()`` runs its inner loop, so it is
+called with gradients enabled.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from fewshot_studio.data.preprocess import Preprocess
+from fewshot_studio.data.sampler import Episode, EpisodeSampler
+from fewshot_studio.models.base import FewShotClassifier
+from fewshot_studio.progress import Progress
+
+# Embed every image the episodes use up front when the features fit in this many bytes;
+# otherwise embed per episode.
+FEATURE_CACHE_BYTES = 1 << 30
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """Mean episode accuracy (fraction in [0, 1]) and its 95% CI half-width
+    (``1.96 * std / sqrt(n)``, population std over episodes), ``n`` episodes, and every
+    episode's accuracy."""
+
+    accuracy: float
+    ci95: float
+    n: int
+    per_episode: list[float] = field(default_factory=list)
+    way: int = 0
+    shot: int = 0
+    query: int = 0
+    seed: int = 0
+
+    def __str__(self) -> str:
+        return (f"accuracy: {100 * self.accuracy:.2f}% +- {100 * self.ci95:.2f}% "
+                f"(95% CI, {self.n} episodes)")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The summary stored in a checkpoint's evaluation metadata (no per-episode list)."""
+        return {"accuracy": self.accuracy, "ci95": self.ci95, "episodes": self.n,
+                "way": self.way, "shot": self.shot, "query": self.query, "seed": self.seed}
+
+
+def confidence_interval(accuracies: Sequence[float]) -> tuple[float, float]:
+    """``(mean, 1.96 * std / sqrt(n))`` of per-episode accuracies (std with ``ddof=0``)."""
+    a = np.asarray(accuracies, dtype=np.float64)
+    if a.size == 0:
+        return float("nan"), float("nan")
+    return float(a.mean()), float(1.96 * a.std() / math.sqrt(a.size))
+
+
+def default_query(shot: int, min_images_per_class: int, cap: int = 15) -> int:
+    """Queries per class for evaluation: ``cap`` (15), or what the smallest class has left
+    after the shots (Omniglot's 20 drawings: 15 for K <= 5, ``20 - K`` beyond)."""
+    return max(1, min(cap, min_images_per_class - shot))
+
+
+def fit_needs_grad(model: FewShotClassifier) -> bool:
+    """Whether ``fit()`` differentiates (MAML's inner loop). Methods say so with a
+    ``fit_needs_grad`` attribute; by default gradients are enabled only when some parameter
+    outside the backbone requires them and the method is not known to be closed-form."""
+    flag = getattr(model, "fit_needs_grad", None)
+    if flag is not None:
+        return bool(flag)
+    return model.method_name == "maml"
+
+
+def _normalize(x_uint8: Tensor, pre: Preprocess) -> Tensor:
+    """``(B, C, H, W)`` uint8 -> float normalised by ``pre.mean``/``pre.std``."""
+    x = x_uint8.float().div_(255.0)
+    c = x.shape[1]
+    mean = torch.tensor(pre.mean, dtype=x.dtype, device=x.device)
+    std = torch.tensor(pre.std, dtype=x.dtype, device=x.device)
+    if mean.numel() == 1 and c > 1:
+        mean, std = mean.expand(c), std.expand(c)
+    return (x - mean.view(1, c, 1, 1)) / std.view(1, c, 1, 1)
+
+
+@torch.no_grad()
+def embed_all(model: FewShotClassifier, images: Tensor, pre: Preprocess,
+              device: torch.device, batch_size: int = 256) -> Tensor:
+    """``(N, C, H, W)`` uint8 images -> ``(N, *feature_shape)`` features on ``device``."""
+    out = []
+    for i in range(0, images.shape[0], batch_size):
+        x = _normalize(images[i:i + batch_size].to(device, non_blocking=True), pre)
+        out.append(model.embed(x))
+    return torch.cat(out)
+
+
+def episode_accuracy(model: FewShotClassifier, support_feats: Tensor, support_labels: Tensor,
+                     query_feats: Tensor, query_labels: Tensor, n_way: int,
+                     needs_grad: bool) -> float:
+    """Fit on ``(n_s, *f)`` support features and score ``(n_q, *f)`` queries -> accuracy."""
+    with torch.enable_grad() if needs_grad else torch.no_grad():
+        predictor = model.fit(support_feats, support_labels, n_way)
+        logits = predictor(query_feats)
+    return float((logits.detach().argmax(-1) == query_labels).float().mean().item())
+
+
+def evaluate_iter(model: FewShotClassifier, images: Any, preprocess: Preprocess, way: int,
+                  shot: int, query: int | None, episodes: int, seed: int = 0,
+                  device: str | torch.device = "cpu") -> Iterator[Progress]:
+    """Like :func:`evaluate`, as a generator of :class:`Progress`; the last one's
+    ``payload`` is the :class:`EvalResult`."""
+    device = torch.device(device)
+    data: Tensor = images.images
+    targets = images.targets.cpu()
+    names = list(getattr(images, "class_names", []) or [])
+    if query is None:
+        counts = torch.bincount(targets)
+        query = default_query(shot, int(counts[counts > 0].min().item()))
+    sampler = EpisodeSampler(targets, way, shot, query, seed=seed, class_names=names or None)
+    eps: list[Episode] = sampler.episodes(episodes)
+    was_training = model.training
+    model.eval()
+    needs_grad = fit_needs_grad(model)
+    try:
+        used = torch.unique(torch.cat([torch.cat([e.support, e.query]) for e in eps]))
+        with torch.no_grad():
+            probe = model.embed(_normalize(data[used[:2]].to(device), preprocess))
+        feat_bytes = probe[0].numel() * probe.element_size() * used.numel()
+        cached: Tensor | None = None
+        position: Tensor | None = None
+        if feat_bytes <= FEATURE_CACHE_BYTES:
+            cached = embed_all(model, data[used.to(data.device)], preprocess, device)
+            position = torch.full((int(targets.numel()),), -1, dtype=torch.long)
+            position[used] = torch.arange(used.numel())
+        accs: list[float] = []
+        for i, ep in enumerate(eps):
+            if cached is not None and position is not None:
+                s_feat = cached[position[ep.support].to(device)]
+                q_feat = cached[position[ep.query].to(device)]
+            else:
+                idx = torch.cat([ep.support, ep.query]).to(data.device)
+                with torch.no_grad():
+                    feats = model.embed(_normalize(data[idx].to(device), preprocess))
+                s_feat, q_feat = feats[: ep.support.numel()], feats[ep.support.numel():]
+            accs.append(episode_accuracy(model, s_feat, ep.support_labels.to(device), q_feat,
+                                         ep.query_labels.to(device), way, needs_grad))
+            if (i + 1) % 10 == 0 or i + 1 == len(eps):
+                mean, _ = confidence_interval(accs)
+                yield Progress(i + 1, len(eps), metrics={"acc": mean})
+    finally:
+        model.train(was_training)
+    mean, ci = confidence_interval(accs)
+    result = EvalResult(mean, ci, len(accs), accs, way, shot, query, seed)
+    yield Progress(len(eps), len(eps), message=str(result), metrics={"acc": mean},
+                   payload=result)
+
+
+def evaluate(model: FewShotClassifier, images: Any, preprocess: Preprocess, way: int,
+             shot: int, query: int | None, episodes: int, seed: int = 0,
+             device: str | torch.device = "cpu") -> EvalResult:
+    """Mean accuracy of ``model`` over ``episodes`` fixed ``way``-way ``shot``-shot episodes
+    drawn with ``seed`` from ``images`` (an :class:`~fewshot_studio.data.datasets.
+    InMemoryImages`: uint8 ``(N, C, H, W)`` images + ``(N,)`` targets), ``query`` queries per
+    class (None: :func:`default_query`). Deterministic for a seed."""
+    result: EvalResult | None = None
+    for p in evaluate_iter(model, images, preprocess, way, shot, query, episodes, seed, device):
+        if isinstance(p.payload, EvalResult):
+            result = p.payload
+    assert result is not None
+    return result

@@ -1,0 +1,163 @@
+"""`fewshot-studio label`, `checkpoints` and `export-onnx` from the command line."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+from engine_fixtures import make_checkpoint, make_label_folders, odd_names
+
+from fewshot_studio.cli import main
+from fewshot_studio.engine.export import CSV_COLUMNS, read_csv
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    root = tmp_path_factory.mktemp("cli")
+    ckpt = make_checkpoint(root / "tiny.safetensors")
+    support, query, truth, bad = make_label_folders(root)
+    return {"root": root, "ckpt": ckpt, "support": support, "query": query, "truth": truth,
+            "bad": bad, "cache": root / "cache.sqlite"}
+
+
+def _label(env: dict, out: Path, *extra: str) -> int:
+    return main(["label", "--checkpoint", str(env["ckpt"]), "--support", str(env["support"]),
+                 "--query", str(env["query"]), "--out", str(out), "--cache", str(env["cache"]),
+                 "--unknown-threshold", "0", *extra])
+
+
+def test_label_writes_one_row_per_file(env: dict, tmp_path: Path,
+                                       capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "labels.csv"
+    assert _label(env, out, "--copy-to", str(tmp_path / "sorted"), "--device", "cpu") == 0
+    stdout = capsys.readouterr().out
+    rows = read_csv(out)
+    assert list(rows[0]) == list(CSV_COLUMNS)
+    paths = [r["path"] for r in rows]
+    expected = set(env["truth"]) | set(env["bad"]) | set(odd_names())
+    assert sorted(paths) == sorted(expected) and len(paths) == len(expected)
+    by = {r["path"]: r for r in rows}
+    for rel, reason in env["bad"].items():
+        assert by[rel]["status"] == "error" and reason in by[rel]["error"]
+    for rel, cls in env["truth"].items():
+        assert by[rel]["status"] == "ok" and by[rel]["label"] == cls
+    n_good = len(expected) - len(env["bad"])
+    assert f"labeled {n_good}, unknown 0, errors {len(env['bad'])}" in stdout
+    assert "images/s" in stdout and "backend onnxruntime (CPU)" in stdout
+    copied = {p.relative_to(tmp_path / "sorted").parts[0]
+              for p in (tmp_path / "sorted").rglob("*") if p.is_file()}
+    assert copied == {"red", "green", "blue"}
+    # second run: everything from the cache; JSON by suffix; absolute paths
+    assert _label(env, tmp_path / "labels.json", "--absolute-paths") == 0
+    assert "embedded 0," in capsys.readouterr().out
+    doc = json.loads((tmp_path / "labels.json").read_text(encoding="utf-8"))
+    assert [r["path"] for r in doc["rows"]] == [str(env["query"] / p) for p in paths]
+
+
+def test_threshold_and_no_recursive(env: dict, tmp_path: Path) -> None:
+    out = tmp_path / "l.csv"
+    assert _label(env, out, "--no-recursive", "--unknown-threshold", "0.99",
+                  "--format", "csv", "--device", "cpu") == 0
+    rows = read_csv(out)
+    assert all("/" not in r["path"] for r in rows)
+    assert {r["status"] for r in rows} == {"unknown", "error"}
+
+
+@pytest.mark.parametrize("case", ["one_class", "empty_class", "missing_query",
+                                  "missing_support", "unwritable_out", "out_is_dir",
+                                  "bad_checkpoint", "unreadable_class", "no_cuda"])
+def test_bad_input_is_one_line_exit_2(env: dict, tmp_path: Path, case: str,
+                                      capsys: pytest.CaptureFixture[str]) -> None:
+    support, query, out = env["support"], env["query"], tmp_path / "l.csv"
+    ckpt = str(env["ckpt"])
+    extra: list[str] = []
+    if case == "one_class":
+        support = tmp_path / "s"
+        (support / "only").mkdir(parents=True)
+        (support / "only" / "a.png").write_bytes((env["support"] / "red" / "0.png").read_bytes())
+        match = "at least 2 classes"
+    elif case == "empty_class":
+        support = tmp_path / "s"
+        for c in ("red", "none"):
+            (support / c).mkdir(parents=True)
+        (support / "red" / "a.png").write_bytes((env["support"] / "red" / "0.png").read_bytes())
+        (support / "none" / "readme.txt").write_text("no images")
+        match = "'none' has no image files"
+    elif case == "unreadable_class":
+        support = tmp_path / "s"
+        for c in ("red", "junk"):
+            (support / c).mkdir(parents=True)
+        (support / "red" / "a.png").write_bytes((env["support"] / "red" / "0.png").read_bytes())
+        (support / "junk" / "a.jpg").write_bytes(b"")
+        match = "'junk' has no readable"
+    elif case == "missing_query":
+        query = tmp_path / "nope"
+        match = "query folder not found"
+    elif case == "missing_support":
+        support = tmp_path / "nope"
+        match = "support folder not found"
+    elif case == "unwritable_out":
+        out = tmp_path / "no" / "such" / "l.csv"
+        match = "does not exist"
+    elif case == "out_is_dir":
+        out = tmp_path
+        match = "is a folder"
+    elif case == "no_cuda":
+        from fewshot_studio.engine.backends import onnxruntime_providers, torch_cuda_works
+
+        if torch_cuda_works() or "CUDAExecutionProvider" in onnxruntime_providers():
+            pytest.skip("CUDA works here")
+        extra = ["--device", "cuda"]
+        match = "no working CUDA"
+    else:
+        ckpt = str(tmp_path / "model.safetensors")
+        Path(ckpt).write_bytes(b"garbage")
+        match = "not a FewShot Studio checkpoint"
+    rc = main(["label", "--checkpoint", ckpt, "--support", str(support), "--query", str(query),
+               "--out", str(out), "--cache", str(tmp_path / "c.sqlite"), *extra])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2
+    assert err[-1].startswith("error: ") and match in err[-1]
+    assert "Traceback" not in "\n".join(err)
+    assert not (out.is_file())
+
+
+def test_checkpoints_command(env: dict, capsys: pytest.CaptureFixture[str],
+                             monkeypatch: pytest.MonkeyPatch) -> None:
+    assert main(["checkpoints", str(env["ckpt"])]) == 0
+    out = capsys.readouterr().out
+    assert "tiny" in out and "protonet" in out and "conv4" in out and "32px RGB" in out
+    assert "test 5w1s 50.0±1.0%" in out
+    folder = env["root"] / "bundled"
+    folder.mkdir(exist_ok=True)
+    make_checkpoint(folder / "demo-net.safetensors")
+    monkeypatch.setattr("fewshot_studio.paths.checkpoints_dir", lambda: folder)
+    assert main(["checkpoints"]) == 0
+    assert "demo-net" in capsys.readouterr().out
+
+
+def test_export_onnx_command(env: dict, tmp_path: Path,
+                             capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "model.onnx"
+    assert main(["export-onnx", "--checkpoint", str(env["ckpt"]), "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert out.is_file() and "max abs difference vs torch" in text and "ok" in text
+    assert main(["export-onnx", "--checkpoint", str(env["ckpt"]), "--out", str(out),
+                 "--tolerance", "-1"]) == 1
+    assert not out.exists()
+
+
+def test_move_to(env: dict, tmp_path: Path) -> None:
+    src = tmp_path / "q"
+    src.mkdir()
+    for rel in ("red_0.jpg", "blue_0.jpg", "fake.jpg"):
+        (src / rel).write_bytes((env["query"] / rel).read_bytes())
+    rc = main(["label", "--checkpoint", str(env["ckpt"]), "--support", str(env["support"]),
+               "--query", str(src), "--out", str(tmp_path / "l.csv"), "--cache",
+               str(env["cache"]), "--unknown-threshold", "0", "--move-to", str(tmp_path / "m")])
+    assert rc == 0
+    assert sorted(os.listdir(src)) == ["fake.jpg"]
+    assert (tmp_path / "m" / "red" / "red_0.jpg").is_file()
+    assert (tmp_path / "m" / "blue" / "blue_0.jpg").is_file()

@@ -1,0 +1,260 @@
+"""GUI building blocks: the generator worker, lazy thumbnails, project files, autosave,
+recent projects, the exception hook, closing with unsaved changes, and the demo screenshot."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("pytestqt")
+
+from _gui_helpers import make_image, tiny_checkpoint
+from PySide6.QtGui import QImage
+
+from fewshot_studio.engine.api import LabelSettings
+from fewshot_studio.gui import project_io as pio
+from fewshot_studio.gui.thumbnails import ThumbnailCache
+from fewshot_studio.gui.workers import GeneratorWorker, function_worker
+
+
+def test_generator_worker_yields_finishes_and_runs_off_thread(qtbot) -> None:
+    seen, threads = [], []
+
+    def gen(n: int) -> Iterator[int]:
+        threads.append(threading.get_ident())
+        yield from range(n)
+        return "done"
+
+    w = GeneratorWorker(gen, 4)
+    w.yielded.connect(seen.append)
+    with qtbot.waitSignal(w.finished, timeout=5000) as sig:
+        w.start()
+    assert sig.args == ["done"] and seen == [0, 1, 2, 3]
+    assert threads[0] != threading.main_thread().ident == threading.get_ident()
+
+
+def test_generator_worker_cancel_closes_the_generator(qtbot) -> None:
+    closed = threading.Event()
+    gate = threading.Event()
+
+    def gen() -> Iterator[int]:
+        try:
+            i = 0
+            while True:
+                gate.wait(5)
+                yield i
+                i += 1
+        finally:
+            closed.set()
+
+    w = GeneratorWorker(gen)
+    finished = []
+    w.finished.connect(finished.append)
+    with qtbot.waitSignal(w.signals.cancelled, timeout=5000):
+        w.start()
+        qtbot.wait(50)
+        w.cancel()
+        gate.set()
+    assert closed.wait(2) and not finished
+
+
+def test_function_worker_reports_errors(qtbot) -> None:
+    def boom() -> None:
+        raise ValueError("nope")
+
+    w = function_worker(boom)
+    with qtbot.waitSignal(w.errored, timeout=5000) as sig:
+        w.start()
+    assert isinstance(sig.args[0], ValueError)
+
+
+def test_thumbnails_load_lazily_and_mark_errors(qtbot, tmp_path: Path) -> None:
+    good = make_image(tmp_path / "g.jpg", (10, 200, 10), 0, size=300)
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"\xff\xd8 truncated")
+    cache = ThumbnailCache(size=64, capacity=1)
+    assert cache.get(good) is None  # not yet: queued
+    with qtbot.waitSignal(cache.ready, timeout=5000):
+        pass
+    pm = cache.get(good)
+    assert pm is not None and max(pm.width(), pm.height()) == 64
+    assert cache.get(bad) is None
+    qtbot.waitUntil(lambda: cache.error(bad) is not None, timeout=5000)
+    assert cache.get(bad) is None and cache.decoded == 2  # an error is not retried
+    other = make_image(tmp_path / "o.png", (1, 1, 1), 1)
+    cache.get(other)
+    qtbot.waitUntil(lambda: cache.get(other) is not None, timeout=5000)
+    assert str(good) not in cache._cache  # LRU capacity 1
+
+
+def test_project_file_round_trip_relative_paths(tmp_path: Path) -> None:
+    folder = tmp_path / "proj"
+    ex = make_image(folder / "examples" / "a.png", (1, 2, 3), 0)
+    outside = make_image(tmp_path / "elsewhere" / "b.png", (4, 5, 6), 1)
+    q = folder / "queries"
+    q.mkdir()
+    p = pio.Project(classes=[pio.ClassSpec("A", "#111111", [ex, outside]),
+                             pio.ClassSpec("B", "#222222", [])],
+                    query_folder=q, corrections={q / "x.png": "B"}, checkpoint="tiny",
+                    settings=LabelSettings(unknown_threshold=0.3, transductive=True))
+    saved = pio.save_project(p, folder / "mine")
+    assert saved.path == folder / "mine.fsproj"
+    text = saved.path.read_text()
+    assert '"examples/a.png"' in text and str(outside) in text
+    moved = tmp_path / "moved"
+    folder.rename(moved)
+    back = pio.load_project(moved / "mine.fsproj")
+    assert back.classes[0].examples == [moved / "examples" / "a.png", outside]
+    assert back.query_folder == moved / "queries"
+    assert back.corrections == {moved / "queries" / "x.png": "B"}
+    assert back.settings == p.settings and back.checkpoint == "tiny"
+    assert pio.cache_path_for(back.path) == moved / "mine.embeddings.sqlite"
+    with pytest.raises(pio.UserError):
+        pio.load_project(tmp_path / "nope.fsproj")
+    (tmp_path / "junk.fsproj").write_text("[1, 2]")
+    with pytest.raises(pio.UserError):
+        pio.load_project(tmp_path / "junk.fsproj")
+
+
+def test_autosave_and_recent(tmp_path: Path) -> None:
+    proj = pio.save_project(pio.Project(checkpoint="x"), tmp_path / "p.fsproj")
+    assert pio.find_autosave(proj.path) is None
+    changed = pio.Project(classes=[pio.ClassSpec("new", "#000000")], path=proj.path)
+    a = pio.write_autosave(changed)
+    import os
+
+    os.utime(a, (proj.path.stat().st_mtime + 5,) * 2)
+    assert pio.find_autosave(proj.path) == a
+    rec = pio.load_autosave(a)
+    assert rec.class_names() == ["new"] and rec.path == proj.path
+    pio.discard_autosave(proj.path)
+    assert pio.find_autosave(proj.path) is None
+    recent = pio.RecentProjects(tmp_path / "recent.json", limit=2)
+    others = [pio.save_project(pio.Project(), tmp_path / f"r{i}").path for i in range(3)]
+    for o in others:
+        recent.add(o)
+    assert recent.list() == [others[2], others[1]]
+    others[2].unlink()
+    assert recent.list() == [others[1]]
+
+
+def test_excepthook_logs_and_shows(tmp_path: Path) -> None:
+    from fewshot_studio.gui import excepthook
+
+    shown = []
+    log_path = excepthook.setup_logging()
+    prev = excepthook.install(lambda *a: shown.append(a))
+    try:
+        try:
+            raise RuntimeError("kaboom")
+        except RuntimeError:
+            sys.excepthook(*sys.exc_info())
+    finally:
+        sys.excepthook = prev
+    for h in logging.getLogger("fewshot_studio").handlers:
+        h.flush()
+    assert shown and shown[0][1] == "RuntimeError: kaboom" and "Traceback" in shown[0][2]
+    assert log_path is not None and "kaboom" in log_path.read_text()
+
+
+def test_close_with_unsaved_changes_asks(qtbot) -> None:
+    from fewshot_studio.gui.main_window import MainWindow
+
+    w = MainWindow(restore_state=False)
+    qtbot.addWidget(w)
+    w.show()
+    w.classes_ctl.add_class("x")
+    asked = []
+    w.ask_unsaved = lambda: asked.append(1) or "cancel"
+    assert not w.close() and w.isVisible() and asked
+    w.ask_unsaved = lambda: "discard"
+    assert w.close()
+
+
+def test_demo_screenshot(qtbot, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--demo --screenshot``: labels the bundled demo and writes a PNG (the tiny checkpoint
+    stands in for the bundled one)."""
+    from fewshot_studio import paths
+    from fewshot_studio.gui import app as gui_app
+    from fewshot_studio.gui.controllers import project as project_ctl
+
+    ck = tiny_checkpoint(tmp_path / "tiny.safetensors")
+    monkeypatch.setattr(paths, "bundled_checkpoints", lambda: {"tiny": ck})
+    monkeypatch.setattr(project_ctl.app_paths, "bundled_checkpoints", lambda: {"tiny": ck})
+    out = tmp_path / "shot.png"
+    code = gui_app.run_app(argparse.Namespace(demo=True, screenshot=str(out), project=None))
+    assert code == 0
+    img = QImage(str(out))
+    assert img.width() >= 1000 and img.height() >= 600
+    assert len(list(pio.load_demo_project().query_folder.glob("*.jpg"))) >= 60
+
+
+class _SlowSession:
+    """A fake engine whose run streams slowly, for cancelling."""
+
+    def __init__(self, checkpoint: str, settings: LabelSettings, cache_path: Path | None) -> None:
+        from fewshot_studio.engine.api import BackendInfo
+
+        self.settings, self.backend = settings, BackendInfo("torch", "cpu")
+        self.closed_run = threading.Event()
+
+    def set_support(self, classes: dict) -> None:
+        self.names = list(classes)
+
+    def run(self, paths: list[Path]) -> Iterator:
+        import time
+
+        from fewshot_studio.engine.api import Prediction, Status
+        from fewshot_studio.progress import Progress
+
+        try:
+            for i, p in enumerate(paths):
+                time.sleep(0.05)
+                yield Progress(i + 1, len(paths), "", payload=[
+                    Prediction(p, self.names[0], 0.9, 0.5, Status.OK, ((self.names[0], 0.9),))])
+        finally:
+            self.closed_run.set()
+
+    def corrections(self) -> dict:
+        return {}
+
+    def predictions(self) -> list:
+        return []
+
+    def close(self) -> None:
+        pass
+
+
+def test_cancel_labeling_and_autosave(qtbot, tmp_path: Path) -> None:
+    from fewshot_studio.gui.main_window import MainWindow
+
+    imgs = [make_image(tmp_path / "q" / f"{i}.png", (i, i, i), i) for i in range(40)]
+    w = MainWindow(session_factory=_SlowSession, restore_state=False)
+    qtbot.addWidget(w)
+    w.show_error = lambda *a: pytest.fail(f"error dialog: {a}")
+    w.ask_unsaved = lambda: "discard"
+    w.project.apply(pio.Project(classes=[pio.ClassSpec("a", "#111111", imgs[:1]),
+                                         pio.ClassSpec("b", "#222222", imgs[1:2])],
+                                query_folder=tmp_path / "q", checkpoint="fake"))
+    qtbot.waitUntil(lambda: w.gallery_model.rowCount() == 40, timeout=5000)
+    w.label()
+    assert w.labeling.busy and not w.acts.label.isEnabled() and w.acts.cancel.isEnabled()
+    qtbot.waitUntil(lambda: w.gallery_model.labeled_count() >= 2, timeout=5000)  # streaming
+    with qtbot.waitSignal(w.labeling.run_cancelled, timeout=5000):
+        w.acts.cancel.trigger()  # Esc
+    qtbot.waitUntil(lambda: not w.labeling.busy, timeout=5000)
+    assert w.labeling._session.closed_run.is_set()  # the engine's generator was closed
+    assert w.gallery_model.labeled_count() < 40 and w.acts.label.isEnabled()
+    assert not w.labeling.labeled
+    # autosave writes a recovery file only when there are unsaved changes
+    assert w.project.autosave() is None
+    w.classes_ctl.add_class("c")
+    rec = w.project.autosave()
+    assert rec is not None and pio.load_autosave(rec).class_names() == ["a", "b", "c"]
+    w.close()
