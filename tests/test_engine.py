@@ -303,3 +303,19 @@ def test_fast_protonet_scorer_equals_the_model(env: dict, tmp_path: Path, scale:
         assert fast.__name__ == "fast"
         expected = torch.softmax(predictor(query), dim=-1)
         torch.testing.assert_close(fast(query), expected, atol=1e-5, rtol=1e-4)
+
+
+def test_settings_change_after_new_support_relabels(env: dict, tmp_path: Path) -> None:
+    q = env["query"]
+    queries = [p for p in LabelingSession.scan_queries(q) if _rel(p, q) in env["truth"]]
+    with _session(env, cache=_cache(env, tmp_path)) as s:
+        _run(s, queries)
+        s.set_support({"red": env["support"]["red"], "blue": env["support"]["blue"]})
+        preds = s.set_settings(replace(s.settings, unknown_threshold=0.01))
+        assert all(len(p.top) == 2 and p.top[0][0] in ("red", "blue") for p in preds)
+        s.set_support(env["support"])
+        again = s.set_settings(replace(s.settings, unknown_threshold=0.0))
+        assert [p.label for p in again] == [env["truth"][_rel(p.path, q)] for p in again]
+        cheap = s.set_settings(replace(s.settings, unknown_threshold=1.01))  # stored top-k
+        assert [p.top for p in cheap] == [p.top for p in again]
+        assert all(p.status == Status.UNKNOWN for p in cheap)

@@ -203,6 +203,8 @@ class _SlowSession:
 
         self.settings, self.backend = settings, BackendInfo("torch", "cpu")
         self.closed_run = threading.Event()
+        self.delay = 0.05
+        self.corrected: dict = {}
 
     def set_support(self, classes: dict) -> None:
         self.names = list(classes)
@@ -215,14 +217,22 @@ class _SlowSession:
 
         try:
             for i, p in enumerate(paths):
-                time.sleep(0.05)
+                time.sleep(self.delay)
                 yield Progress(i + 1, len(paths), "", payload=[
                     Prediction(p, self.names[0], 0.9, 0.5, Status.OK, ((self.names[0], 0.9),))])
         finally:
             self.closed_run.set()
 
     def corrections(self) -> dict:
-        return {}
+        return dict(self.corrected)
+
+    def correct(self, paths: list[Path], label: str | None) -> list:
+        for p in paths:
+            self.corrected[p] = label
+        return []
+
+    def relabel(self) -> list:
+        return []
 
     def predictions(self) -> list:
         return []
@@ -258,3 +268,65 @@ def test_cancel_labeling_and_autosave(qtbot, tmp_path: Path) -> None:
     rec = w.project.autosave()
     assert rec is not None and pio.load_autosave(rec).class_names() == ["a", "b", "c"]
     w.close()
+
+
+def test_edits_during_a_run_reach_the_engine_after_it(qtbot, tmp_path: Path) -> None:
+    from fewshot_studio.gui.main_window import MainWindow
+
+    imgs = [make_image(tmp_path / "q" / f"{i}.png", (i, i, i), i) for i in range(12)]
+    w = MainWindow(session_factory=_SlowSession, restore_state=False)
+    qtbot.addWidget(w)
+    w.show_error = lambda *a: pytest.fail(f"error dialog: {a}")
+    w.ask_unsaved = lambda: "discard"
+    w.project.apply(pio.Project(classes=[pio.ClassSpec("a", "#111111", imgs[:1]),
+                                         pio.ClassSpec("b", "#222222", imgs[1:2])],
+                                query_folder=tmp_path / "q", checkpoint="fake"))
+    qtbot.waitUntil(lambda: w.gallery_model.rowCount() == 12, timeout=5000)
+    with qtbot.waitSignal(w.labeling.run_finished, timeout=10_000):
+        w.label()
+        qtbot.waitUntil(lambda: w.gallery_model.labeled_count() >= 1, timeout=5000)
+        target = w.gallery_model.paths()[5]
+        w.correct_paths([target], 1)  # while the run goes on
+    session = w.labeling._session
+    qtbot.waitUntil(lambda: session.corrected.get(target) == "b", timeout=5000)
+    w.close()
+
+
+def test_tiles_mark_unknown_corrected_and_error_distinctly(qtbot, tmp_path: Path) -> None:
+    from PySide6.QtGui import QColor, QPainter
+
+    from fewshot_studio.engine.api import Prediction, Status
+    from fewshot_studio.gui.views.gallery import TILE, TileDelegate
+
+    d = TileDelegate()
+    path = str(tmp_path / "x.jpg")
+    top = (("cat", 0.3), ("dog", 0.2))
+    preds = {
+        "none": None,
+        "ok": Prediction(Path(path), "cat", 0.8, 0.5, Status.OK, top),
+        "unknown": Prediction(Path(path), None, 0.3, 0.1, Status.UNKNOWN, top),
+        "corrected": Prediction(Path(path), "cat", 1.0, 1.0, Status.OK, top, "", True),
+        "error": Prediction(Path(path), None, 0.0, 0.0, Status.ERROR, (), "truncated"),
+    }
+    images = {}
+    for name, pred in preds.items():
+        img = QImage(TILE, QImage.Format.Format_ARGB32)
+        img.fill(0)
+        p = QPainter(img)
+        d._render(p, path, pred, None, pred.error if pred else "", QColor("#2563eb"),
+                  False, False)
+        p.end()
+        images[name] = img
+    names = list(images)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            assert images[a] != images[b], f"{a} and {b} tiles look the same"
+
+    def count(img: QImage, rgb: tuple[int, int, int]) -> int:
+        return sum(img.pixelColor(x, y).getRgb()[:3] == rgb
+                   for x in range(0, img.width(), 2) for y in range(0, img.height(), 2))
+
+    assert count(images["error"], (0xdc, 0x26, 0x26)) > 20  # red error badge
+    assert count(images["corrected"], (0x16, 0xa3, 0x4a)) > 20  # green check
+    assert count(images["ok"], (0x25, 0x63, 0xeb)) > 20  # class-coloured badge
+    assert count(images["unknown"], (0x25, 0x63, 0xeb)) == 0  # no class colour when unknown

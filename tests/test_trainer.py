@@ -106,7 +106,7 @@ def test_closing_leaves_resumable_checkpoint_and_resume_continues_exactly(
             break
     gen.close()  # the GUI's cancel
     tensors, meta = load_train_state(tmp_path / "part" / RESUME)
-    assert meta["step"] == 27
+    assert meta["step"] == 27 and meta["best_val"]["episodes"] == 60  # validated at 20
     assert any(k.startswith("optim.") for k in tensors)
     assert load_checkpoint(tmp_path / "part" / LAST).training["step"] == 27
     assert (tmp_path / "part" / BEST).is_file()
@@ -114,8 +114,10 @@ def test_closing_leaves_resumable_checkpoint_and_resume_continues_exactly(
     with pytest.raises(UserError, match="--resume"):
         next(iter(train(part)))  # never silently overwrites a run
 
-    steps = [p.done for p in train(part, resume=True)]
-    assert steps[1] == 28 and steps[-1] == 40  # (steps[0] is the "loading data" report)
+    progress = list(train(part, resume=True))
+    steps = [p.done for p in progress]
+    assert steps[:2] == [27, 28] and steps[-1] == 40  # 27: the "loading data" report
+    assert progress[-1].payload.best_val is not None
     a, b = weights(tmp_path / "full" / LAST), weights(tmp_path / "part" / LAST)
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)

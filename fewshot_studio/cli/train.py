@@ -103,7 +103,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     r = p.add_argument_group("run")
     r.add_argument("--out", default=d.out, help="run directory (default %(default)s)")
     r.add_argument("--resume", action="store_true",
-                   help="continue the run in --out from its last checkpoint")
+                   help="continue the run in --out from its last checkpoint, with the "
+                        "run's stored settings (only --episodes, --device and --time-limit "
+                        "apply)")
     r.add_argument("--seed", type=int, default=d.seed)
     r.add_argument("--device", choices=DEVICES, default=d.device)
     r.add_argument("--amp", action="store_true", help="bfloat16 autocast on CUDA")

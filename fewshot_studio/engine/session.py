@@ -95,6 +95,9 @@ class _QueryStore:
         self.done = np.zeros(self.n, dtype=bool)
         self.errors: dict[int, str] = {}
         self._tensor: torch.Tensor | None = None
+        # last head output per row: top-k probabilities and class indices (n, k)
+        self.top_p: np.ndarray | None = None
+        self.top_i: np.ndarray | None = None
 
     def put(self, i: int, feature: np.ndarray | str) -> None:
         self.done[i] = True
@@ -187,6 +190,7 @@ class LabelingSession:
         self._corrected_feats: dict[Path, np.ndarray] = {}
         self._store = _QueryStore([])
         self._preds: list[Prediction | None] = []
+        self._support_dirty = False
 
     # -- backend ---------------------------------------------------------------------------
     def _expected_backend(self) -> BackendInfo:
@@ -236,6 +240,7 @@ class LabelingSession:
             support[name] = [_abs(p) for p in paths]
         self._support = support
         self.class_names = list(support)
+        self._support_dirty = True  # predictions are stale until relabel()/run()
 
     def support(self) -> dict[str, list[Path]]:
         """The current support per class, including corrected query images that joined it."""
@@ -494,7 +499,7 @@ class LabelingSession:
 
         return generic
 
-    def _predict_range(self, predictor: Callable[[torch.Tensor], torch.Tensor],
+    def _predict_range(self, predictor: Callable[[torch.Tensor], torch.Tensor] | None,
                        start: int, stop: int) -> None:
         """Recompute ``self._preds`` for the processed queries in ``[start, stop)``.
         The cyclic GC is paused meanwhile: tens of thousands of new acyclic objects would
@@ -519,8 +524,9 @@ class LabelingSession:
         d = max(1, int(np.prod(self._store.feature_shape or (1,))))
         return int(max(32, min(_HEAD_CHUNK, (64 << 20) // (4 * d * max(1, len(self.class_names))))))
 
-    def _predict_range_unpaused(self, predictor: Callable[[torch.Tensor], torch.Tensor],
+    def _predict_range_unpaused(self, predictor: Callable[[torch.Tensor], torch.Tensor] | None,
                                 start: int, stop: int) -> None:
+        """``predictor=None``: reuse the stored top-k (a new threshold needs no head)."""
         st = self._store
         names = self.class_names
         thr = float(self.settings.unknown_threshold)
@@ -529,9 +535,13 @@ class LabelingSession:
         preds = self._preds
         paths = st.paths
         k = min(3, len(names))
-        score = self.scorer(predictor)
+        score = self.scorer(predictor) if predictor is not None else None
         names_arr = np.array(names, dtype=object)
-        chunk = self._head_chunk(score)
+        chunk = self._head_chunk(score) if score is not None else _HEAD_CHUNK
+        if st.top_p is None or st.top_p.shape[1] != k:
+            st.top_p = np.zeros((st.n, k), np.float32)
+            st.top_i = np.zeros((st.n, k), np.int64)
+        assert st.top_i is not None
         ok_, unknown_, error_ = Status.OK, Status.UNKNOWN, Status.ERROR
         for c0 in range(start, stop, chunk):
             c1 = min(stop, c0 + chunk)
@@ -539,12 +549,13 @@ class LabelingSession:
             done = st.done[c0:c1].tolist()
             tops: list[tuple[tuple[str, float], ...]] = []
             if any(valid):
-                with torch.no_grad(), self._head_threads():
-                    top_p, top_i = score(st.block(c0, c1)).topk(k, dim=1)
-                tp = top_p.numpy()
+                if score is not None:
+                    with torch.no_grad(), self._head_threads():
+                        top_p, top_i = score(st.block(c0, c1)).topk(k, dim=1)
+                    st.top_p[c0:c1], st.top_i[c0:c1] = top_p.numpy(), top_i.numpy()
                 # numpy's tolist is faster than torch's; top-k pairs built by zip
-                tops = list(map(tuple, map(zip, names_arr[top_i.numpy()].tolist(),
-                                           tp.tolist())))
+                tops = list(map(tuple, map(zip, names_arr[st.top_i[c0:c1]].tolist(),
+                                           st.top_p[c0:c1].tolist())))
             for j, (path, is_done, is_valid) in enumerate(zip(paths[c0:c1], done, valid,
                                                               strict=True)):
                 if not is_done:
@@ -573,6 +584,7 @@ class LabelingSession:
         if st.done.any():
             refine = np.flatnonzero(st.valid) if self.settings.transductive else None
             self._predict_range(self._predictor(refine), 0, st.n)
+        self._support_dirty = False
         self.counters.relabels += 1
         return self.predictions()
 
@@ -592,6 +604,7 @@ class LabelingSession:
         self._store = _QueryStore(paths)
         self._preds = [None] * total
         predictor = self._predictor()
+        self._support_dirty = False
         base_corrected = {p for p in self._corrections if p in self._corrected_feats}
         done = 0
         stream = self._embed_stream(paths)
@@ -636,6 +649,13 @@ class LabelingSession:
             self._backend = None
             self.backend = self._expected_backend()
         if not self._store.done.any():
+            return self.predictions()
+        if not self._support_dirty and replace(
+                settings, unknown_threshold=old.unknown_threshold, device=old.device,
+                batch_size=old.batch_size, recursive=old.recursive) == old:
+            # only the threshold (or embedding-side settings) changed: no head needed
+            self._predict_range(None, 0, self._store.n)
+            self.counters.relabels += 1
             return self.predictions()
         if self._support and len(self._support) >= 2:
             self._ensure_support()

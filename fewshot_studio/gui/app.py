@@ -10,7 +10,7 @@ from pathlib import Path
 
 from PySide6.QtCore import QTimer
 from PySide6.QtGui import QIcon
-from PySide6.QtWidgets import QApplication
+from PySide6.QtWidgets import QApplication, QMessageBox
 
 from fewshot_studio import __version__
 from fewshot_studio import paths as app_paths
@@ -41,6 +41,9 @@ def make_app(argv: list[str] | None = None) -> QApplication:
     app.setApplicationVersion(__version__)
     app.setWindowIcon(app_icon())
     apply_style(app)
+    # Worker threads run Python too (decoding, the engine's head); a short GIL switch
+    # interval bounds how long the UI thread can wait for the GIL (default 5 ms per hand-off).
+    sys.setswitchinterval(0.001)
     return app
 
 
@@ -107,6 +110,7 @@ class ScreenshotRun:
         self.done = True
         self.deadline.stop()
         self.out.parent.mkdir(parents=True, exist_ok=True)
+        self.win.gallery.itemDelegate().budget_s = float("inf")  # every tile in full
         ok = self.win.grab().save(str(self.out))
         if not ok:
             print(f"error: cannot write {self.out}", file=sys.stderr)
@@ -141,6 +145,10 @@ def run_app(args: argparse.Namespace) -> int:
                            "toolbar to pick a .safetensors file.")
         elif getattr(args, "project", None):
             win.project.open(Path(args.project))
+        elif (rec := win.project.recoverable(None)) is not None and QMessageBox.question(
+                win, "Recover unsaved work?", "FewShot Studio closed with unsaved changes "
+                "to an untitled project. Recover them?") == QMessageBox.StandardButton.Yes:
+            win.project.recover(rec)
     except UserError as e:
         win.report("Cannot open", str(e))
         if runner:

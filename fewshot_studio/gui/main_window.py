@@ -34,7 +34,7 @@ from fewshot_studio.gui.thumbnails import ThumbnailCache
 from fewshot_studio.gui.undo import CorrectCommand
 from fewshot_studio.gui.views.class_panel import ClassPanel
 from fewshot_studio.gui.views.detail import DetailPane
-from fewshot_studio.gui.views.gallery import GalleryView
+from fewshot_studio.gui.views.gallery import THUMB_BOX, GalleryView
 from fewshot_studio.gui.views.toolbar import MainToolBar, ReviewBar
 
 
@@ -52,7 +52,7 @@ class MainWindow(QMainWindow):
         self.ask_unsaved = self._ask_unsaved
         # -- models and controllers ----------------------------------------------------
         self.thumbs = ThumbnailCache(ui.thumbnail_px, ui.thumbnail_cache, ui.thumbnail_threads,
-                                     parent=self)
+                                     parent=self, box=THUMB_BOX)
         self.stack = QUndoStack(self)
         self.classes = ClassListModel(self)
         self.gallery_model = GalleryModel(self.thumbs, self.classes.color_of, self)
@@ -238,6 +238,9 @@ class MainWindow(QMainWindow):
         self.acts.join_support.setChecked(lab.settings.corrections_join_support)
         self.acts.transductive.setChecked(lab.settings.transductive)
         actions.fill_recent(self)
+        if self.classes.rowCount() == 0:
+            self.statusBar().showMessage(
+                "Ready: add classes with “+ Class”, then choose a folder of images to label")
 
     def _update_counts(self) -> None:
         m = self.gallery_model
@@ -256,8 +259,7 @@ class MainWindow(QMainWindow):
         self.review.set_counts(" · ".join(parts))
 
     def _update_title(self) -> None:
-        star = " •" if self.project.dirty else ""
-        self.setWindowTitle(f"{self.project.title}{star} — FewShot Studio")
+        self.setWindowTitle(f"{self.project.title}[*] — FewShot Studio")  # [*]: modified mark
         self.setWindowModified(self.project.dirty)
 
     # -- closing -------------------------------------------------------------------------------

@@ -18,21 +18,29 @@ from PIL import Image, ImageOps
 from PySide6.QtCore import QObject, QRunnable, QThreadPool, Signal
 from PySide6.QtGui import QImage, QPixmap
 
-Image.MAX_IMAGE_PIXELS = 120_000_000  # decompression-bomb guard
+from fewshot_studio.data.images import MAX_PIXELS
+from fewshot_studio.gui.workers import lower_thread_priority
 
 
-def load_qimage(path: str | Path, size: int) -> QImage:
-    """Decode ``path`` to an RGB(A) ``QImage`` whose longest side is at most ``size``.
-    Raises OSError / ValueError (Pillow's errors) for unreadable files. Thread-safe."""
+def load_qimage(path: str | Path, size: int, box: tuple[int, int] | None = None) -> QImage:
+    """Decode ``path`` to an RGB(A) ``QImage`` whose longest side is at most ``size``, or,
+    with ``box=(w, h)``, cropped to fill exactly that box (centre crop, like CSS "cover"), so
+    that painting it is a plain blit. Raises OSError / ValueError (Pillow's errors) for
+    unreadable files. Thread-safe."""
     with Image.open(path) as im:
-        im.draft("RGB", (size, size))
+        if im.width * im.height > MAX_PIXELS:  # decompression-bomb guard (header only)
+            raise ValueError(f"image too large ({im.width}x{im.height})")
+        im.draft("RGB", (size, size) if box is None else (box[0] * 2, box[1] * 2))
         im = ImageOps.exif_transpose(im)
         has_alpha = im.mode in ("RGBA", "LA", "PA") or (
             im.mode == "P" and "transparency" in im.info)
         if im.mode == "I;16" or im.mode == "I":
             im = im.point(lambda v: v / 256).convert("L")
         im = im.convert("RGBA" if has_alpha else "RGB")
-        im.thumbnail((size, size), Image.Resampling.BILINEAR)
+        if box is None:
+            im.thumbnail((size, size), Image.Resampling.BILINEAR)
+        else:
+            im = ImageOps.fit(im, box, Image.Resampling.BILINEAR)
         fmt = QImage.Format.Format_RGBA8888 if has_alpha else QImage.Format.Format_RGB888
         bpl = im.width * (4 if has_alpha else 3)
         data = im.tobytes()
@@ -51,6 +59,7 @@ class _Drain(QRunnable):
         self.owner = owner
 
     def run(self) -> None:
+        lower_thread_priority()
         o = self.owner
         while True:
             with o._lock:
@@ -59,21 +68,24 @@ class _Drain(QRunnable):
                     return
                 key = o._queue.pop()
             try:
-                img, err = load_qimage(key, o.size), ""
+                img, err = load_qimage(key, o.size, o.box), ""
             except Exception as e:
                 img, err = QImage(), f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
             o._signals.loaded.emit(key, img, err)
 
 
 class ThumbnailCache(QObject):
-    """LRU cache of ``QPixmap`` thumbnails (longest side ``size``) keyed by path string."""
+    """LRU cache of ``QPixmap`` thumbnails (longest side ``size``, or exactly ``box``) keyed
+    by path string."""
 
     ready = Signal(str)
 
     def __init__(self, size: int = 192, capacity: int = 1500, threads: int = 2,
-                 max_pending: int = 256, parent: QObject | None = None) -> None:
+                 max_pending: int = 256, parent: QObject | None = None,
+                 box: tuple[int, int] | None = None) -> None:
         super().__init__(parent)
         self.size, self.capacity, self.max_pending = size, capacity, max_pending
+        self.box = box  # (w, h): decode straight to a centre-cropped tile of that size
         self._cache: OrderedDict[str, QPixmap] = OrderedDict()
         self._errors: dict[str, str] = {}
         self._pending: set[str] = set()

@@ -8,11 +8,31 @@ Modelled on napari/superqt's ``GeneratorWorker``.
 
 from __future__ import annotations
 
+import os
+import sys
 import threading
 from collections.abc import Callable, Generator, Iterator
 from typing import Any, ClassVar
 
 from PySide6.QtCore import QObject, QRunnable, QThreadPool, Signal
+
+BACKGROUND_NICE = 5
+
+
+def lower_thread_priority(nice: int = BACKGROUND_NICE) -> bool:
+    """Make the calling thread (and threads it starts later, which inherit it: the engine's
+    decoders, ONNX Runtime's pool) yield the CPU to the UI thread. Linux nice values are per
+    thread; raising one needs no privileges. No-op (False) where unsupported."""
+    if not hasattr(os, "setpriority") or not sys.platform.startswith("linux"):
+        return False
+    try:
+        tid = threading.get_native_id()
+        current = os.getpriority(os.PRIO_PROCESS, tid)
+        if current < nice:
+            os.setpriority(os.PRIO_PROCESS, tid, nice)
+        return True
+    except OSError:
+        return False
 
 
 class WorkerSignals(QObject):
@@ -73,6 +93,7 @@ class GeneratorWorker(QRunnable):
 
     def run(self) -> None:  # in the pool thread
         self.thread_ident = threading.get_ident()
+        lower_thread_priority()
         self.is_running = True
         sig = self.signals
         try:

@@ -524,7 +524,8 @@ def _train(config: TrainConfig, resume: bool, info: distributed.DistInfo
         raise UserError(f"{run_dir} already holds a run: pass --resume to continue it, or "
                         "choose another --out")
 
-    yield Progress(0, config.episodes, message="loading data")
+    first = int(saved[1]["step"]) if saved is not None else 0
+    yield Progress(first, config.episodes, message="loading data")
     data = prepare_data(config, device)
     if data.skipped:
         listed = "; ".join(f"{m} ({why})" for m, why in data.skipped[:10])
@@ -555,6 +556,10 @@ def _train(config: TrainConfig, resume: bool, info: distributed.DistInfo
         _optimizer_from_flat(opt, tensors, meta["optimizer"])
         start = int(meta["step"])
         best_acc = float(meta.get("best_acc", -1.0))
+        if meta.get("best_val"):
+            b = meta["best_val"]
+            best_val = EvalResult(b["accuracy"], b["ci95"], b["episodes"], [], b["way"],
+                                  b["shot"], b["query"], b["seed"])
         elapsed_before = float(meta.get("elapsed_s", 0.0))
         samplers = meta.get("sampler_states", [])
         rng = tensors.get(f"rng.{info.rank}")
@@ -615,6 +620,7 @@ def _train(config: TrainConfig, resume: bool, info: distributed.DistInfo
         save_train_state(state_path, model, opt, {
             "step": step, "config": config.to_dict(), "best_acc": best_acc_box[0],
             "elapsed_s": elapsed(), "sampler_states": sampler_states,
+            "best_val": best_val.to_dict() if best_val is not None else None,
             "world_size": info.world_size,
         }, rng_states)
 
@@ -691,6 +697,7 @@ def _train(config: TrainConfig, resume: bool, info: distributed.DistInfo
             save_train_state(state_path, model, opt, {
                 "step": done, "config": config.to_dict(), "best_acc": best_acc_box[0],
                 "elapsed_s": elapsed(), "sampler_states": sampler_states,
+            "best_val": best_val.to_dict() if best_val is not None else None,
                 "world_size": info.world_size,
             }, distributed.all_gather_tensor(gen.get_state(), solo))
             if not (run_dir / BEST).exists():

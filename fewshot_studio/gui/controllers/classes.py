@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from PySide6.QtCore import QObject, Signal
@@ -176,6 +176,3 @@ class ClassesController(QObject):
         self.workers.append(w)
         del self.workers[:-20]
         return w.start()
-
-    def _iter(self) -> Iterator[int]:
-        return iter(range(self.model.rowCount()))

@@ -77,6 +77,7 @@ class LabelingController(QObject):
         self._session: Any = None  # touched only inside jobs (pool thread)
         self._session_key: tuple[str, Path | None] | None = None
         self._labeled = False  # a complete run with the current support/session
+        self._stale = False  # edits arrived during a run: relabel when it ends
         self._run: GeneratorWorker | None = None
         self._eta = EtaEstimator()
         self._relabel_timer = QTimer(self, singleShot=True, interval=250)
@@ -156,7 +157,10 @@ class LabelingController(QObject):
 
     def _scan_job(self, folder: Path, recursive: bool) -> Iterator[Progress]:
         yield Progress(0, None, f"Scanning {folder.name}…")
-        return self.scan_fn(folder, recursive)
+        paths = self.scan_fn(folder, recursive)
+        for p in paths:
+            str(p)  # pathlib caches the string: the UI thread's set_paths then costs ~nothing
+        return paths
 
     def _on_scanned(self, paths: list[Path]) -> None:
         self.gallery.set_paths(paths)
@@ -252,6 +256,9 @@ class LabelingController(QObject):
     def _on_label_done(self, preds: list[Prediction]) -> None:
         self._labeled = True
         self._apply_all(preds)
+        if self._stale:  # classes or corrections changed while the run was going
+            self._stale = False
+            self._relabel_timer.start()
         summary = {
             "labeled": sum(p.status == Status.OK for p in preds),
             "unknown": sum(p.status == Status.UNKNOWN for p in preds),
@@ -268,6 +275,9 @@ class LabelingController(QObject):
     def _on_run_done(self) -> None:
         self._run = None
         self.busy_changed.emit(False)
+        if self._stale and self._labeled:
+            self._stale = False
+            self._relabel_timer.start()
 
     # -- corrections & relabeling -----------------------------------------------------------
     def apply_corrections(self, changes: Mapping[Path, str | None]) -> None:
@@ -279,6 +289,8 @@ class LabelingController(QObject):
             else:
                 self.corrections[p] = lab
         self.corrections_changed.emit()
+        if self._run is not None:
+            self._stale = True
         if self._labeled:
             self._job(self._correct_job, dict(changes), on_done=self._apply_all)
             self._show_local(changes)  # instant feedback; the worker's result follows
@@ -314,7 +326,9 @@ class LabelingController(QObject):
         yield
 
     def _on_support_changed(self) -> None:
-        if self._labeled:
+        if self._run is not None:
+            self._stale = True
+        elif self._labeled:
             self._relabel_timer.start()
 
     def _relabel(self) -> None:

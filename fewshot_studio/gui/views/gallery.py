@@ -5,9 +5,23 @@ corrected (green check) and error (red badge, reason in the tooltip)."""
 
 from __future__ import annotations
 
+import time
+from collections import OrderedDict
 from pathlib import Path
 
-from PySide6.QtCore import QMimeData, QModelIndex, QPoint, QRect, QRectF, QSize, Qt, QUrl, Signal
+from PySide6.QtCore import (
+    QMimeData,
+    QModelIndex,
+    QPoint,
+    QPointF,
+    QRect,
+    QRectF,
+    QSize,
+    Qt,
+    QTimer,
+    QUrl,
+    Signal,
+)
 from PySide6.QtGui import (
     QBrush,
     QColor,
@@ -28,11 +42,13 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
+from fewshot_studio.engine.api import Prediction
 from fewshot_studio.gui.models.gallery import Role
 from fewshot_studio.gui.views.class_panel import QUERY_MIME, local_paths
 
 TILE = QSize(172, 204)
 THUMB_H = 132
+THUMB_BOX = (TILE.width() - 20, THUMB_H)  # the thumbnail area of a tile, in px
 ACCENT = QColor("#2563eb")
 MUTED = QColor("#6b7280")
 ERROR = QColor("#dc2626")
@@ -56,27 +72,73 @@ def _pill(p: QPainter, rect: QRectF, fill: QColor | None, text: str, fg: QColor,
 
 
 class TileDelegate(QStyledItemDelegate):
-    def __init__(self, parent: QWidget | None = None) -> None:
+    """Paints tiles from an LRU cache of rendered tile pixmaps: a tile is drawn in Python only
+    when its content changes (prediction, thumbnail, colour, selection, hover); every other
+    repaint is one ``drawPixmap``."""
+
+    def __init__(self, parent: QWidget | None = None, capacity: int = 400) -> None:
         super().__init__(parent)
         self.badge_font = QFont()
         self.badge_font.setPointSizeF(8.5)
         self.badge_font.setBold(True)
         self.small_font = QFont()
         self.small_font.setPointSizeF(8)
+        self.fm = QFontMetrics(self.small_font)
+        self.bfm = QFontMetrics(self.badge_font)
+        self.capacity = capacity
+        self._cache: OrderedDict[tuple, QPixmap] = OrderedDict()
+        self.rendered = 0  # tiles drawn in Python (cache misses)
+        # Progressive painting: once a paint has spent ``budget_s`` rendering new tiles, the
+        # rest get a cheap placeholder and the view repaints right after (fast flings over
+        # 20,000 images never block the event loop for a whole screen of new tiles).
+        self.budget_s = 0.012
+        self.frame_start = 0.0
+        self.deferred = False
 
     def sizeHint(self, option: QStyleOptionViewItem, index: QModelIndex) -> QSize:
         return TILE
 
     def paint(self, p: QPainter, option: QStyleOptionViewItem, index: QModelIndex) -> None:
-        p.save()
-        p.setRenderHint(QPainter.RenderHint.Antialiasing)
-        p.setRenderHint(QPainter.RenderHint.SmoothPixmapTransform)
+        state = index.data(Role.TILE)
+        if state is None:
+            return
+        path, pred, pm, error, color = state
+        selected = bool(option.state & QStyle.StateFlag.State_Selected)
+        hover = bool(option.state & QStyle.StateFlag.State_MouseOver)
+        dpr = p.device().devicePixelRatioF() if p.device() else 1.0
+        key = (path, pred, pm.cacheKey() if pm is not None else 0, error,
+               color.rgba() if color is not None else 0, selected, hover, dpr)
+        tile = self._cache.get(key)
         cell = QRectF(option.rect)
         r = QRectF(0, 0, TILE.width(), TILE.height())
         r.moveCenter(cell.center())
-        r.adjust(4, 4, -4, -4)
-        selected = bool(option.state & QStyle.StateFlag.State_Selected)
-        hover = bool(option.state & QStyle.StateFlag.State_MouseOver)
+        if tile is None and time.perf_counter() - self.frame_start > self.budget_s:
+            self.deferred = True  # over budget: placeholder now, the real tile next frame
+            card = r.adjusted(4, 4, -4, -4)
+            p.fillRect(card, QColor("#ffffff"))
+            if pm is not None:
+                p.drawPixmap(card.topLeft() + QPointF(6, 6), pm)
+            return
+        if tile is None:
+            tile = QPixmap(TILE * dpr)
+            tile.setDevicePixelRatio(dpr)
+            tile.fill(Qt.GlobalColor.transparent)
+            tp = QPainter(tile)
+            self._render(tp, path, pred, pm, error, color, selected, hover)
+            tp.end()
+            self.rendered += 1
+            self._cache[key] = tile
+            while len(self._cache) > self.capacity:
+                self._cache.popitem(last=False)
+        else:
+            self._cache.move_to_end(key)
+        p.drawPixmap(r.topLeft(), tile)
+
+    def _render(self, p: QPainter, path: str, pred: Prediction | None, pm: QPixmap | None,
+                error: str, color: QColor | None, selected: bool, hover: bool) -> None:
+        p.setRenderHint(QPainter.RenderHint.Antialiasing)
+        p.setRenderHint(QPainter.RenderHint.SmoothPixmapTransform)
+        r = QRectF(4, 4, TILE.width() - 8, TILE.height() - 8)
         card = QPainterPath()
         card.addRoundedRect(r, 8, 8)
         p.fillPath(card, QColor("#eaf1ff") if selected else QColor("#ffffff"))
@@ -88,10 +150,13 @@ class TileDelegate(QStyledItemDelegate):
         tp = QPainterPath()
         tp.addRoundedRect(thumb, 5, 5)
         p.fillPath(tp, QColor("#f0f2f5"))
-        pm = index.data(Qt.ItemDataRole.DecorationRole)
-        status = index.data(Role.STATUS) or ""
-        error = index.data(Role.ERROR) or ""
-        if isinstance(pm, QPixmap) and not pm.isNull():  # "cover": fill the box, crop
+        status = str(pred.status) if pred is not None else ""
+        if pm is not None and not pm.isNull() and pm.size() == thumb.size().toSize():
+            p.save()  # decoded to exactly this box (ThumbnailCache box=THUMB_BOX): a blit
+            p.setClipPath(tp)
+            p.drawPixmap(thumb.topLeft(), pm)
+            p.restore()
+        elif pm is not None and not pm.isNull():  # "cover": fill the box, crop
             src = QRectF(pm.rect())
             aspect = thumb.width() / thumb.height()
             if src.width() / src.height() > aspect:
@@ -110,7 +175,7 @@ class TileDelegate(QStyledItemDelegate):
             p.drawText(thumb.adjusted(8, 8, -8, -8), Qt.AlignmentFlag.AlignCenter
                        | Qt.TextFlag.TextWordWrap, "cannot open image")
 
-        corrected = bool(index.data(Role.CORRECTED))
+        corrected = bool(pred is not None and pred.corrected)
         if corrected:  # green check in the thumbnail's top-right corner
             c = QRectF(thumb.right() - 24, thumb.top() + 4, 20, 20)
             p.setBrush(OK_GREEN)
@@ -129,26 +194,24 @@ class TileDelegate(QStyledItemDelegate):
             p.setFont(self.badge_font)
             p.drawText(c, Qt.AlignmentFlag.AlignCenter, "!")
 
-        conf = index.data(Role.CONFIDENCE)
-        color = index.data(Role.COLOR)
-        label = index.data(Role.LABEL)
+        conf = pred.confidence if pred is not None else None
+        label = pred.label if pred is not None else None
         if status == "ok" and conf is not None:  # confidence bar under the thumbnail
             bar = QRectF(thumb.left(), thumb.bottom() + 4, thumb.width(), 3)
             p.fillRect(bar, QColor("#e5e7eb"))
             p.fillRect(QRectF(bar.left(), bar.top(), bar.width() * float(conf), 3),
                        color or ACCENT)
 
+        fm, bfm = self.fm, self.bfm
         p.setFont(self.small_font)
-        fm = QFontMetrics(self.small_font)
-        name = Path(str(index.data(Role.PATH))).name
         p.setPen(MUTED)
         p.drawText(QRectF(thumb.left(), thumb.bottom() + 9, thumb.width(), 16),
                    Qt.AlignmentFlag.AlignLeft | Qt.AlignmentFlag.AlignVCenter,
-                   fm.elidedText(name, Qt.TextElideMode.ElideMiddle, int(thumb.width())))
+                   fm.elidedText(Path(path).name, Qt.TextElideMode.ElideMiddle,
+                                 int(thumb.width())))
 
         row = QRectF(thumb.left(), r.bottom() - 26, thumb.width(), 21)
         p.setFont(self.badge_font)
-        bfm = QFontMetrics(self.badge_font)
         right, w = "", 0.0
         if status == "ok" and label:
             text = bfm.elidedText(label, Qt.TextElideMode.ElideRight, int(row.width() - 60))
@@ -157,7 +220,7 @@ class TileDelegate(QStyledItemDelegate):
                   QColor("white"))
             right = "✓ fixed" if corrected else f"{float(conf or 0):.0%}"
         elif status == "unknown":
-            guess = index.data(Role.GUESS)
+            guess = pred.top[0][0] if pred is not None and pred.top else None
             w = bfm.horizontalAdvance("unknown") + 18
             _pill(p, QRectF(row.left(), row.top(), w, row.height()), QColor("#f3f4f6"),
                   "unknown", QColor("#4b5563"), QColor("#9ca3af"), dashed=True)
@@ -176,7 +239,6 @@ class TileDelegate(QStyledItemDelegate):
             p.drawText(row, Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter,
                        fm.elidedText(right, Qt.TextElideMode.ElideMiddle,
                                      int(row.width() - w - 6)))
-        p.restore()
 
 
 class GalleryView(QListView):
@@ -205,7 +267,7 @@ class GalleryView(QListView):
         self.setVerticalScrollMode(QAbstractItemView.ScrollMode.ScrollPerPixel)
         self.verticalScrollBar().setSingleStep(24)
         self.setItemDelegate(TileDelegate(self))
-        self.placeholder = "Choose a query folder (Ctrl+O), or drop one here"
+        self.placeholder = "Choose a folder of images to label (Ctrl+Shift+O), or drop it here"
 
     def resizeEvent(self, e) -> None:
         super().resizeEvent(e)
@@ -266,7 +328,12 @@ class GalleryView(QListView):
             e.acceptProposedAction()
 
     def paintEvent(self, e) -> None:
+        d = self.itemDelegate()
+        if isinstance(d, TileDelegate):
+            d.frame_start, d.deferred = time.perf_counter(), False
         super().paintEvent(e)
+        if isinstance(d, TileDelegate) and d.deferred:
+            QTimer.singleShot(0, self.viewport().update)  # finish the deferred tiles
         if self.model() is None or self.model().rowCount() == 0:
             p = QPainter(self.viewport())
             p.setPen(QColor("#8a94a6"))
