@@ -12,16 +12,21 @@ else
 TORCH_SPEC := torch==2.13.0
 EXTRA := cpu
 endif
+# Optional: where torch comes from, e.g. TORCH_INDEX=https://download.pytorch.org/whl/cpu for
+# the CPU build on a machine whose pip has no local CPU wheel (PyPI's Linux torch is CUDA).
+TORCH_INDEX ?=
+TORCH_PIP_ARGS := $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX),)
 
 .PHONY: setup run test lint bench package clean
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+# torch first, pinned, so that installing the package never pulls in another build.
+$(STAMP): pyproject.toml setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[$(EXTRA),dev]"
+	$(PY) -m pip install -q $(TORCH_PIP_ARGS) "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[$(EXTRA),dev,train]"
 	touch $(STAMP)
 
 run: $(STAMP)
@@ -37,6 +42,13 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/train_speed.py
 	$(PY) benchmarks/label_speed.py
+
+# One-folder desktop app in dist/fewshot-studio/ (PyInstaller; packaging/fewshot_studio.spec).
+package: $(STAMP)
+	$(PY) -c "import PyInstaller" 2>/dev/null || $(PY) -m pip install -q -e ".[$(EXTRA),package]"
+	$(PY) -m PyInstaller --noconfirm --clean --distpath dist --workpath build/pyinstaller \
+		packaging/fewshot_studio.spec
+	@du -sh dist/fewshot-studio
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info

@@ -3,6 +3,7 @@ working directory) and the user's data, cache and log directories (platformdirs)
 
 from __future__ import annotations
 
+import importlib.util
 from importlib import resources
 from pathlib import Path
 
@@ -15,11 +16,28 @@ CHECKPOINT_SUFFIX = ".safetensors"
 
 
 def _package_dir(subpackage: str, repo_folder: str) -> Path:
-    """An installed data sub-package if there is one, else the folder in the source tree."""
+    """An installed data sub-package if there is one, else the folder in the source tree.
+
+    The data packages have no ``__init__.py`` (they are plain folders at the top of the
+    repository, mapped into the package by pyproject.toml), so where they are installed they
+    import as namespace packages, for which ``importlib.resources.files`` returns a
+    ``MultiplexedPath`` (Python 3.11) rather than a ``Path``: its folder is then taken from the
+    import spec. A source checkout or an editable install has no such package and uses the
+    folder beside ``fewshot_studio/``; so does a frozen app that bundles it there.
+    """
+    name = f"fewshot_studio.{subpackage}"
     try:
-        return Path(str(resources.files(f"fewshot_studio.{subpackage}")))
+        root = resources.files(name)
     except ModuleNotFoundError:
-        return Path(__file__).resolve().parent.parent / repo_folder
+        root = None
+    if isinstance(root, Path) and root.is_dir():
+        return root
+    if root is not None:
+        spec = importlib.util.find_spec(name)
+        for location in (spec.submodule_search_locations or []) if spec else []:
+            if Path(location).is_dir():
+                return Path(location)
+    return Path(__file__).resolve().parent.parent / repo_folder
 
 
 def checkpoints_dir() -> Path:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import math
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -31,6 +32,16 @@ from fewshot_studio.training.trainer import (
     prepare_data,
     train,
 )
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    """Tiny tensors gain nothing from intra-op threads, and on a loaded 2-core machine
+    spinning OpenMP threads slow these tests down many times over."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
