@@ -3,13 +3,19 @@ strokes each, every image jittered (rotation, shift, stroke width) with pixel no
 untrained network is far from perfect and meta-training visibly helps.
 
     from fixtures_train import make_glyphs
+
+and ``one_thread``, an autouse fixture: import it into a test module to run its tests with one
+torch thread.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import pytest
+import torch
 from PIL import Image, ImageDraw
 
 
@@ -38,3 +44,13 @@ def make_glyphs(root: Path, n_classes: int = 16, n_per_class: int = 10, size: in
             Image.fromarray(np.clip(a, 0, 255).astype(np.uint8), "L").save(d / f"{i:02d}.png")
         names.append(name)
     return names
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    """Tiny tensors gain nothing from intra-op threads, and on a loaded 2-core machine
+    spinning OpenMP threads slow these tests down many times over."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -7,27 +7,15 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
-from fixtures_train import make_glyphs
+from fixtures_train import make_glyphs, one_thread  # noqa: F401 (autouse fixture)
 
 from fewshot_studio.cli import main
 from fewshot_studio.io.checkpoint import load_checkpoint
 from fewshot_studio.training.config import TrainConfig
 from fewshot_studio.training.trainer import RESUME, load_train_state
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Tiny tensors gain nothing from intra-op threads, and on a loaded 2-core machine
-    spinning OpenMP threads slow these tests down many times over."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 REPO = Path(__file__).resolve().parent.parent
 

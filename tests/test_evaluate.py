@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from fixtures_train import make_glyphs
+from fixtures_train import make_glyphs, one_thread  # noqa: F401 (autouse fixture)
 from torch import nn
 
 from fewshot_studio.cli import main
@@ -27,16 +26,6 @@ from fewshot_studio.training.evaluate import (
     default_query,
     evaluate,
 )
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Tiny tensors gain nothing from intra-op threads, and on a loaded 2-core machine
-    spinning OpenMP threads slow these tests down many times over."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 PRE = Preprocess(image_size=8, channels=1)
 

@@ -7,12 +7,11 @@ from __future__ import annotations
 import csv
 import math
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
-from fixtures_train import make_glyphs
+from fixtures_train import make_glyphs, one_thread  # noqa: F401 (autouse fixture)
 from safetensors.torch import load_file
 
 from fewshot_studio.errors import UserError
@@ -25,6 +24,7 @@ from fewshot_studio.training.trainer import (
     LAST,
     METRICS,
     RESUME,
+    BatchMaker,
     TrainResult,
     build_model,
     load_train_state,
@@ -32,16 +32,6 @@ from fewshot_studio.training.trainer import (
     prepare_data,
     train,
 )
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Tiny tensors gain nothing from intra-op threads, and on a loaded 2-core machine
-    spinning OpenMP threads slow these tests down many times over."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -300,3 +290,56 @@ def test_every_method_trains_and_checkpoints(method: str, glyphs: Path, tmp_path
     assert all(math.isfinite(float(v.float().abs().sum())) for v in first.values())
     model = load_checkpoint(tmp_path / "run" / BEST).build()
     assert model.method_name == method
+
+
+@pytest.mark.parametrize("method", ["protonet", "relation", "maml"])
+def test_known_n_way_gives_the_same_loss_as_inferring_it(method: str, tmp_path: Path) -> None:
+    """The trainer passes its ``way`` to ``meta_loss`` (no device sync to infer it from the
+    labels); the loss, accuracy and gradients must be those of the inferring path."""
+    from fewshot_studio.data.sampler import EpisodeSampler
+    from fewshot_studio.training.distributed import DistInfo, wrap
+    from fewshot_studio.training.steps import train_step
+
+    if method not in METHODS:
+        pytest.skip(f"{method} not registered")
+    kwargs: dict[str, object] = {"inner_steps": 1} if method == "maml" else {}
+    bkw: dict[str, object] = {"hidden": 8}
+    if method == "maml":
+        bkw["track_running_stats"] = False
+    cfg = small_config(tmp_path, tmp_path / "run", method=method, method_kwargs=kwargs,
+                       backbone_kwargs=bkw)
+    torch.manual_seed(0)
+    model, _ = build_model(cfg)
+    pre = cfg.preprocess
+    images = torch.randint(0, 256, (8 * 4, pre.channels, pre.image_size, pre.image_size),
+                           dtype=torch.uint8)
+    targets = torch.arange(8).repeat_interleave(4)
+    gen = torch.Generator().manual_seed(0)
+    batch = BatchMaker(images, pre, "none", gen)(
+        EpisodeSampler(targets, 5, 1, 3, seed=0).sample_batch(2))
+
+    def loss_and_grads(n_way: int | None) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        model.zero_grad(set_to_none=True)
+        loss, acc = model.meta_loss(*batch, n_way=n_way)
+        loss.backward()
+        return loss.detach(), acc, [p.grad.clone() for p in model.parameters()
+                                    if p.grad is not None]
+
+    inferred, known = loss_and_grads(None), loss_and_grads(5)
+    assert torch.equal(inferred[0], known[0]) and torch.equal(inferred[1], known[1])
+    assert len(inferred[2]) == len(known[2]) > 0
+    assert all(torch.equal(a, b) for a, b in zip(inferred[2], known[2], strict=True))
+
+    seen: list[int | None] = []
+    step_module = wrap(model, DistInfo(device=torch.device("cpu")))
+    real = model.meta_loss
+
+    def spy(*args: torch.Tensor, n_way: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        seen.append(n_way)
+        return real(*args, n_way=n_way)
+
+    model.meta_loss = spy  # type: ignore[method-assign]
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    train_step(step_module, opt, batch, n_way=5)
+    train_step(step_module, opt, batch)
+    assert seen == [5, None]

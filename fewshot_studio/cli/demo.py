@@ -38,12 +38,12 @@ def run_headless_demo(train_seconds: float = 45.0, eval_episodes: int = 200,
     ``train_seconds`` on images_background, then print its 5-way and 20-way 1-shot accuracy
     on images_evaluation (``eval_episodes`` episodes each, 15 queries per class). Returns the
     exit code; the checkpoint stays in ``out`` (default: the user cache directory)."""
+    from fewshot_studio.cli.evaluate import evaluate_with_bar
     from fewshot_studio.data.preprocess import Preprocess
     from fewshot_studio.io.checkpoint import load_checkpoint
     from fewshot_studio.paths import user_cache_dir
     from fewshot_studio.training.config import TrainConfig
     from fewshot_studio.training.distributed import resolve_device
-    from fewshot_studio.training.evaluate import EvalResult, evaluate_iter
     from fewshot_studio.training.trainer import TrainResult, load_eval_images, train
 
     try:
@@ -93,17 +93,8 @@ def run_headless_demo(train_seconds: float = 45.0, eval_episodes: int = 200,
           "setting, 15 queries per class")
     rows = []
     for way, shot in ((5, 1), (5, 5), (20, 1)):
-        bar = ProgressBar(f"eval {way}w{shot}s", unit="ep")
-        res: EvalResult | None = None
-        try:
-            for p in evaluate_iter(model, images, ckpt.preprocess, way, shot, None,
-                                   eval_episodes, seed=0, device=dev):
-                bar.update(p, force=p.payload is not None)
-                if isinstance(p.payload, EvalResult):
-                    res = p.payload
-        finally:
-            bar.close()
-        assert res is not None
+        res = evaluate_with_bar(model, images, ckpt.preprocess, way, shot, None, eval_episodes,
+                                seed=0, device=dev, label=f"eval {way}w{shot}s")
         rows.append((f"{way}-way {shot}-shot", res))
     print()
     print("Omniglot evaluation alphabets (never seen in training):")

@@ -10,8 +10,12 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from fewshot_studio.progress import ProgressBar
+
+if TYPE_CHECKING:
+    from fewshot_studio.training.evaluate import EvalResult
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -45,12 +49,32 @@ def result_key(label: str, way: int, shot: int) -> str:
     return f"{label} {way}w{shot}s"
 
 
+def evaluate_with_bar(model: Any, images: Any, preprocess: Any, way: int, shot: int,
+                      query: int | None, episodes: int, seed: int, device: Any,
+                      label: str = "eval") -> EvalResult:
+    """:func:`~fewshot_studio.training.evaluate.evaluate_iter` behind a progress bar named
+    ``label``; returns its :class:`EvalResult`."""
+    from fewshot_studio.training.evaluate import EvalResult, evaluate_iter
+
+    bar = ProgressBar(label, unit="ep")
+    result: EvalResult | None = None
+    try:
+        for p in evaluate_iter(model, images, preprocess, way, shot, query, episodes, seed,
+                               device):
+            bar.update(p, force=p.payload is not None)
+            if isinstance(p.payload, EvalResult):
+                result = p.payload
+    finally:
+        bar.close()
+    assert result is not None
+    return result
+
+
 def run(args: argparse.Namespace) -> int:
     from fewshot_studio.errors import UserError
     from fewshot_studio.io.checkpoint import load_checkpoint
     from fewshot_studio.paths import resolve_checkpoint
     from fewshot_studio.training.distributed import resolve_device
-    from fewshot_studio.training.evaluate import EvalResult, evaluate_iter
     from fewshot_studio.training.trainer import load_eval_images
 
     if args.episodes < 1:
@@ -64,17 +88,8 @@ def run(args: argparse.Namespace) -> int:
         model = ckpt.build(device)
     except (KeyError, RuntimeError, TypeError, ValueError) as e:
         raise UserError(f"{path}: cannot build the model it describes ({e})") from None
-    bar = ProgressBar("eval", unit="ep")
-    result: EvalResult | None = None
-    try:
-        for p in evaluate_iter(model, images, ckpt.preprocess, args.way, args.shot, args.query,
-                               args.episodes, args.seed, device):
-            bar.update(p, force=p.payload is not None)
-            if isinstance(p.payload, EvalResult):
-                result = p.payload
-    finally:
-        bar.close()
-    assert result is not None
+    result = evaluate_with_bar(model, images, ckpt.preprocess, args.way, args.shot, args.query,
+                               args.episodes, args.seed, device)
     print(result)
     if args.write_results:
         label = args.label or "+".join(Path(d).stem for d in data)

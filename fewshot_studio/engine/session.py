@@ -16,133 +16,43 @@ How it works
 
 from __future__ import annotations
 
-import contextlib
-import copy
-import gc
 import logging
 import os
-from collections import deque
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
-from fewshot_studio.data.images import IMAGE_EXTENSIONS, ImageLoadError, load_and_preprocess
-from fewshot_studio.engine.api import (
-    BackendInfo,
-    EngineCounters,
-    LabelSettings,
-    Prediction,
-    Status,
+from fewshot_studio.data.images import IMAGE_EXTENSIONS
+from fewshot_studio.engine.api import EngineCounters, LabelSettings, Prediction
+from fewshot_studio.engine.backends import EmbedBackend, embed_is_identity
+from fewshot_studio.engine.cache import FEATURE_FORMAT, EmbeddingCache
+
+# Re-exported: these used to live here.
+from fewshot_studio.engine.embedding import EmbeddingPipeline, _decode_error  # noqa: F401
+from fewshot_studio.engine.head import (  # noqa: F401
+    _HEAD_CHUNK,
+    TRANSDUCTIVE_ITERS,
+    PredictionHead,
+    _torch_threads,
 )
-from fewshot_studio.engine.backends import (
-    EmbedBackend,
-    decode_workers,
-    embed_is_identity,
-    select_backend,
-)
-from fewshot_studio.engine.cache import FEATURE_FORMAT, EmbeddingCache, FileKey
+from fewshot_studio.engine.query_store import _FP32_BUDGET, _QueryStore  # noqa: F401
 from fewshot_studio.errors import UserError
 from fewshot_studio.progress import Progress
 
 log = logging.getLogger(__name__)
 
-_HEAD_CHUNK = 16384  # queries scored per predictor call (bounds the head's memory)
-_FP32_BUDGET = 512 * 2**20  # keep query features as float32 up to this many bytes, else fp16
 DEFAULT_SETTINGS = LabelSettings()
-TRANSDUCTIVE_ITERS = 1  # soft k-means iterations (Ren et al. 2018 use one at test time)
-
-
-def _decode_error(e: BaseException) -> str:
-    if isinstance(e, ImageLoadError):
-        return str(e) or "unreadable image"
-    return f"unreadable image ({type(e).__name__}: {' '.join(str(e).split())[:160]})"
-
-
-@contextlib.contextmanager
-def _torch_threads(n: int) -> Iterator[None]:
-    """Run a block with ``n`` torch intra-op threads (restored after)."""
-    old = torch.get_num_threads()
-    if old == n:
-        yield
-        return
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
 
 
 def _abs(p: str | os.PathLike[str]) -> Path:
     return Path(os.path.abspath(os.fspath(p)))
 
 
-class _QueryStore:
-    """Features of the current query set, in sorted-path order. ``feats`` ``(n, d)``
-    (float32, or float16 when large) is allocated when the first feature arrives."""
-
-    def __init__(self, paths: list[Path]) -> None:
-        self.paths = paths
-        self.index = {p: i for i, p in enumerate(paths)}
-        self.n = len(paths)
-        self.feats: np.ndarray | None = None
-        self.feature_shape: tuple[int, ...] = ()
-        self.valid = np.zeros(self.n, dtype=bool)
-        self.done = np.zeros(self.n, dtype=bool)
-        self.errors: dict[int, str] = {}
-        self._tensor: torch.Tensor | None = None
-        # last head output per row: top-k probabilities and class indices (n, k)
-        self.top_p: np.ndarray | None = None
-        self.top_i: np.ndarray | None = None
-
-    def put(self, i: int, feature: np.ndarray | str) -> None:
-        self.done[i] = True
-        if isinstance(feature, str):
-            self.errors[i] = feature
-            self.valid[i] = False
-            return
-        flat = feature.reshape(-1)
-        if self.feats is None:
-            d = flat.size
-            dtype = np.float32 if self.n * d * 4 <= _FP32_BUDGET else np.float16
-            self.feats = np.zeros((self.n, d), dtype=dtype)
-            self.feature_shape = tuple(feature.shape)
-            if dtype == np.float32:
-                self._tensor = torch.from_numpy(self.feats)  # shares memory
-        self.feats[i] = flat
-        self.valid[i] = True
-        self.errors.pop(i, None)
-
-    def block(self, start: int, stop: int) -> torch.Tensor:
-        """``(stop - start, *feature_shape)`` float32 features of rows ``[start, stop)``
-        (zeros where invalid); a view when stored as float32."""
-        assert self.feats is not None
-        if self._tensor is not None:
-            t = self._tensor[start:stop]
-        else:
-            t = torch.from_numpy(self.feats[start:stop].astype(np.float32))
-        return t.reshape(stop - start, *self.feature_shape)
-
-    def rows(self, idx: np.ndarray) -> torch.Tensor:
-        """``(len(idx), *feature_shape)`` float32 features of rows ``idx``."""
-        assert self.feats is not None
-        if self._tensor is not None:
-            t = self._tensor[torch.from_numpy(idx)]
-        else:
-            t = torch.from_numpy(self.feats[idx].astype(np.float32))
-        return t.reshape(len(idx), *self.feature_shape)
-
-    def feature(self, i: int) -> np.ndarray | None:
-        if not self.valid[i] or self.feats is None:
-            return None
-        return self.feats[i].astype(np.float32).reshape(self.feature_shape)
-
-
-class LabelingSession:
+class LabelingSession(EmbeddingPipeline, PredictionHead):
     """Qt-free labeling session; NOT thread-safe: call it from one worker at a time.
 
     ``checkpoint``: a bundled name or a path. ``settings``: see
@@ -191,42 +101,6 @@ class LabelingSession:
         self._store = _QueryStore([])
         self._preds: list[Prediction | None] = []
         self._support_dirty = False
-
-    # -- backend ---------------------------------------------------------------------------
-    def _expected_backend(self) -> BackendInfo:
-        from fewshot_studio.engine.backends import onnxruntime_providers, torch_cuda_works
-
-        dev = self.settings.device
-        cuda_torch = dev != "cpu" and torch_cuda_works()
-        providers = onnxruntime_providers()
-        if self._prefer == "torch" or not providers or (self._prefer == "auto" and cuda_torch):
-            return BackendInfo("torch", "cuda" if cuda_torch else "cpu", "not started")
-        ort_cuda = dev != "cpu" and "CUDAExecutionProvider" in providers
-        return BackendInfo("onnxruntime", "cuda" if ort_cuda else "cpu", "not started")
-
-    def onnx_path(self) -> Path:
-        """The exported ``model.embed`` for this checkpoint (built once, cached by identity)."""
-        from fewshot_studio.engine.onnx_export import export_embed_onnx
-
-        out = self._cache.path.parent / "onnx" / f"{self.model_id.split(':')[0][:40]}.onnx"
-        if not out.is_file():
-            export_embed_onnx(copy.deepcopy(self.model), self.preprocess, out,
-                              metadata=self.checkpoint_metadata)
-            self.counters.extra["onnx_exports"] = self.counters.extra.get("onnx_exports", 0) + 1
-        return out
-
-    def prepare(self) -> BackendInfo:
-        """Build the backend now (export to ONNX on first use); returns what runs."""
-        if self._backend is None:
-            from fewshot_studio.engine.backends import torch_cuda_works
-
-            model = self.model
-            if self.settings.device != "cpu" and torch_cuda_works():
-                model = copy.deepcopy(self.model)  # a CUDA copy must not move the head
-            self._backend = select_backend(model, self.preprocess, self.onnx_path,
-                                           self.settings.device, self._prefer)
-            self.backend = self._backend.info
-        return self.backend
 
     # -- classes ---------------------------------------------------------------------------
     def set_support(self, classes: Mapping[str, Sequence[Path]]) -> None:
@@ -278,134 +152,6 @@ class LabelingSession:
             if not paths:
                 raise UserError(f"class {name!r} has no example images")
 
-    # -- embedding -------------------------------------------------------------------------
-    def _decode(self, path: str) -> np.ndarray | str:
-        try:
-            return load_and_preprocess(path, self.preprocess)
-        except Exception as e:
-            return _decode_error(e)
-
-    def _get_pool(self) -> ThreadPoolExecutor:
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(decode_workers(), thread_name_prefix="fewshot-decode")
-        return self._pool
-
-    def _decode_embed(self, paths: Sequence[str]) -> list[np.ndarray | str]:
-        """Decode and embed a micro-batch in a pool worker (backends that run concurrently:
-        ONNX Runtime on the CPU with one thread per call)."""
-        results: list[np.ndarray | str] = [self._decode(p) for p in paths]
-        ok = [j for j, r in enumerate(results) if not isinstance(r, str)]
-        if ok:
-            assert self._backend is not None
-            feats = self._backend.embed(np.stack([results[j] for j in ok]))
-            for j, f in zip(ok, feats, strict=True):
-                results[j] = f
-        return results
-
-    def _embed_stream(self, paths: Sequence[Path], prefetch: int = 2
-                      ) -> Iterator[tuple[int, list[np.ndarray | str]]]:
-        """Features (or error reasons) of ``paths`` in order, by batch of
-        ``settings.batch_size``: yields ``(offset, results)``.
-
-        Cache first. Misses are, with a concurrent backend (ONNX Runtime on the CPU), decoded
-        and embedded together in pool workers by micro-batches; otherwise decoded in the pool
-        and embedded here in one batch (torch, CUDA). ``prefetch`` batches are in flight ahead
-        of the one being collected, which bounds memory. New results go to the cache."""
-        bs = max(1, int(self.settings.batch_size))
-        starts = list(range(0, len(paths), bs))
-        pool = self._get_pool()
-        pending: deque[tuple[int, list[Any], list[FileKey | None]]] = deque()
-
-        def submit(start: int) -> None:
-            chunk = paths[start:start + bs]
-            keys: list[FileKey | None] = []
-            for p in chunk:
-                try:
-                    keys.append(FileKey.of(p))
-                except OSError:
-                    keys.append(None)
-            hits = self._cache.lookup(self.model_id, [k for k in keys if k is not None])
-            slots: list[Any] = []
-            misses: list[int] = []
-            for p, k in zip(chunk, keys, strict=True):
-                if k is None:
-                    slots.append("file not found" if not os.path.lexists(p)
-                                 else "cannot read file")
-                    continue
-                e = hits.get(k.path)
-                if e is not None:
-                    self.counters.cache_hits += 1
-                    slots.append(e.feature if e.feature is not None else e.error)
-                else:
-                    misses.append(len(slots))
-                    slots.append(None)
-            if misses:
-                self.prepare()
-                assert self._backend is not None
-                if self._backend.concurrent:
-                    m = self._backend.micro_batch
-                    for c0 in range(0, len(misses), m):
-                        group = misses[c0:c0 + m]
-                        fut = pool.submit(self._decode_embed,
-                                          [keys[j].path for j in group])  # type: ignore[union-attr]
-                        for pos, j in enumerate(group):
-                            slots[j] = ("embedded", fut, pos)
-                else:
-                    for j in misses:
-                        slots[j] = ("decoded", pool.submit(self._decode, keys[j].path), 0)  # type: ignore[union-attr]
-            pending.append((start, slots, keys))
-
-        def count_decode_error() -> None:
-            self.counters.extra["decode_errors"] = self.counters.extra.get("decode_errors", 0) + 1
-
-        it = iter(starts)
-        try:
-            for s in it:
-                submit(s)
-                if len(pending) > prefetch:
-                    break
-            while pending:
-                start, slots, keys = pending.popleft()
-                nxt = next(it, None)
-                if nxt is not None:
-                    submit(nxt)
-                decoded: list[tuple[int, np.ndarray]] = []
-                results: list[np.ndarray | str] = []
-                new_rows: list[tuple[FileKey, np.ndarray | None, str]] = []
-                for j, slot in enumerate(slots):
-                    if not isinstance(slot, tuple):
-                        results.append(slot)  # cache hit or stat error
-                        continue
-                    kind, fut, pos = slot
-                    r = fut.result()[pos] if kind == "embedded" else fut.result()
-                    k = keys[j]
-                    assert k is not None
-                    if isinstance(r, str):
-                        count_decode_error()
-                        new_rows.append((k, None, r))
-                    elif kind == "embedded":
-                        self.counters.embedded += 1
-                        new_rows.append((k, r, ""))
-                    else:
-                        decoded.append((j, r))
-                    results.append(r)
-                if decoded:
-                    assert self._backend is not None
-                    feats = self._backend.embed(np.stack([a for _, a in decoded]))
-                    self.counters.embedded += len(decoded)
-                    for (j, _), f in zip(decoded, feats, strict=True):
-                        results[j] = f
-                        k = keys[j]
-                        assert k is not None
-                        new_rows.append((k, f, ""))
-                self._cache.store(self.model_id, new_rows)
-                yield start, results
-        finally:
-            for _, slots, _ in pending:
-                for slot in slots:
-                    if isinstance(slot, tuple):
-                        slot[1].cancel()
-
     def _ensure_support(self) -> None:
         """Embed (through the cache) support images not seen yet; check every class has a
         readable image (UserError naming the class otherwise)."""
@@ -419,174 +165,6 @@ class LabelingSession:
             if not any(isinstance(self._support_feats.get(p), np.ndarray) for p in paths):
                 reasons = "; ".join(f"{p.name}: {self._support_feats.get(p)}" for p in paths[:3])
                 raise UserError(f"class {name!r} has no readable example image ({reasons})")
-
-    # -- the head --------------------------------------------------------------------------
-    def _support_tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        feats: list[np.ndarray] = []
-        labels: list[int] = []
-        for c, name in enumerate(self.class_names):
-            for p in self._support[name]:
-                f = self._support_feats.get(p)
-                if isinstance(f, np.ndarray):
-                    feats.append(f)
-                    labels.append(c)
-        if self.settings.corrections_join_support:
-            cls = {n: i for i, n in enumerate(self.class_names)}
-            for p, label in sorted(self._corrections.items()):
-                if label not in cls or p in self._support[label]:
-                    continue
-                f = self._corrected_feats.get(p)
-                if f is None and p in self._store.index:
-                    f = self._store.feature(self._store.index[p])
-                    if f is not None:
-                        self._corrected_feats[p] = f
-                if f is not None:
-                    feats.append(f)
-                    labels.append(cls[label])
-        x = torch.from_numpy(np.stack(feats).astype(np.float32, copy=False))
-        return x, torch.tensor(labels, dtype=torch.long)
-
-    def _predictor(self, refine_on: np.ndarray | None = None) -> Callable[[torch.Tensor],
-                                                                           torch.Tensor]:
-        x, y = self._support_tensors()
-        with torch.enable_grad(), self._head_threads():  # MAML adapts with gradients
-            predictor = self.model.fit(x, y, len(self.class_names))
-        if refine_on is not None and len(refine_on) and hasattr(predictor, "refine"):
-            with torch.no_grad(), self._head_threads():
-                q = self._store.rows(refine_on)
-                predictor = predictor.refine(q, n_iters=TRANSDUCTIVE_ITERS)
-            self.counters.extra["transductive"] = self.counters.extra.get("transductive", 0) + 1
-        return predictor
-
-    def _head_threads(self) -> contextlib.AbstractContextManager[None]:
-        """The head runs single-threaded: its tensors are small, and torch's intra-op
-        threads cost milliseconds per call on a busy 2-core machine. Full MAML (whose head is
-        the whole network) keeps torch's threads."""
-        return contextlib.nullcontext() if self._identity_embed else _torch_threads(1)
-
-    def _probabilities(self, logits: torch.Tensor) -> torch.Tensor:
-        fn = getattr(self.model, "probabilities", None)
-        if callable(fn):
-            return fn(logits)
-        return torch.softmax(logits.float(), dim=-1)
-
-    def scorer(self, predictor: Callable[[torch.Tensor], torch.Tensor]
-               ) -> Callable[[torch.Tensor], torch.Tensor]:
-        """``(n, *feature_shape)`` features -> ``(n, n_way)`` probabilities.
-
-        A Euclidean ProtoNet predictor takes a fast path: softmax is unchanged by a per-row
-        constant, so ``-s * ||q - p||^2`` becomes ``s * (2 q.p - ||p||^2)`` (one matrix
-        product, no pass over ``||q||^2``). Anything else: softmax of ``predictor(q)`` (or the
-        model's own ``probabilities(logits)`` when it has one)."""
-        protos = getattr(predictor, "prototypes", None)
-        owner = getattr(predictor, "model", None)
-        if (isinstance(protos, torch.Tensor) and owner is self.model
-                and getattr(owner, "distance", None) == "euclidean"
-                and not callable(getattr(self.model, "probabilities", None))):
-            scale = float(getattr(owner, "scale", 1.0))
-            p = protos.detach().reshape(protos.shape[0], -1).float()
-            p2, psq = 2.0 * scale * p, (scale * p.pow(2).sum(-1)).unsqueeze(-1)
-
-            def fast(q: torch.Tensor) -> torch.Tensor:
-                # (n_way, d) @ (d, n): ~2x faster than (n, d) @ (d, n_way) for a few classes
-                logits = p2 @ q.reshape(q.shape[0], -1).t() - psq
-                return torch.softmax(logits.t(), dim=-1)
-
-            return fast
-
-        def generic(q: torch.Tensor) -> torch.Tensor:
-            return self._probabilities(predictor(q))
-
-        return generic
-
-    def _predict_range(self, predictor: Callable[[torch.Tensor], torch.Tensor] | None,
-                       start: int, stop: int) -> None:
-        """Recompute ``self._preds`` for the processed queries in ``[start, stop)``.
-        The cyclic GC is paused meanwhile: tens of thousands of new acyclic objects would
-        otherwise trigger full collections over everything alive (tens of ms)."""
-        was_enabled = gc.isenabled()
-        gc.disable()
-        try:
-            self._predict_range_unpaused(predictor, start, stop)
-        finally:
-            if was_enabled:
-                gc.enable()
-
-    def _head_chunk(self, score: Callable[[torch.Tensor], torch.Tensor]) -> int:
-        """Queries per head call: all of them for the ProtoNet fast path (a view and one
-        matrix product); else ~64 MB of features x classes (relation pairs); 64 images for
-        full MAML, whose head is the whole network (and whose batch statistics then come
-        from those 64 queries)."""
-        if getattr(score, "__name__", "") == "fast":
-            return _HEAD_CHUNK
-        if self._identity_embed:
-            return 64
-        d = max(1, int(np.prod(self._store.feature_shape or (1,))))
-        return int(max(32, min(_HEAD_CHUNK, (64 << 20) // (4 * d * max(1, len(self.class_names))))))
-
-    def _predict_range_unpaused(self, predictor: Callable[[torch.Tensor], torch.Tensor] | None,
-                                start: int, stop: int) -> None:
-        """``predictor=None``: reuse the stored top-k (a new threshold needs no head)."""
-        st = self._store
-        names = self.class_names
-        thr = float(self.settings.unknown_threshold)
-        index = st.index
-        corr = {index[p]: lab for p, lab in self._corrections.items() if p in index}
-        preds = self._preds
-        paths = st.paths
-        k = min(3, len(names))
-        score = self.scorer(predictor) if predictor is not None else None
-        names_arr = np.array(names, dtype=object)
-        chunk = self._head_chunk(score) if score is not None else _HEAD_CHUNK
-        if st.top_p is None or st.top_p.shape[1] != k:
-            st.top_p = np.zeros((st.n, k), np.float32)
-            st.top_i = np.zeros((st.n, k), np.int64)
-        assert st.top_i is not None
-        ok_, unknown_, error_ = Status.OK, Status.UNKNOWN, Status.ERROR
-        for c0 in range(start, stop, chunk):
-            c1 = min(stop, c0 + chunk)
-            valid = st.valid[c0:c1].tolist()
-            done = st.done[c0:c1].tolist()
-            tops: list[tuple[tuple[str, float], ...]] = []
-            if any(valid):
-                if score is not None:
-                    with torch.no_grad(), self._head_threads():
-                        top_p, top_i = score(st.block(c0, c1)).topk(k, dim=1)
-                    st.top_p[c0:c1], st.top_i[c0:c1] = top_p.numpy(), top_i.numpy()
-                # numpy's tolist is faster than torch's; top-k pairs built by zip
-                tops = list(map(tuple, map(zip, names_arr[st.top_i[c0:c1]].tolist(),
-                                           st.top_p[c0:c1].tolist())))
-            for j, (path, is_done, is_valid) in enumerate(zip(paths[c0:c1], done, valid,
-                                                              strict=True)):
-                if not is_done:
-                    continue
-                i = c0 + j
-                label = corr.get(i) if corr else None
-                if not is_valid:
-                    reason = st.errors.get(i, "not processed")
-                    preds[i] = (Prediction(path, label, 1.0, 1.0, ok_, (), reason, True)
-                                if label is not None else
-                                Prediction(path, None, 0.0, 0.0, error_, (), reason))
-                    continue
-                top = tops[j]
-                p0 = top[0][1]
-                margin = p0 - top[1][1] if k > 1 else p0
-                if label is not None:
-                    preds[i] = Prediction(path, label, 1.0, 1.0, ok_, top, "", True)
-                elif p0 < thr:
-                    preds[i] = Prediction(path, None, p0, margin, unknown_, top)
-                else:
-                    preds[i] = Prediction(path, top[0][0], p0, margin, ok_, top)
-
-    def _relabel_all(self) -> list[Prediction]:
-        """Recompute every processed query's prediction from cached features."""
-        st = self._store
-        if st.done.any():
-            refine = np.flatnonzero(st.valid) if self.settings.transductive else None
-            self._predict_range(self._predictor(refine), 0, st.n)
-        self._support_dirty = False
-        self.counters.relabels += 1
-        return self.predictions()
 
     # -- public API ------------------------------------------------------------------------
     def run(self, query_paths: Sequence[Path]) -> Iterator[Progress]:
@@ -627,10 +205,6 @@ class LabelingSession:
                                           and newly_corrected):
             preds = self._relabel_all()
             yield Progress(total, total, "refined", payload=preds)
-
-    def predictions(self) -> list[Prediction]:
-        """Every processed query's prediction, sorted by path."""
-        return [p for p in self._preds if p is not None]
 
     def relabel(self) -> list[Prediction]:
         """Recompute every prediction from cached features (after :meth:`set_support`; new

@@ -54,11 +54,13 @@ class FewShotClassifier(nn.Module, ABC):
         ``support_labels`` ``(n_support,)`` in ``[0, n_way)``; return a Predictor."""
 
     def forward(self, support_images: Tensor, support_labels: Tensor,
-                query_images: Tensor) -> Tensor:
-        """``(n_s, C, H, W)``, ``(n_s,)``, ``(n_q, C, H, W)`` -> ``(n_q, n_way)`` logits."""
+                query_images: Tensor, n_way: int | None = None) -> Tensor:
+        """``(n_s, C, H, W)``, ``(n_s,)``, ``(n_q, C, H, W)`` -> ``(n_q, n_way)`` logits.
+        ``n_way``: the number of classes when the caller knows it (else inferred from the
+        labels, which costs a device sync)."""
         n_s = support_images.shape[0]
         feats = self.embed(torch.cat([support_images, query_images]))
-        predictor = self.fit(feats[:n_s], support_labels)
+        predictor = self.fit(feats[:n_s], support_labels, n_way)
         return predictor(feats[n_s:])
 
     def loss(self, logits: Tensor, query_labels: Tensor) -> Tensor:
@@ -66,17 +68,19 @@ class FewShotClassifier(nn.Module, ABC):
         return F.cross_entropy(logits, query_labels)
 
     def meta_loss(self, support_images: Tensor, support_labels: Tensor,
-                  query_images: Tensor, query_labels: Tensor) -> tuple[Tensor, Tensor]:
+                  query_images: Tensor, query_labels: Tensor,
+                  n_way: int | None = None) -> tuple[Tensor, Tensor]:
         """Mean loss and accuracy over a task batch.
 
         Shapes: ``(T, n_s, C, H, W)``, ``(T, n_s)``, ``(T, n_q, C, H, W)``, ``(T, n_q)``.
-        Returns scalar tensors ``(loss, accuracy)``. MAML overrides this with a vectorised
-        (``torch.func.vmap``) version.
+        ``n_way``: classes per task when known (the trainer passes its ``way``); None infers
+        it per task from the labels. Returns scalar tensors ``(loss, accuracy)``. MAML
+        overrides this with a vectorised (``torch.func.vmap``) version.
         """
         losses, accs = [], []
         for sx, sy, qx, qy in zip(support_images, support_labels, query_images, query_labels,
                                   strict=True):
-            logits = self(sx, sy, qx)
+            logits = self(sx, sy, qx) if n_way is None else self(sx, sy, qx, n_way=n_way)
             losses.append(self.loss(logits, qy))
             accs.append((logits.argmax(-1) == qy).float().mean())
         return torch.stack(losses).mean(), torch.stack(accs).mean().detach()

@@ -379,12 +379,15 @@ class MAMLClassifier(FewShotClassifier):
 
     # -- adaptation: torch.func, vectorised over tasks ---------------------------------------
     def meta_loss(self, support_images: Tensor, support_labels: Tensor,
-                  query_images: Tensor, query_labels: Tensor) -> tuple[Tensor, Tensor]:
+                  query_images: Tensor, query_labels: Tensor,
+                  n_way: int | None = None) -> tuple[Tensor, Tensor]:
         """Mean query loss and accuracy over a task batch, vectorised with ``torch.func``
         (``vmap`` over tasks; ``grad`` for the inner steps; second order unless
         ``first_order``). Shapes: ``(T, n_s, C, H, W)``, ``(T, n_s)``, ``(T, n_q, C, H, W)``,
-        ``(T, n_q)``; every task has the same ``n_way`` (``max label + 1``)."""
-        n_way = int(torch.maximum(support_labels.max(), query_labels.max()).item()) + 1
+        ``(T, n_q)``; every task has the same ``n_way`` (given, else ``max label + 1``, which
+        costs a device sync)."""
+        if n_way is None:
+            n_way = _batch_n_way(support_labels, query_labels)
         sx, qx = self._embed_tasks(support_images), self._embed_tasks(query_images)
         steps = self.inner_steps if self.training else self.test_inner_steps
         first_order = self.first_order
@@ -429,17 +432,24 @@ class MAMLClassifier(FewShotClassifier):
                 "test_inner_steps": self.test_inner_steps}
 
 
+def _batch_n_way(support_labels: Tensor, query_labels: Tensor) -> int:
+    """``max label + 1`` over a task batch's ``(T, n_s)`` and ``(T, n_q)`` labels."""
+    return int(torch.maximum(support_labels.max(), query_labels.max()).item()) + 1
+
+
 def meta_loss_loop(model: MAMLClassifier, support_images: Tensor, support_labels: Tensor,
-                   query_images: Tensor, query_labels: Tensor) -> tuple[Tensor, Tensor]:
+                   query_images: Tensor, query_labels: Tensor,
+                   n_way: int | None = None) -> tuple[Tensor, Tensor]:
     """The per-task Python-loop reference for :meth:`MAMLClassifier.meta_loss`: same inputs,
     same result (loss, accuracy), inner steps by ``torch.autograd.grad`` one task at a time.
     Under ``no_grad`` it still adapts (locally enabling grad) and returns detached values."""
     if not torch.is_grad_enabled():
         with torch.enable_grad():
             loss, acc = meta_loss_loop(model, support_images, support_labels, query_images,
-                                       query_labels)
+                                       query_labels, n_way)
         return loss.detach(), acc
-    n_way = int(torch.maximum(support_labels.max(), query_labels.max()).item()) + 1
+    if n_way is None:
+        n_way = _batch_n_way(support_labels, query_labels)
     steps = model.inner_steps if model.training else model.test_inner_steps
     sx, qx = model._embed_tasks(support_images), model._embed_tasks(query_images)
     losses, accs = [], []

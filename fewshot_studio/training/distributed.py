@@ -94,9 +94,12 @@ class MetaLossModule(nn.Module):
         self.model = model
 
     def forward(self, support_images: Tensor, support_labels: Tensor, query_images: Tensor,
-                query_labels: Tensor) -> tuple[Tensor, Tensor]:
+                query_labels: Tensor, n_way: int | None = None) -> tuple[Tensor, Tensor]:
+        if n_way is None:
+            return self.model.meta_loss(support_images, support_labels, query_images,
+                                        query_labels)
         return self.model.meta_loss(support_images, support_labels, query_images,
-                                    query_labels)
+                                    query_labels, n_way=n_way)
 
 
 def wrap(model: nn.Module, info: DistInfo) -> nn.Module:

@@ -15,441 +15,76 @@ into the run directory:
 
 Closing the generator (the GUI's cancel) or Ctrl-C saves ``last`` and ``resume`` first.
 Under ``torchrun`` each rank samples its own episodes and only rank 0 writes files.
+
+The loop lives here; data preparation in :mod:`.train_data`, the model / schedule / batch /
+step pieces in :mod:`.steps` and the resume state in :mod:`.train_state` (all importable from
+here too).
 """
 
 from __future__ import annotations
 
 import csv
-import json
 import math
 import os
 import platform
 import time
 import warnings
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
-from torch import Tensor, nn
+from torch import Tensor
 
-from fewshot_studio.data.preprocess import Preprocess
-from fewshot_studio.data.sampler import EpisodeSampler, stack_episodes
+from fewshot_studio.data.sampler import EpisodeSampler
 from fewshot_studio.errors import UserError
 from fewshot_studio.io.checkpoint import Checkpoint, save_checkpoint
-from fewshot_studio.models import FewShotClassifier, create_backbone, create_method, model_spec
+from fewshot_studio.models import FewShotClassifier
 from fewshot_studio.progress import Progress
 from fewshot_studio.training import distributed
 from fewshot_studio.training.config import TrainConfig
-from fewshot_studio.training.evaluate import EvalResult, default_query, evaluate
+from fewshot_studio.training.evaluate import EvalResult, evaluate
+
+# Re-exported: the pieces used to live here, and callers import them from this module.
+from fewshot_studio.training.steps import (  # noqa: F401
+    BatchMaker,
+    _mean_std,
+    build_model,
+    lr_at,
+    train_step,
+)
+from fewshot_studio.training.train_data import (  # noqa: F401
+    TrainData,
+    _check_counts,
+    _loaded_name,
+    _open_datasets,
+    _preload,
+    _read_class_list,
+    _selection,
+    _split_file,
+    _split_rotation,
+    choose_split,
+    load_eval_images,
+    merge_images,
+    prepare_data,
+    rotation_name,
+)
+from fewshot_studio.training.train_state import (  # noqa: F401
+    STATE_FORMAT,
+    _optimizer_from_flat,
+    _optimizer_to_flat,
+    load_train_state,
+    save_train_state,
+)
 
 BEST = "best.safetensors"
 LAST = "last.safetensors"
 RESUME = "resume.safetensors"
 METRICS = "metrics.csv"
-STATE_FORMAT = "fewshot-studio-train-state/1"
 METRIC_FIELDS = ("step", "lr", "loss", "acc", "val_acc", "val_ci95", "elapsed_s")
 
 
-# ----------------------------------------------------------------------------------------
-# data
-# ----------------------------------------------------------------------------------------
-@dataclass
-class TrainData:
-    """Preloaded training and validation images (uint8 on the device) and what was skipped."""
-
-    train: Any  # InMemoryImages
-    val: Any | None
-    skipped: list[tuple[str, str]] = field(default_factory=list)
-    train_classes: list[str] = field(default_factory=list)
-    val_classes: list[str] = field(default_factory=list)
-    val_query: int = 15
-
-
-def rotation_name(base: str, rotation: int) -> str:
-    """The class name of ``base`` rotated by ``rotation`` degrees (``"<base>/rot090"``)."""
-    return f"{base}/rot{rotation:03d}"
-
-
-def _split_rotation(name: str) -> tuple[str, int | None]:
-    """``"Alpha/char01/rot090"`` -> ``("Alpha/char01", 90)``; no suffix -> ``(name, None)``."""
-    head, _, tail = name.rpartition("/")
-    if head and len(tail) == 6 and tail.startswith("rot") and tail[3:].isdigit():
-        return head, int(tail[3:])
-    return name, None
-
-
-def _read_class_list(path: str | Path) -> list[str]:
-    p = Path(path).expanduser()
-    if not p.is_file():
-        raise UserError(f"class list not found: {p}")
-    lines = [ln.strip() for ln in p.read_text(encoding="utf-8").splitlines()]
-    return [ln for ln in lines if ln and not ln.startswith("#")]
-
-
-def _split_file(name: str, splits_dir: str | None) -> list[str]:
-    """Lines of a named split (``vinyals_train`` ...) from ``splits_dir`` (default: the data
-    module's location, ``$FEWSHOT_DATA`` or ``<repo>/../shared/data``)."""
-    from fewshot_studio.data.datasets import load_split
-
-    return list(load_split(name, splits_dir))
-
-
-def _selection(lines: Sequence[str], default_rotations: Sequence[int]
-               ) -> dict[str, tuple[int, ...]]:
-    """Class-list lines (optionally with ``/rotNNN``) -> base class -> rotations."""
-    sel: dict[str, set[int]] = {}
-    for line in lines:
-        base, rot = _split_rotation(line)
-        sel.setdefault(base, set()).update([rot] if rot is not None else default_rotations)
-    return {k: tuple(sorted(v)) for k, v in sel.items()}
-
-
-def _open_datasets(paths: Sequence[str]) -> list[Any]:
-    from fewshot_studio.data.datasets import ClassFolderDataset
-
-    out = []
-    for p in paths:
-        path = Path(p).expanduser()
-        if not path.exists():
-            raise UserError(f"data not found: {path}")
-        ds = ClassFolderDataset(path)
-        if not ds.class_names:
-            raise UserError(f"no class folders with images in {path}")
-        out.append(ds)
-    return out
-
-
-def choose_split(config: TrainConfig, base_classes: Sequence[str]
-                 ) -> tuple[dict[str, tuple[int, ...]], dict[str, tuple[int, ...]]]:
-    """Train and validation classes (base name -> rotations) for ``config.split``."""
-    rots = config.rotations
-    names = sorted(base_classes)
-    known = set(names)
-
-    def check(sel: dict[str, tuple[int, ...]], what: str) -> None:
-        missing = sorted(set(sel) - known)
-        if missing:
-            more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
-            raise UserError(f"{len(missing)} classes of the {what} are not in the data: "
-                            f"{', '.join(missing[:5])}{more}")
-
-    if config.split in ("vinyals", "vinyals-trainval"):
-        train_name = "vinyals_train" if config.split == "vinyals" else "vinyals_trainval"
-        train = _selection(_split_file(train_name, config.splits_dir), rots)
-        val = _selection(_split_file("vinyals_val", config.splits_dir), (0,))
-        check(train, f"{train_name} split (pass every dataset it names, e.g. both Omniglot "
-                     "zips)")
-        check(val, "vinyals_val split")
-        return train, val
-    if config.split == "files":
-        val = _selection(_read_class_list(config.val_classes or ""), (0,))
-        check(val, f"validation class list {config.val_classes}")
-        if config.train_classes:
-            train = _selection(_read_class_list(config.train_classes), rots)
-            check(train, f"training class list {config.train_classes}")
-        else:
-            train = {n: tuple(rots) for n in names if n not in val}
-        overlap = sorted(set(train) & set(val))
-        if overlap:
-            raise UserError(f"classes in both the training and validation lists: "
-                            f"{', '.join(overlap[:5])}")
-        return train, val
-    if config.split == "none":
-        return {n: tuple(rots) for n in names}, {}
-
-    rng = np.random.default_rng(config.seed)
-    n_val = max(config.val_way, round(config.val_fraction * len(names)))
-    if config.split == "groups":
-        groups: dict[str, list[str]] = {}
-        for n in names:
-            groups.setdefault(n.rpartition("/")[0] or n, []).append(n)
-        keys = sorted(groups)
-        if len(keys) < 2:
-            raise UserError("split 'groups' needs classes in at least two top-level folders")
-        val_names: list[str] = []
-        for i in rng.permutation(len(keys)):
-            if len(val_names) >= n_val:
-                break
-            val_names.extend(groups[keys[int(i)]])
-    else:
-        val_names = [names[int(i)] for i in rng.permutation(len(names))[:n_val]]
-    val_set = set(val_names)
-    train = {n: tuple(rots) for n in names if n not in val_set}
-    need_train = math.ceil(config.way / max(1, len(rots)))
-    if len(train) < need_train:
-        raise UserError(
-            f"the data has {len(names)} classes: too few for {config.way}-way training on "
-            f"{need_train} classes plus {len(val_set)} classes held out for "
-            f"{config.val_way}-way validation (use --split none, a smaller --way, or more "
-            "classes)")
-    return train, {n: (0,) for n in sorted(val_set)}
-
-
-def _check_counts(sel: dict[str, tuple[int, ...]], counts: dict[str, int],
-                  where: dict[str, str], way: int, need: int, what: str) -> None:
-    n_classes = sum(len(r) for r in sel.values())
-    if n_classes < way:
-        raise UserError(f"{way}-way {what} needs at least {way} classes, but there are "
-                        f"{n_classes}")
-    short = sorted(n for n in sel if counts.get(n, 0) < need)
-    if short:
-        desc = ", ".join(f"{n!r} in {where.get(n, '?')} ({counts.get(n, 0)} images)"
-                         for n in short[:5])
-        more = f" and {len(short) - 5} more" if len(short) > 5 else ""
-        raise UserError(f"class {desc}{more}: fewer than the {need} images (shot + query) "
-                        f"that {what} episodes need")
-
-
-def merge_images(parts: Sequence[Any]) -> Any:
-    """Concatenate InMemoryImages, merging classes of the same name."""
-    from fewshot_studio.data.datasets import InMemoryImages
-
-    if len(parts) == 1:
-        return parts[0]
-    names: list[str] = []
-    index: dict[str, int] = {}
-    images, targets, skipped = [], [], []
-    for p in parts:
-        mapping = torch.tensor([index.setdefault(n, len(index)) for n in p.class_names],
-                               dtype=torch.long)
-        for n in p.class_names:
-            if n not in names:
-                names.append(n)
-        images.append(p.images)
-        targets.append(mapping.to(p.targets.device)[p.targets])
-        skipped.extend(p.skipped)
-    return InMemoryImages(images=torch.cat(images), targets=torch.cat(targets),
-                          class_names=names, skipped=skipped)
-
-
-def _preload(datasets: Sequence[Any], sel: dict[str, tuple[int, ...]], pre: Preprocess,
-             size: int | None, device: torch.device) -> Any:
-    from fewshot_studio.data.datasets import preload
-
-    parts = []
-    for ds in datasets:
-        mine = [n for n in ds.class_names if n in sel]
-        if not mine:
-            continue
-        rots = sorted({r for n in mine for r in sel[n]})
-        sub = ds.select(mine)
-        imgs = preload(sub, pre, rotations=rots, size=size)
-        wanted = [rotation_name(n, r) if rots != [0] else n for n in mine for r in sel[n]]
-        if rots != [0]:
-            wanted = [_loaded_name(imgs.class_names, w) for w in wanted]
-        if wanted != list(imgs.class_names):
-            imgs = imgs.subset_classes(wanted)
-        parts.append(imgs)
-    return merge_images(parts).to(device)
-
-
-def _loaded_name(loaded: Sequence[str], wanted: str) -> str:
-    """The name preload gave a rotated class (rotation 0 may carry no suffix)."""
-    if wanted in loaded:
-        return wanted
-    base, rot = _split_rotation(wanted)
-    if rot == 0 and base in loaded:
-        return base
-    return wanted
-
-
-def prepare_data(config: TrainConfig, device: torch.device) -> TrainData:
-    """Open the datasets, choose the split, check counts (UserError before any loading) and
-    preload train / validation images as uint8 onto ``device``."""
-    datasets = _open_datasets(config.data)
-    counts: dict[str, int] = {}
-    where: dict[str, str] = {}
-    for ds in datasets:
-        per_class = np.bincount(np.asarray(ds.targets), minlength=len(ds.class_names))
-        for i, n in enumerate(ds.class_names):
-            counts[n] = counts.get(n, 0) + int(per_class[i])
-            where.setdefault(n, str(ds.root))
-    train_sel, val_sel = choose_split(config, list(counts))
-    _check_counts(train_sel, counts, where, config.way, config.shot + config.query, "training")
-    val_query = config.val_query
-    if config.has_validation and val_sel:
-        if val_query is None:
-            val_query = default_query(config.val_shot, min(counts[n] for n in val_sel))
-        _check_counts(val_sel, counts, where, config.val_way, config.val_shot + val_query,
-                      "validation")
-    train = _preload(datasets, train_sel, config.preprocess, None, device)
-    val = None
-    if config.has_validation and val_sel:
-        val = _preload(datasets, val_sel, config.preprocess, None, device)
-    skipped = list(train.skipped) + (list(val.skipped) if val is not None else [])
-    return TrainData(train, val, skipped, list(train.class_names),
-                     list(val.class_names) if val is not None else [], val_query or 1)
-
-
-# ----------------------------------------------------------------------------------------
-# model, schedule, batches
-# ----------------------------------------------------------------------------------------
-def build_model(config: TrainConfig) -> tuple[FewShotClassifier, dict[str, Any]]:
-    """The model of ``config`` and its spec (for :func:`fewshot_studio.models.build_model`)."""
-    pre = config.preprocess
-    bkw = {"in_channels": pre.channels, "image_size": pre.image_size, **config.backbone_kwargs}
-    try:
-        backbone = create_backbone(config.backbone, **bkw)
-        model = create_method(config.method, backbone, **config.method_kwargs)
-    except KeyError as e:
-        raise UserError(str(e).strip("'\"")) from None
-    except (TypeError, ValueError) as e:
-        raise UserError(f"cannot build {config.method} on {config.backbone}: {e}") from None
-    config_fn = getattr(backbone, "config", None)
-    bcfg = config_fn() if callable(config_fn) else bkw
-    return model, model_spec(model, config.backbone, bcfg)
-
-
-def lr_at(config: TrainConfig, step: int) -> float:
-    """Learning rate for optimiser step ``step`` (0-based)."""
-    if config.warmup and step < config.warmup:
-        return config.lr * (step + 1) / config.warmup
-    if config.schedule == "step":
-        return config.lr * config.gamma ** (step // max(1, config.step_size))
-    if config.schedule == "cosine":
-        span = max(1, config.episodes - config.warmup)
-        t = min(1.0, (step - config.warmup) / span)
-        floor = config.lr * config.min_lr_ratio
-        return floor + (config.lr - floor) * 0.5 * (1 + math.cos(math.pi * t))
-    return config.lr
-
-
-def _mean_std(pre: Preprocess, device: torch.device) -> tuple[Tensor, Tensor]:
-    """``(1, C, 1, 1)`` mean and std of ``pre`` on ``device``."""
-    c = pre.channels
-    mean = torch.tensor(pre.mean, dtype=torch.float32).expand(c).reshape(1, c, 1, 1)
-    std = torch.tensor(pre.std, dtype=torch.float32).expand(c).reshape(1, c, 1, 1)
-    return mean.to(device), std.to(device)
-
-
-class BatchMaker:
-    """Turns sampled episodes into normalised (and augmented) image batches on the device."""
-
-    def __init__(self, images: Tensor, pre: Preprocess, augment: str,
-                 generator: torch.Generator, strength: float = 1.0) -> None:
-        self.images = images  # (N, C, H, W) uint8 on the device
-        self.pre = pre
-        self.augment = augment
-        self.strength = strength
-        self.generator = generator
-        self.device = images.device
-        self.mean, self.std = _mean_std(pre, images.device)
-
-    def _images(self, idx: Tensor) -> Tensor:
-        """``(T, n)`` indices -> ``(T, n, C, H, W)`` float images."""
-        t, n = idx.shape
-        x = self.images[idx.reshape(-1).to(self.device, non_blocking=True)].float().div_(255.0)
-        if self.augment == "omniglot":
-            from fewshot_studio.data.augment import omniglot_augment
-
-            x = omniglot_augment(x, self.generator, strength=self.strength)
-        elif self.augment == "photo":
-            from fewshot_studio.data.augment import photo_augment
-
-            x = photo_augment(x, self.generator, self.pre.image_size, strength=self.strength)
-        x = (x - self.mean) / self.std
-        return x.reshape(t, n, *x.shape[1:])
-
-    def __call__(self, episodes: Sequence[Any]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """T episodes -> ``(T, n_s, C, H, W)``, ``(T, n_s)``, ``(T, n_q, C, H, W)``,
-        ``(T, n_q)``."""
-        b = stack_episodes(episodes)
-        n_s = b.support.shape[1]
-        x = self._images(torch.cat([b.support, b.query], dim=1))
-        return (x[:, :n_s], b.support_labels.to(self.device, non_blocking=True),
-                x[:, n_s:], b.query_labels.to(self.device, non_blocking=True))
-
-
-def train_step(step_module: nn.Module, opt: torch.optim.Optimizer,
-               batch: tuple[Tensor, Tensor, Tensor, Tensor], amp: bool = False,
-               grad_clip: float | None = None) -> tuple[Tensor, Tensor]:
-    """One optimiser step on a task batch (see :class:`BatchMaker`); ``step_module`` maps it
-    to ``(loss, accuracy)`` (:func:`distributed.wrap`). Returns them, not synchronised."""
-    device_type = batch[0].device.type
-    with torch.autocast(device_type, dtype=torch.bfloat16, enabled=amp):
-        loss, acc = step_module(*batch)
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    if grad_clip:
-        nn.utils.clip_grad_norm_(
-            [p for g in opt.param_groups for p in g["params"]], grad_clip)
-    opt.step()
-    return loss, acc
-
-
-# ----------------------------------------------------------------------------------------
-# train state (resume): safetensors tensors + JSON, never pickle
-# ----------------------------------------------------------------------------------------
-def _optimizer_to_flat(opt: torch.optim.Optimizer) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    sd = opt.state_dict()
-    tensors: dict[str, Tensor] = {}
-    scalars: dict[str, dict[str, Any]] = {}
-    for pid, st in sd["state"].items():
-        for k, v in st.items():
-            if isinstance(v, Tensor):
-                tensors[f"optim.{pid}.{k}"] = v.detach().cpu().contiguous()
-            else:
-                scalars.setdefault(str(pid), {})[k] = v
-    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
-
-
-def _optimizer_from_flat(opt: torch.optim.Optimizer, tensors: dict[str, Tensor],
-                         meta: dict[str, Any]) -> None:
-    state: dict[int, dict[str, Any]] = {}
-    for key, v in tensors.items():
-        if key.startswith("optim."):
-            _, pid, name = key.split(".", 2)
-            state.setdefault(int(pid), {})[name] = v
-    for pid, sc in meta.get("scalars", {}).items():
-        state.setdefault(int(pid), {}).update(sc)
-    groups = meta["param_groups"]
-    for g in groups:
-        if "betas" in g:
-            g["betas"] = tuple(g["betas"])
-    opt.load_state_dict({"state": state, "param_groups": groups})
-
-
-def save_train_state(path: Path, model: nn.Module, opt: torch.optim.Optimizer,
-                     meta: dict[str, Any], rng_states: Sequence[Tensor]) -> None:
-    """Write weights, optimiser state, RNG states and ``meta`` (JSON) atomically."""
-    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    opt_tensors, opt_meta = _optimizer_to_flat(opt)
-    tensors.update(opt_tensors)
-    for r, s in enumerate(rng_states):
-        tensors[f"rng.{r}"] = s.cpu().contiguous()
-    tensors["rng.torch"] = torch.get_rng_state()
-    header = {"format": STATE_FORMAT, "meta": json.dumps({**meta, "optimizer": opt_meta})}
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(tensors, str(tmp), metadata=header)
-    os.replace(tmp, path)
-
-
-def load_train_state(path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """``(tensors, meta)`` of a train-state file; UserError when missing or damaged."""
-    from safetensors import safe_open
-
-    if not path.is_file():
-        raise UserError(f"nothing to resume: {path} not found (start without --resume)")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            header = f.metadata() or {}
-        tensors = load_file(str(path))
-        if header.get("format") != STATE_FORMAT:
-            raise ValueError("not a training state file")
-        meta = json.loads(header["meta"])
-    except (SafetensorError, OSError, ValueError, KeyError) as e:
-        raise UserError(f"cannot resume from {path}: {e}") from None
-    return tensors, meta
-
-
-# ----------------------------------------------------------------------------------------
-# the training loop
-# ----------------------------------------------------------------------------------------
 @dataclass
 class TrainResult:
     """The final :class:`Progress` payload. ``model`` is this process's trained model."""
@@ -639,7 +274,7 @@ def _train(config: TrainConfig, resume: bool, info: distributed.DistInfo
                 g["lr"] = lr
             loss, acc = train_step(step_module, opt,
                                    batches(sampler.sample_batch(config.meta_batch)),
-                                   amp=amp, grad_clip=config.grad_clip)
+                                   amp=amp, grad_clip=config.grad_clip, n_way=config.way)
             done = step + 1
             loss_sum += loss.detach().float()
             acc_sum += acc.detach().float()
@@ -707,31 +342,3 @@ def _train(config: TrainConfig, resume: bool, info: distributed.DistInfo
                    payload=TrainResult(run_dir, done, run_dir / BEST if info.is_main else None,
                                        run_dir / LAST if info.is_main else None, best_val,
                                        data.skipped, model, done < config.episodes))
-
-
-def load_eval_images(data: Sequence[str], pre: Preprocess, classes: str | None = None,
-                     splits_dir: str | None = None,
-                     device: str | torch.device = "cpu") -> Any:
-    """Preload evaluation images (uint8 InMemoryImages on ``device``) from one or more
-    datasets. ``classes``: None (every class), a file with one class per line, or a split
-    name (``vinyals_test``, ``test`` ...); ``/rotNNN`` suffixes add rotated classes."""
-    datasets = _open_datasets(data)
-    names: dict[str, None] = {}
-    for ds in datasets:
-        names.update(dict.fromkeys(ds.class_names))
-    if classes is None:
-        sel = {n: (0,) for n in names}
-    else:
-        lines = (_read_class_list(classes) if Path(classes).expanduser().is_file()
-                 else _split_file(classes, splits_dir))
-        sel = _selection(lines, (0,))
-        missing = sorted(set(sel) - set(names))
-        if missing:
-            more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
-            raise UserError(f"{len(missing)} classes of {classes} are not in the data: "
-                            f"{', '.join(missing[:5])}{more}")
-    images = _preload(datasets, sel, pre, None, torch.device(device))
-    if images.skipped:
-        listed = "; ".join(f"{m} ({why})" for m, why in images.skipped[:10])
-        warnings.warn(f"skipped {len(images.skipped)} unreadable files: {listed}", stacklevel=2)
-    return images

@@ -1,0 +1,114 @@
+"""The pieces of one training step: the model of a config, the learning-rate schedule,
+episode batches on the device (:class:`BatchMaker`) and the optimiser step itself."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from fewshot_studio.data.preprocess import Preprocess
+from fewshot_studio.data.sampler import stack_episodes
+from fewshot_studio.errors import UserError
+from fewshot_studio.models import FewShotClassifier, create_backbone, create_method, model_spec
+from fewshot_studio.training.config import TrainConfig
+
+
+def build_model(config: TrainConfig) -> tuple[FewShotClassifier, dict[str, Any]]:
+    """The model of ``config`` and its spec (for :func:`fewshot_studio.models.build_model`)."""
+    pre = config.preprocess
+    bkw = {"in_channels": pre.channels, "image_size": pre.image_size, **config.backbone_kwargs}
+    try:
+        backbone = create_backbone(config.backbone, **bkw)
+        model = create_method(config.method, backbone, **config.method_kwargs)
+    except KeyError as e:
+        raise UserError(str(e).strip("'\"")) from None
+    except (TypeError, ValueError) as e:
+        raise UserError(f"cannot build {config.method} on {config.backbone}: {e}") from None
+    config_fn = getattr(backbone, "config", None)
+    bcfg = config_fn() if callable(config_fn) else bkw
+    return model, model_spec(model, config.backbone, bcfg)
+
+
+def lr_at(config: TrainConfig, step: int) -> float:
+    """Learning rate for optimiser step ``step`` (0-based)."""
+    if config.warmup and step < config.warmup:
+        return config.lr * (step + 1) / config.warmup
+    if config.schedule == "step":
+        return config.lr * config.gamma ** (step // max(1, config.step_size))
+    if config.schedule == "cosine":
+        span = max(1, config.episodes - config.warmup)
+        t = min(1.0, (step - config.warmup) / span)
+        floor = config.lr * config.min_lr_ratio
+        return floor + (config.lr - floor) * 0.5 * (1 + math.cos(math.pi * t))
+    return config.lr
+
+
+def _mean_std(pre: Preprocess, device: torch.device) -> tuple[Tensor, Tensor]:
+    """``(1, C, 1, 1)`` mean and std of ``pre`` on ``device``."""
+    c = pre.channels
+    mean = torch.tensor(pre.mean, dtype=torch.float32).expand(c).reshape(1, c, 1, 1)
+    std = torch.tensor(pre.std, dtype=torch.float32).expand(c).reshape(1, c, 1, 1)
+    return mean.to(device), std.to(device)
+
+
+class BatchMaker:
+    """Turns sampled episodes into normalised (and augmented) image batches on the device."""
+
+    def __init__(self, images: Tensor, pre: Preprocess, augment: str,
+                 generator: torch.Generator, strength: float = 1.0) -> None:
+        self.images = images  # (N, C, H, W) uint8 on the device
+        self.pre = pre
+        self.augment = augment
+        self.strength = strength
+        self.generator = generator
+        self.device = images.device
+        self.mean, self.std = _mean_std(pre, images.device)
+
+    def _images(self, idx: Tensor) -> Tensor:
+        """``(T, n)`` indices -> ``(T, n, C, H, W)`` float images."""
+        t, n = idx.shape
+        x = self.images[idx.reshape(-1).to(self.device, non_blocking=True)].float().div_(255.0)
+        if self.augment == "omniglot":
+            from fewshot_studio.data.augment import omniglot_augment
+
+            x = omniglot_augment(x, self.generator, strength=self.strength)
+        elif self.augment == "photo":
+            from fewshot_studio.data.augment import photo_augment
+
+            x = photo_augment(x, self.generator, self.pre.image_size, strength=self.strength)
+        x = (x - self.mean) / self.std
+        return x.reshape(t, n, *x.shape[1:])
+
+    def __call__(self, episodes: Sequence[Any]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """T episodes -> ``(T, n_s, C, H, W)``, ``(T, n_s)``, ``(T, n_q, C, H, W)``,
+        ``(T, n_q)``."""
+        b = stack_episodes(episodes)
+        n_s = b.support.shape[1]
+        x = self._images(torch.cat([b.support, b.query], dim=1))
+        return (x[:, :n_s], b.support_labels.to(self.device, non_blocking=True),
+                x[:, n_s:], b.query_labels.to(self.device, non_blocking=True))
+
+
+def train_step(step_module: nn.Module, opt: torch.optim.Optimizer,
+               batch: tuple[Tensor, Tensor, Tensor, Tensor], amp: bool = False,
+               grad_clip: float | None = None, n_way: int | None = None
+               ) -> tuple[Tensor, Tensor]:
+    """One optimiser step on a task batch (see :class:`BatchMaker`); ``step_module`` maps it
+    to ``(loss, accuracy)`` (:func:`distributed.wrap`). Returns them, not synchronised.
+    ``n_way``: the batch's classes per task, passed on to ``step_module`` when given (saves
+    the model inferring it from the labels, a device sync per step)."""
+    device_type = batch[0].device.type
+    with torch.autocast(device_type, dtype=torch.bfloat16, enabled=amp):
+        loss, acc = step_module(*batch) if n_way is None else step_module(*batch, n_way=n_way)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip:
+        nn.utils.clip_grad_norm_(
+            [p for g in opt.param_groups for p in g["params"]], grad_clip)
+    opt.step()
+    return loss, acc
+

@@ -1,0 +1,83 @@
+"""The resume state of a training run: weights + optimiser state + RNG states + JSON
+metadata in one ``.safetensors`` file (tensors as safetensors, the rest as JSON in its header;
+never a pickle)."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from fewshot_studio.errors import UserError
+
+STATE_FORMAT = "fewshot-studio-train-state/1"
+
+
+def _optimizer_to_flat(opt: torch.optim.Optimizer) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    sd = opt.state_dict()
+    tensors: dict[str, Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for pid, st in sd["state"].items():
+        for k, v in st.items():
+            if isinstance(v, Tensor):
+                tensors[f"optim.{pid}.{k}"] = v.detach().cpu().contiguous()
+            else:
+                scalars.setdefault(str(pid), {})[k] = v
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def _optimizer_from_flat(opt: torch.optim.Optimizer, tensors: dict[str, Tensor],
+                         meta: dict[str, Any]) -> None:
+    state: dict[int, dict[str, Any]] = {}
+    for key, v in tensors.items():
+        if key.startswith("optim."):
+            _, pid, name = key.split(".", 2)
+            state.setdefault(int(pid), {})[name] = v
+    for pid, sc in meta.get("scalars", {}).items():
+        state.setdefault(int(pid), {}).update(sc)
+    groups = meta["param_groups"]
+    for g in groups:
+        if "betas" in g:
+            g["betas"] = tuple(g["betas"])
+    opt.load_state_dict({"state": state, "param_groups": groups})
+
+
+def save_train_state(path: Path, model: nn.Module, opt: torch.optim.Optimizer,
+                     meta: dict[str, Any], rng_states: Sequence[Tensor]) -> None:
+    """Write weights, optimiser state, RNG states and ``meta`` (JSON) atomically."""
+    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    opt_tensors, opt_meta = _optimizer_to_flat(opt)
+    tensors.update(opt_tensors)
+    for r, s in enumerate(rng_states):
+        tensors[f"rng.{r}"] = s.cpu().contiguous()
+    tensors["rng.torch"] = torch.get_rng_state()
+    header = {"format": STATE_FORMAT, "meta": json.dumps({**meta, "optimizer": opt_meta})}
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(tensors, str(tmp), metadata=header)
+    os.replace(tmp, path)
+
+
+def load_train_state(path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """``(tensors, meta)`` of a train-state file; UserError when missing or damaged."""
+    from safetensors import safe_open
+
+    if not path.is_file():
+        raise UserError(f"nothing to resume: {path} not found (start without --resume)")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            header = f.metadata() or {}
+        tensors = load_file(str(path))
+        if header.get("format") != STATE_FORMAT:
+            raise ValueError("not a training state file")
+        meta = json.loads(header["meta"])
+    except (SafetensorError, OSError, ValueError, KeyError) as e:
+        raise UserError(f"cannot resume from {path}: {e}") from None
+    return tensors, meta
+
