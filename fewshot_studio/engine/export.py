@@ -13,7 +13,6 @@ where each row has the CSV's fields with JSON types (numbers, null, booleans).
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import io
 import json
@@ -27,6 +26,7 @@ from typing import Any
 
 from fewshot_studio.engine.api import Prediction, Status
 from fewshot_studio.errors import UserError
+from fewshot_studio.io.atomic import atomic_write_text
 from fewshot_studio.progress import Progress
 
 CSV_COLUMNS = ("path", "label", "confidence", "margin", "status", "error",
@@ -34,8 +34,6 @@ CSV_COLUMNS = ("path", "label", "confidence", "margin", "status", "error",
 JSON_FORMAT = "fewshot-studio/labels-1"
 UNKNOWN_FOLDER = "_unknown"
 
-_UMASK = os.umask(0o022)  # read once, at import (umask is process-wide)
-os.umask(_UMASK)
 
 
 def display_path(path: Path, root: Path, absolute_paths: bool = False) -> str:
@@ -84,28 +82,12 @@ def _sorted(predictions: Sequence[Prediction]) -> list[Prediction]:
 
 
 def atomic_write(out: str | os.PathLike[str], write: Callable[[io.TextIOBase], None]) -> Path:
-    """Write a UTF-8 text file through ``write(f)`` into a temp file beside ``out``, then
-    ``os.replace`` it over ``out``: readers see the old file or the new one, never half of
-    one, and a failure leaves no temp file behind."""
-    out = Path(out)
-    parent = out.parent if str(out.parent) else Path(".")
+    """Write a UTF-8 text file through ``write(f)`` atomically (:mod:`fewshot_studio.io.atomic`);
+    an output that cannot be created is a UserError."""
     try:
-        fd, tmp = tempfile.mkstemp(dir=parent, prefix=f".{out.name}.", suffix=".tmp")
+        return atomic_write_text(out, write)
     except OSError as e:
         raise UserError(f"cannot write {out}: {e.strerror or e}") from None
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        with contextlib.suppress(OSError):
-            mode = out.stat().st_mode & 0o7777 if out.exists() else 0o666 & ~_UMASK
-            os.chmod(tmp, mode)
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return out
 
 
 def ensure_writable(out: str | os.PathLike[str]) -> Path:

@@ -14,7 +14,6 @@ import io
 import json
 import logging
 import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from fewshot_studio.data.preprocess import Preprocess
+from fewshot_studio.io.atomic import atomic_path
 
 OPSET = 18
 INPUT_NAME = "images"
@@ -88,9 +88,8 @@ def export_embed_onnx(model: nn.Module, pre: Preprocess, out: str | os.PathLike[
     model = model.to("cpu").eval()
     module = _Embed(model).eval()
     x = example_input(pre, 2)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(out) as tmp_path:
+        tmp = str(tmp_path)
         errors = []
         for exporter in (_export_legacy, _export_dynamo):
             try:
@@ -111,10 +110,6 @@ def export_embed_onnx(model: nn.Module, pre: Preprocess, out: str | os.PathLike[
             entry = proto.metadata_props.add()
             entry.key, entry.value = k, v
         onnx.save(proto, tmp)
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return out
 
 

@@ -13,7 +13,6 @@ import contextlib
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ from typing import Any
 from fewshot_studio import paths
 from fewshot_studio.engine.api import LabelSettings
 from fewshot_studio.errors import UserError
+from fewshot_studio.io.atomic import atomic_write_text
 
 PROJECT_SUFFIX = ".fsproj"
 FORMAT = "fewshot-studio-project/1"
@@ -135,14 +135,7 @@ def project_from_dict(doc: dict[str, Any], base: Path) -> Project:
 
 def _atomic_write_text(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_text(path, text)
 
 
 def save_project(project: Project, path: Path) -> Project:

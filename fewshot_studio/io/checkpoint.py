@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from fewshot_studio import __version__
 from fewshot_studio.data.preprocess import Preprocess
 from fewshot_studio.errors import UserError
+from fewshot_studio.io.atomic import atomic_path
 
 FORMAT = "fewshot-studio/1"
 _META_KEY = "fewshot_studio"
@@ -83,14 +83,8 @@ def save_checkpoint(path: str | os.PathLike[str], ckpt: Checkpoint,
             v = v.to(dtype)
         tensors[k] = v.contiguous()
     meta = {_META_KEY: json.dumps(ckpt.metadata(), sort_keys=True)}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=meta)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
     return path
 
 
