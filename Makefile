@@ -17,7 +17,7 @@ endif
 TORCH_INDEX ?=
 TORCH_PIP_ARGS := $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX),)
 
-.PHONY: setup run test lint bench package clean
+.PHONY: setup run test lint bench package package-test clean
 
 setup: $(STAMP)
 
@@ -49,6 +49,11 @@ package: $(STAMP)
 	$(PY) -m PyInstaller --noconfirm --clean --distpath dist --workpath build/pyinstaller \
 		packaging/fewshot_studio.spec
 	@du -sh dist/fewshot-studio
+
+# The built bundle's --version, checkpoints and --demo --screenshot, headless (a slow test).
+package-test: package
+	FEWSHOT_BUNDLE=dist/fewshot-studio QT_QPA_PLATFORM=offscreen $(PY) -m pytest -q -m slow \
+		tests/test_packaging.py
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info

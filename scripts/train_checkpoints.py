@@ -164,6 +164,13 @@ def sh(log: Log, name: str, cmd: list[str], logfile: Path | None = None,
     return subprocess.CompletedProcess(cmd, proc.returncode, out, "")
 
 
+def install(src: Path, dst: Path) -> None:
+    """Copy atomically (temp file + rename): readers never see half a checkpoint."""
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+
+
 # ---------------------------------------------------------------------------------------
 # budgets: the exact training arguments
 # ---------------------------------------------------------------------------------------
@@ -211,6 +218,11 @@ OMNIGLOT_TRAIN: dict[str, dict[str, list[str]]] = {
                  "--val-episodes", "600", "--val-way", "20", "--val-shot", "1",
                  "--log-every", "100"],
     },
+}
+# A second phase continuing a run (``train --resume``; the cosine schedule is recomputed for
+# the new total, i.e. a warm restart). ``--time-limit`` counts the first phase's time too.
+OMNIGLOT_CONTINUE: dict[str, dict[str, list[str]]] = {
+    "omniglot-protonet": {"cpu": ["--episodes", "3800", "--time-limit", "3150"]},
 }
 DESCRIPTIONS = {
     "omniglot-protonet": "Conv4 Prototypical Network (squared Euclidean), 28 px grayscale, "
@@ -299,7 +311,7 @@ def step_natural_baseline(ctx: Ctx) -> None:
     save_checkpoint(out, ckpt, dtype=torch.float16)
     target = CKPT_DIR / "natural-protonet.safetensors"
     if not target.exists() or not ctx.keep_existing:
-        shutil.copyfile(out, target)
+        install(out, target)
     ctx.log.add("natural-baseline", {"kind": "build", "cmd": "scripts/train_checkpoints.py "
                 "--steps natural-baseline (no training)", "wall_s": 0.0,
                 "hardware": hardware()}, replace=True)
@@ -353,8 +365,14 @@ def make_omniglot_step(name: str) -> Callable[[Ctx], None]:
         cmd = train_cmd(name, OMNI_COMMON + OMNIGLOT_TRAIN[name][ctx.budget],
                         [omniglot("background")], out)
         best = run_training(ctx, name, cmd, out)
+        more = OMNIGLOT_CONTINUE.get(name, {}).get(ctx.budget)
+        if more:
+            total = int(more[more.index("--episodes") + 1])
+            if load_checkpoint(out / "last.safetensors").training.get("step", 0) < total:
+                sh(ctx.log, name, [EXE, "train", "--resume", "--out", str(out), "--device",
+                                   "auto", *more], Path(f"/tmp/train_{name}.log"))
         target = CKPT_DIR / f"{name}.safetensors"
-        shutil.copyfile(best, target)
+        install(best, target)
         omniglot_eval(ctx, name, target)
     return step
 
@@ -492,24 +510,27 @@ def head_model(ckpt: Checkpoint) -> nn.Module:
 NATURAL_CPU: dict[str, dict[str, Any]] = {
     "natural-protonet": {"method": "protonet",
                          "kwargs": {"pool": "avg", "distance": "cosine", "learn_scale": True},
-                         "way": 10, "shot": 1, "query": 10, "steps": 300, "lr_head": 5e-5,
+                         "way": 10, "shot": 1, "query": 10, "steps": 1500, "lr_head": 2e-4,
                          "lr_method": 1e-3},
     "natural-relation": {"method": "relation",
                          "kwargs": {"module": "mlp", "hidden": 256, "fc_hidden": 8},
-                         "way": 5, "shot": 1, "query": 15, "steps": 300, "lr_head": 5e-5,
+                         "way": 5, "shot": 1, "query": 15, "steps": 2000, "lr_head": 1e-4,
                          "lr_method": 1e-3},
     "natural-maml": {"method": "maml",
                      "kwargs": {"anil": True, "pool": "avg", "meta_sgd": True,
                                 "inner_steps": 3, "inner_lr": 0.01, "first_order": False},
-                     "way": 5, "shot": 1, "query": 15, "steps": 250, "lr_head": 5e-5,
+                     "way": 5, "shot": 1, "query": 15, "steps": 1500, "lr_head": 3e-4,
                      "lr_method": 1e-3},
 }
+VAL_EVERY = 100
+GRAD_CLIP = 5.0
 
 
 def train_on_cached(ctx: Ctx, name: str) -> None:
     """cpu budget: meta-train Lite0's last 1x1 conv + BN (BN statistics frozen) and the
     method's parameters on cached stem+blocks outputs of the Caltech training classes;
-    validation (5w1s, 300 fixed episodes) on the Caltech validation classes every 50 steps;
+    validation (5w1s, 300 fixed episodes) on the Caltech validation classes every
+    ``VAL_EVERY`` steps; gradient norm clipped to ``GRAD_CLIP``;
     keeps the best. Written only if it beats the baseline on validation."""
     import math
 
@@ -565,8 +586,10 @@ def train_on_cached(ctx: Ctx, name: str) -> None:
                                     ep.query_labels[None])
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]],
+                                       GRAD_CLIP)
         opt.step()
-        if step % 50 == 0 or step == steps:
+        if step % VAL_EVERY == 0 or step == steps:
             v = val()
             rows.append({"step": step, "loss": loss.item(), "acc": acc.item(), "val_acc": v,
                          "elapsed_s": round(time.time() - t0, 1)})
@@ -615,7 +638,7 @@ def train_on_cached(ctx: Ctx, name: str) -> None:
         print(f"[{name}] did not beat the baseline on validation ({100 * best:.2f}% <= "
               f"{100 * base_val:.2f}%): the baseline stays bundled")
         return
-    shutil.copyfile(out, CKPT_DIR / f"{name}.safetensors")
+    install(out, CKPT_DIR / f"{name}.safetensors")
     print(f"[{name}] -> checkpoints/{name}.safetensors (val 5w1s {100 * best:.2f}%, baseline "
           f"{100 * base_val:.2f}%{'' if beats else ': NOT better than the baseline'})")
 
@@ -649,7 +672,7 @@ def make_natural_step(name: str) -> Callable[[Ctx], None]:
             print(f"[{name}] {100 * trained:.2f}% <= baseline {100 * base:.2f}% on validation: "
                   "the baseline stays bundled")
             return
-        shutil.copyfile(fp16, CKPT_DIR / f"{name}.safetensors")
+        install(fp16, CKPT_DIR / f"{name}.safetensors")
     return step
 
 
@@ -758,8 +781,8 @@ NOTES = {
   weights; their outputs (320x7x7) for every image are computed once with ONNX Runtime;
   only the last 1x1 convolution + BN affine of the backbone (BN statistics frozen) and the
   method's own parameters (relation MLP, cosine scale, Meta-SGD rates) are meta-trained on
-  them, 5/10-way 1-shot episodes of the 60 Caltech training classes, best of every 50 steps on
-  300 validation episodes of the 20 Caltech validation classes. No photo augmentation (it
+  them, 5/10-way 1-shot episodes of the 60 Caltech training classes, best of every 100
+  steps on 300 validation episodes of the 20 Caltech validation classes. No photo augmentation (it
   would need the full backbone per step). The photo evaluations run on the same cached
   features with the same sampler and seed as `fewshot-studio eval`; the cross-check below
   shows the CLI, embedding with torch, gives the same figure.
@@ -775,7 +798,9 @@ NOTES = {
 def _acc(r: dict[str, Any] | None) -> str:
     if not r:
         return "not run"
-    return f"{100 * r['accuracy']:.2f} +- {100 * r['ci95']:.2f}"
+    n = r.get("episodes")
+    more = f" ({n} ep.)" if n and n != EVAL_EPISODES else ""
+    return f"{100 * r['accuracy']:.2f} +- {100 * r['ci95']:.2f}{more}"
 
 
 def _train_entry(log: Log, name: str) -> dict[str, Any] | None:
@@ -828,15 +853,17 @@ def step_card(ctx: Ctx) -> None:
           + " | ".join(_acc(ev.get(f"omniglot-evaluation {p}"))
                        for p in ("5w1s", "5w5s", "20w1s", "20w5s"))
           + f" | {c.training.get('step')} x {cfg.get('way')}w{cfg.get('shot')}s"
-          f"{cfg.get('query')}q (meta-batch {cfg.get('meta_batch')}) | "
+          f"{cfg.get('query')}q (meta-batch {cfg.get('meta_batch')}); validation "
+          f"{cfg.get('val_way')}w{cfg.get('val_shot')}s | "
           f"{c.training.get('wall_time_s')} s, "
           f"{(_train_entry(log, name) or {}).get('hardware', c.training.get('hardware'))} | "
           f"{bundled_checkpoints()[name].stat().st_size / 1e6:.2f} MB |")
     w("")
     w("Evaluation: 1000 episodes per protocol, 15 queries per class (20 - K for K > 5), "
       "on all 659 images_evaluation characters (no rotations); never used for training or "
-      "model selection. Validation (model selection): 10% of the background characters, "
-      "held out (seeded), unrotated, 20-way 1-shot.")
+      "model selection (except where a cell says fewer episodes). Validation (model "
+      "selection): 10% of the background characters, held out (seeded), unrotated, "
+      "protocol as in the episodes column.")
     w("")
     w("## Photos (EfficientNet-Lite0, 224 px RGB, mean = std = 0.5, centre crop)")
     w("")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib.util
 import io
-import os
 import zipfile
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+from fewshot_studio.data.splits import default_data_dir
 from fewshot_studio.models import BACKBONES, create_backbone
 from fewshot_studio.models.backbones import efficientnet_lite0 as lite0
 
@@ -137,9 +137,7 @@ def test_lite0_pretrained_converts_on_first_use() -> None:
     assert mean_cross_cosine(net) < mean_cross_cosine(random_net) - 0.05
 
 
-SHARED_DATA = Path(os.environ.get("FEWSHOT_SHARED_DATA",
-                                  Path(__file__).resolve().parents[2] / "shared" / "data"))
-CALTECH = SHARED_DATA / "caltech101" / "caltech101.zip"
+CALTECH = default_data_dir() / "caltech101" / "caltech101.zip"
 
 
 def _caltech_images(classes: list[str], per_class: int) -> torch.Tensor:

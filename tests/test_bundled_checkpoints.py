@@ -24,7 +24,8 @@ from fewshot_studio.paths import bundled_checkpoints, resources_dir
 from fewshot_studio.training.evaluate import fit_needs_grad
 
 BUNDLED = bundled_checkpoints()
-EXPECTED = ("omniglot-protonet", "natural-protonet")  # must always ship
+EXPECTED = ("omniglot-protonet", "omniglot-relation", "omniglot-maml", "natural-protonet",
+            "natural-relation", "natural-maml")  # must always ship
 OMNIGLOT_WAY, OMNIGLOT_PER_CLASS = 20, 5
 CALTECH_WAY, CALTECH_PER_CLASS = 5, 4
 # Floors far above chance (5% at 20-way, 20% at 5-way) and well below what the models measure

@@ -64,6 +64,10 @@ def test_desktop_entry_and_icons() -> None:
     keys = dict(line.split("=", 1) for line in lines[1:] if "=" in line)
     assert keys["Type"] == "Application" and keys["Exec"].split()[0] == "fewshot-studio"
     assert (paths.resources_dir() / "icons" / f"{keys['Icon']}.svg").is_file()
+    if validate := shutil.which("desktop-file-validate"):  # Debian's desktop-file-utils
+        proc = subprocess.run([validate, str(REPO / "packaging" / "fewshot-studio.desktop")],
+                              capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0 and "error" not in proc.stdout, proc.stdout
 
 
 @pytest.fixture(scope="module")
@@ -137,7 +141,7 @@ def test_frozen_app_runs_headless(tmp_path: Path) -> None:
     FEWSHOT_BUNDLE to an already built dist/fewshot-studio folder to test that one instead.
     """
     if os.environ.get("FEWSHOT_BUNDLE"):
-        bundle = Path(os.environ["FEWSHOT_BUNDLE"])
+        bundle = Path(os.environ["FEWSHOT_BUNDLE"]).resolve()
     else:
         pytest.importorskip("PyInstaller")
         proc = subprocess.run(
@@ -149,6 +153,11 @@ def test_frozen_app_runs_headless(tmp_path: Path) -> None:
         bundle = tmp_path / "dist" / "fewshot-studio"
     exe = bundle / "fewshot-studio"
     assert exe.is_file()
+    # Installed system-wide, every user must be able to read the bundled data (the working
+    # tree may hold checkpoints written 0600).
+    private = [p for p in (bundle / "_internal" / "fewshot_studio").rglob("*")
+               if p.is_file() and not p.stat().st_mode & 0o004]
+    assert not private, f"not readable by other users: {private[:3]}"
     home = tmp_path / "home"
     env = _env(XDG_CACHE_HOME=str(home / "cache"), XDG_DATA_HOME=str(home / "data"),
                XDG_CONFIG_HOME=str(home / "config"), XDG_STATE_HOME=str(home / "state"))

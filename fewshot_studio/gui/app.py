@@ -39,6 +39,7 @@ def make_app(argv: list[str] | None = None) -> QApplication:
     app.setApplicationName("FewShot Studio")
     app.setOrganizationName("FewShotStudio")
     app.setApplicationVersion(__version__)
+    app.setDesktopFileName("fewshot-studio")
     app.setWindowIcon(app_icon())
     apply_style(app)
     # Worker threads run Python too (decoding, the engine's head); a short GIL switch
