@@ -340,9 +340,40 @@ def test_eval_meta_loss_under_no_grad() -> None:
     assert not loss_v.requires_grad and not loss_l.requires_grad
     assert loss_v.item() == pytest.approx(loss_l.item(), abs=1e-10)
     assert acc_v.item() == pytest.approx(acc_l.item())
-    # and fit() with the same number of steps gives the same query loss on task 0
+    # and fit() with the same number of steps gives the same query loss on task 0 when its
+    # predictor normalises queries as meta_loss does (query-batch statistics)
     sx, sy, qx, qy = (a[0] for a in tasks)
+    model.query_norm = "batch"
     with torch.no_grad():
         logits = model.fit(model.embed(sx), sy, 4)(model.embed(qx))
     single, _ = meta_loss_loop(model, *(a[:1] for a in tasks))
     assert F.cross_entropy(logits, qy).item() == pytest.approx(single.item(), abs=1e-10)
+
+
+@pytest.mark.parametrize("query_norm", ["support", "support+query"])
+def test_full_maml_query_prediction_independent_of_batch(query_norm: str) -> None:
+    """Eval mode: a query scored alone, in a tiny chunk or in a big batch gets the same
+    logits (the engine scores queries in chunks); the "batch" statistics of Finn et al. do
+    not have this property."""
+    model = _maml(inner_steps=1, test_inner_steps=2, inner_lr=0.3,
+                  query_norm=query_norm).eval()
+    sx, sy, qx, _ = (a[0] for a in _image_tasks(1, 3, 2, 4, seed=5))
+    with torch.no_grad():
+        predictor = model.fit(sx, sy, 3)
+        batch = predictor(qx)
+        alone = torch.cat([predictor(qx[i:i + 1]) for i in range(len(qx))])
+        chunks = torch.cat([predictor(qx[:2]), predictor(qx[2:7]), predictor(qx[7:])])
+    assert batch.shape == (12, 3)
+    torch.testing.assert_close(alone, batch, atol=1e-10, rtol=0)
+    torch.testing.assert_close(chunks, batch, atol=1e-10, rtol=0)
+    if query_norm == "support":
+        # the support set scored this way is the plain forward on the support batch
+        torch.testing.assert_close(predictor(sx), model.logits(predictor.weights, sx))
+    model.query_norm = "batch"
+    with torch.no_grad():
+        b_batch = model.fit(sx, sy, 3)(qx)
+        b_chunks = torch.cat([predictor(qx[:6]), predictor(qx[6:])])
+    assert not torch.allclose(b_batch, b_chunks, atol=1e-6)
+    assert model.config()["query_norm"] == "batch"
+    with pytest.raises(ValueError, match="query_norm"):
+        _maml(query_norm="running")

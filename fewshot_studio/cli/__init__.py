@@ -14,7 +14,7 @@ from fewshot_studio import __version__
 from fewshot_studio.errors import UserError
 
 # Modules under fewshot_studio.cli, each registering one or more subcommands.
-SUBCOMMAND_MODULES = ("train", "evaluate", "label", "checkpoints", "export_onnx")
+SUBCOMMAND_MODULES = ("train", "evaluate", "label", "checkpoints", "export_onnx", "calibrate")
 
 
 def build_parser() -> argparse.ArgumentParser:

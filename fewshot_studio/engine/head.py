@@ -50,6 +50,7 @@ class PredictionHead:
     _store: _QueryStore
     _preds: list[Prediction | None]
     _support_dirty: bool
+    temperature: float = 1.0  # logits / T before the softmax (calibration); set per checkpoint
 
     def _support_tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
         feats: list[np.ndarray] = []
@@ -95,6 +96,10 @@ class PredictionHead:
         return contextlib.nullcontext() if self._identity_embed else _torch_threads(1)
 
     def _probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        """``(n, n_way)`` logits -> probabilities of ``logits / temperature``."""
+        t = float(self.temperature)
+        if t != 1.0:
+            logits = logits / t
         fn = getattr(self.model, "probabilities", None)
         if callable(fn):
             return fn(logits)
@@ -107,13 +112,14 @@ class PredictionHead:
         A Euclidean ProtoNet predictor takes a fast path: softmax is unchanged by a per-row
         constant, so ``-s * ||q - p||^2`` becomes ``s * (2 q.p - ||p||^2)`` (one matrix
         product, no pass over ``||q||^2``). Anything else: softmax of ``predictor(q)`` (or the
-        model's own ``probabilities(logits)`` when it has one)."""
+        model's own ``probabilities(logits)`` when it has one). Both divide the logits by the
+        checkpoint's calibration ``temperature`` (the fast path folds ``1/T`` into ``s``)."""
         protos = getattr(predictor, "prototypes", None)
         owner = getattr(predictor, "model", None)
         if (isinstance(protos, torch.Tensor) and owner is self.model
                 and getattr(owner, "distance", None) == "euclidean"
                 and not callable(getattr(self.model, "probabilities", None))):
-            scale = float(getattr(owner, "scale", 1.0))
+            scale = float(getattr(owner, "scale", 1.0)) / float(self.temperature)
             p = protos.detach().reshape(protos.shape[0], -1).float()
             p2, psq = 2.0 * scale * p, (scale * p.pow(2).sum(-1)).unsqueeze(-1)
 
@@ -145,8 +151,8 @@ class PredictionHead:
     def _head_chunk(self, score: Callable[[torch.Tensor], torch.Tensor]) -> int:
         """Queries per head call: all of them for the ProtoNet fast path (a view and one
         matrix product); else ~64 MB of features x classes (relation pairs); 64 images for
-        full MAML, whose head is the whole network (and whose batch statistics then come
-        from those 64 queries)."""
+        full MAML, whose head is the whole network (its predictor normalises queries with
+        support-set statistics, so the chunking does not change any prediction)."""
         if getattr(score, "__name__", "") == "fast":
             return _HEAD_CHUNK
         if self._identity_embed:

@@ -69,6 +69,7 @@ class LabelingSession(EmbeddingPipeline, PredictionHead):
                  cache_path: Path | None = None, backend: str = "auto") -> None:
         from fewshot_studio.io.checkpoint import CheckpointError, load_checkpoint
         from fewshot_studio.paths import resolve_checkpoint
+        from fewshot_studio.training.calibrate import temperature_from_metadata
 
         path = resolve_checkpoint(str(checkpoint))
         ckpt = load_checkpoint(path)
@@ -81,6 +82,8 @@ class LabelingSession(EmbeddingPipeline, PredictionHead):
         self.checkpoint_name = ckpt.name or path.stem
         self.checkpoint_metadata = ckpt.metadata()
         self.preprocess = ckpt.preprocess
+        # temperature scaling (Guo et al. 2017) fitted by `fewshot-studio calibrate`; 1 if none
+        self.temperature = temperature_from_metadata(ckpt.evaluation)
         self.model = model.float().eval()
         self._identity_embed = embed_is_identity(self.model, ckpt.preprocess)
         for p in self.model.parameters():

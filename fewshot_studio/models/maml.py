@@ -23,7 +23,8 @@ loop trains the backbone through it.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+import contextlib
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -210,16 +211,84 @@ def proto_head(support_features: Tensor, support_labels: Tensor, n_way: int) -> 
     return {HEAD_W: 2.0 * protos, HEAD_B: -protos.pow(2).sum(-1)}
 
 
+QUERY_NORMS = ("support", "support+query", "batch")
+
+
+def _batch_stat_norms(module: nn.Module) -> list[nn.Module]:
+    """The batch-statistics norm layers of ``module`` (BatchStatNorm2d, or BatchNorm without
+    running statistics)."""
+    from fewshot_studio.models.backbones.conv4 import BatchStatNorm2d
+
+    return [m for m in module.modules()
+            if isinstance(m, BatchStatNorm2d)
+            or (isinstance(m, nn.modules.batchnorm._BatchNorm) and not m.track_running_stats)]
+
+
+@contextlib.contextmanager
+def reference_statistics(module: nn.Module, groups: int, ref_rows: int) -> Iterator[None]:
+    """Within the block, every batch-statistics norm layer of ``module`` normalises its input
+    ``(n, C, *spatial)``, viewed as ``groups`` groups of ``n // groups`` consecutive rows, with
+    the mean and (biased) variance of the first ``ref_rows`` rows of each group, then applies
+    its (possibly fast, via ``functional_call``) ``weight`` and ``bias``.
+
+    ``groups=1, ref_rows=n_s`` on ``cat([support, queries])``: statistics of the support set
+    only, so a query's output does not depend on the other queries."""
+
+    def hook(mod: nn.Module, inputs: tuple[Tensor, ...], _out: Tensor) -> Tensor:
+        x = inputs[0]
+        g = x.reshape(groups, x.shape[0] // groups, *x.shape[1:])
+        ref = g[:, :ref_rows]
+        dims = [1, *range(3, g.dim())]
+        var, mean = torch.var_mean(ref, dim=dims, unbiased=False, keepdim=True)
+        y = (g - mean) * torch.rsqrt(var + mod.eps)
+        shape = (1, 1, -1, *([1] * (g.dim() - 3)))
+        if getattr(mod, "weight", None) is not None:
+            y = y * mod.weight.view(shape)
+        if getattr(mod, "bias", None) is not None:
+            y = y + mod.bias.view(shape)
+        return y.reshape(x.shape)
+
+    handles = [m.register_forward_hook(hook) for m in _batch_stat_norms(module)]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
 @dataclass(frozen=True, eq=False)
 class MAMLPredictor:
     """Adapted weights closed over: ``(n_q, *feature_shape)`` query features (ANIL: backbone
-    features; full MAML: preprocessed images) -> ``(n_q, n_way)`` logits."""
+    features; full MAML: preprocessed images) -> ``(n_q, n_way)`` logits.
+
+    Full MAML (batch-statistics BatchNorm, as in Finn et al.) in eval mode: ``support`` holds
+    the ``(n_s, C, H, W)`` support images and the model's ``query_norm`` says which statistics
+    normalise the queries, so that (except for ``"batch"``) a query's logits do not depend on
+    the other queries it is scored with: ``"support"`` (the adapted network's statistics on
+    the support set), ``"support+query"`` (on the support set plus that query alone),
+    ``"batch"`` (the query batch itself, Finn et al.; depends on the batch)."""
 
     weights: Params
     model: MAMLClassifier
+    support: Tensor | None = None
 
     def __call__(self, query_features: Tensor) -> Tensor:
-        return self.model.logits(self.weights, query_features)
+        mode = self.model.query_norm
+        if self.support is None or mode == "batch" or self.model.anil:
+            return self.model.logits(self.weights, query_features)
+        s = self.support.to(query_features.dtype)
+        n_s, n_q = s.shape[0], query_features.shape[0]
+        if n_q == 0:
+            return self.model.logits(self.weights, query_features)
+        if mode == "support":
+            with reference_statistics(self.model.backbone, 1, n_s):
+                return self.model.logits(self.weights, torch.cat([s, query_features]))[n_s:]
+        # support+query: one group (support, q_i) per query, each normalised on itself
+        groups = torch.cat([s.unsqueeze(0).expand(n_q, *s.shape),
+                            query_features.unsqueeze(1)], dim=1)
+        with reference_statistics(self.model.backbone, n_q, n_s + 1):
+            logits = self.model.logits(self.weights, groups.flatten(0, 1))
+        return logits.view(n_q, n_s + 1, -1)[:, n_s]
 
 
 @METHODS.register("maml")
@@ -234,8 +303,11 @@ class MAMLClassifier(FewShotClassifier):
     "avg" (global average pooling) of the backbone maps.
 
     Full MAML needs a backbone whose BatchNorm layers use batch statistics
-    (``track_running_stats=False``, as in Finn et al.); then predictions use the statistics of
-    the query batch they are computed on.
+    (``track_running_stats=False``, as in Finn et al.). Training (:meth:`meta_loss`) uses the
+    statistics of the query batch, as in Finn et al.; in eval mode the predictor that
+    :meth:`fit` returns normalises queries as ``query_norm`` says (default ``"support"``:
+    statistics of the support set under the adapted weights), so a query's prediction does
+    not depend on the queries scored with it (see :class:`MAMLPredictor`).
     """
 
     method_name = "maml"
@@ -243,10 +315,14 @@ class MAMLClassifier(FewShotClassifier):
 
     def __init__(self, backbone: nn.Module, inner_steps: int = 1, inner_lr: float = 0.4,
                  first_order: bool = False, meta_sgd: bool = False, anil: bool = False,
-                 pool: str = "flatten", test_inner_steps: int | None = None) -> None:
+                 pool: str = "flatten", test_inner_steps: int | None = None,
+                 query_norm: str = "support") -> None:
         super().__init__(backbone)
         if pool not in ("flatten", "avg"):
             raise ValueError(f"pool must be 'flatten' or 'avg', got {pool!r}")
+        if query_norm not in QUERY_NORMS:
+            raise ValueError(f"query_norm must be one of {QUERY_NORMS}, got {query_norm!r}")
+        self.query_norm = query_norm
         if not anil:
             if any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
                    for m in backbone.modules()):
@@ -359,7 +435,12 @@ class MAMLClassifier(FewShotClassifier):
                 weights = self.adapt(support_features, support_labels, n_way, steps)
             else:
                 weights = self._adapt_detached(support_features, support_labels, n_way, steps)
-        return MAMLPredictor(weights, self)
+        # eval mode: queries normalised by `query_norm`; training keeps Finn et al.'s query-batch
+        # statistics, exactly as meta_loss computes them
+        support = None
+        if not self.training and not self.anil and _batch_stat_norms(self.backbone):
+            support = support_features.detach()
+        return MAMLPredictor(weights, self, support)
 
     def _adapt_detached(self, support: Tensor, labels: Tensor, n_way: int,
                         steps: int) -> Params:
@@ -429,7 +510,7 @@ class MAMLClassifier(FewShotClassifier):
         return {"inner_steps": self.inner_steps, "inner_lr": self.inner_lr,
                 "first_order": self.first_order, "meta_sgd": self.meta_sgd,
                 "anil": self.anil, "pool": self.pool,
-                "test_inner_steps": self.test_inner_steps}
+                "test_inner_steps": self.test_inner_steps, "query_norm": self.query_norm}
 
 
 def _batch_n_way(support_labels: Tensor, query_labels: Tensor) -> int:
