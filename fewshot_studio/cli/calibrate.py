@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from fewshot_studio.cli.evaluate import add_episode_args
 from fewshot_studio.progress import ProgressBar
 
 if TYPE_CHECKING:
@@ -32,20 +33,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Fit one temperature T (logits / T) minimising the NLL of the query "
                     "labels over fixed episodes of held-out classes; prints T, NLL and "
                     "15-bin ECE before/after. --write stores T in the checkpoint.")
-    p.add_argument("--checkpoint", required=True, help="a bundled name or a .safetensors file")
-    p.add_argument("--data", action="append", nargs="+", required=True, metavar="PATH",
-                   help="class-folder dataset: folder or .zip (repeatable)")
-    p.add_argument("--classes", metavar="FILE|SPLIT",
-                   help="fit on these (validation) classes only: a file with one class per "
-                        "line or a split name (e.g. vinyals_val)")
-    p.add_argument("--splits-dir", help="folder of vinyals_*.txt (default: the shared data)")
-    p.add_argument("--way", type=int, default=5)
-    p.add_argument("--shot", type=int, default=1)
-    p.add_argument("--query", type=int, default=None,
-                   help="queries per class (default: 15, or what the smallest class allows)")
-    p.add_argument("--episodes", type=int, default=200)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    add_episode_args(p, classes_help="fit on these (validation) classes only", episodes=200)
     p.add_argument("--write", action="store_true",
                    help="record T in the checkpoint file (atomic rewrite, same weight dtype)")
     p.add_argument("--check", action="store_true",

@@ -18,26 +18,32 @@ if TYPE_CHECKING:
     from fewshot_studio.training.evaluate import EvalResult
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser(
-        "eval", help="measure a checkpoint's few-shot accuracy on class-folder data",
-        description="Evaluate a checkpoint on fixed N-way K-shot episodes (deterministic for "
-                    "a seed); prints mean accuracy +- 95% CI (1.96 std / sqrt(n)).")
+def add_episode_args(p: argparse.ArgumentParser, classes_help: str, episodes: int) -> None:
+    """The arguments shared by the commands that run fixed episodes of a checkpoint on
+    class-folder data (``eval``, ``calibrate``)."""
     p.add_argument("--checkpoint", required=True, help="a bundled name or a .safetensors file")
     p.add_argument("--data", action="append", nargs="+", required=True, metavar="PATH",
                    help="class-folder dataset: folder or .zip (repeatable)")
     p.add_argument("--classes", metavar="FILE|SPLIT",
-                   help="evaluate on these classes only: a file with one class per line or a "
-                        "split name (e.g. vinyals_test)")
+                   help=f"{classes_help}: a file with one class per line or a split name "
+                        "(e.g. vinyals_test)")
     p.add_argument("--splits-dir", help="folder of vinyals_*.txt (default: the shared data)")
     p.add_argument("--way", type=int, default=5)
     p.add_argument("--shot", type=int, default=1)
     p.add_argument("--query", type=int, default=None,
                    help="queries per class (default: 15, or what the smallest class allows, "
                         "e.g. 20 - K on Omniglot for K > 5)")
-    p.add_argument("--episodes", type=int, default=1000)
+    p.add_argument("--episodes", type=int, default=episodes)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "eval", help="measure a checkpoint's few-shot accuracy on class-folder data",
+        description="Evaluate a checkpoint on fixed N-way K-shot episodes (deterministic for "
+                    "a seed); prints mean accuracy +- 95% CI (1.96 std / sqrt(n)).")
+    add_episode_args(p, classes_help="evaluate on these classes only", episodes=1000)
     p.add_argument("--write-results", action="store_true",
                    help="record the result in the checkpoint's evaluation metadata")
     p.add_argument("--label", default=None,
