@@ -21,7 +21,7 @@ from PySide6.QtWidgets import (
 
 from fewshot_studio import paths as app_paths
 from fewshot_studio.engine.api import Status
-from fewshot_studio.gui import actions
+from fewshot_studio.gui import actions, gc_guard
 from fewshot_studio.gui.controllers.classes import ClassesController
 from fewshot_studio.gui.controllers.export import ExportController
 from fewshot_studio.gui.controllers.labeling import LabelingController, SessionFactory
@@ -44,6 +44,7 @@ class MainWindow(QMainWindow):
     def __init__(self, session_factory: SessionFactory | None = None,
                  ui: UiSettings | None = None, restore_state: bool = True) -> None:
         super().__init__()
+        gc_guard.install()  # cyclic GC on this thread only, never in a worker
         self.setWindowTitle("FewShot Studio")
         self.resize(1360, 820)
         self.ui = ui = ui or UiSettings()
