@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fewshot_studio.cli.evaluate import add_episode_args
+from fewshot_studio.cli.evaluate import add_episode_args, data_paths, load_for_episodes
 from fewshot_studio.progress import ProgressBar
 
 if TYPE_CHECKING:
@@ -81,10 +81,6 @@ def write_calibration(path: Path, record: dict[str, Any]) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from fewshot_studio.errors import UserError
-    from fewshot_studio.io.checkpoint import load_checkpoint
-    from fewshot_studio.paths import resolve_checkpoint
-    from fewshot_studio.training.distributed import resolve_device
-    from fewshot_studio.training.train_data import load_eval_images
 
     if args.episodes < 1:
         raise UserError("--episodes must be at least 1")
@@ -92,15 +88,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--way must be at least 2")
     if args.check and args.write:
         raise UserError("--check measures the recorded temperature; it cannot --write")
-    path = resolve_checkpoint(args.checkpoint)
-    ckpt = load_checkpoint(path)
-    device = resolve_device(args.device)
-    data = [str(Path(x).expanduser()) for group in args.data for x in group]
-    images = load_eval_images(data, ckpt.preprocess, args.classes, args.splits_dir, device)
-    try:
-        model = ckpt.build(device)
-    except (KeyError, RuntimeError, TypeError, ValueError) as e:
-        raise UserError(f"{path}: cannot build the model it describes ({e})") from None
+    path, ckpt, model, images, device = load_for_episodes(args)
     recorded = None
     if args.check:
         from fewshot_studio.training.calibrate import temperature_from_metadata
@@ -113,6 +101,6 @@ def run(args: argparse.Namespace) -> int:
     print(result)
     if args.write:
         write_calibration(path, result.to_metadata(
-            data=[Path(d).name for d in data], classes=args.classes))
+            data=[Path(d).name for d in data_paths(args)], classes=args.classes))
         print(f"recorded temperature {result.temperature:.4f} in {path}", file=sys.stderr)
     return 0

@@ -76,28 +76,43 @@ def evaluate_with_bar(model: Any, images: Any, preprocess: Any, way: int, shot: 
     return result
 
 
-def run(args: argparse.Namespace) -> int:
+def data_paths(args: argparse.Namespace) -> list[str]:
+    """The ``--data`` paths, flattened and with ``~`` expanded."""
+    return [str(Path(x).expanduser()) for group in args.data for x in group]
+
+
+def load_for_episodes(args: argparse.Namespace) -> tuple[Path, Any, Any, Any, Any]:
+    """From the :func:`add_episode_args` arguments: ``(checkpoint path, Checkpoint, model in
+    eval mode on the device, InMemoryImages, device)``; one-line UserErrors on bad input."""
     from fewshot_studio.errors import UserError
     from fewshot_studio.io.checkpoint import load_checkpoint
     from fewshot_studio.paths import resolve_checkpoint
     from fewshot_studio.training.distributed import resolve_device
-    from fewshot_studio.training.trainer import load_eval_images
+    from fewshot_studio.training.train_data import load_eval_images
 
-    if args.episodes < 1:
-        raise UserError("--episodes must be at least 1")
     path = resolve_checkpoint(args.checkpoint)
     ckpt = load_checkpoint(path)
     device = resolve_device(args.device)
-    data = [str(Path(x).expanduser()) for group in args.data for x in group]
-    images = load_eval_images(data, ckpt.preprocess, args.classes, args.splits_dir, device)
+    images = load_eval_images(data_paths(args), ckpt.preprocess, args.classes, args.splits_dir,
+                              device)
     try:
         model = ckpt.build(device)
     except (KeyError, RuntimeError, TypeError, ValueError) as e:
         raise UserError(f"{path}: cannot build the model it describes ({e})") from None
+    return path, ckpt, model, images, device
+
+
+def run(args: argparse.Namespace) -> int:
+    from fewshot_studio.errors import UserError
+
+    if args.episodes < 1:
+        raise UserError("--episodes must be at least 1")
+    path, ckpt, model, images, device = load_for_episodes(args)
     result = evaluate_with_bar(model, images, ckpt.preprocess, args.way, args.shot, args.query,
                                args.episodes, args.seed, device)
     print(result)
     if args.write_results:
+        data = data_paths(args)
         label = args.label or "+".join(Path(d).stem for d in data)
         if args.classes:
             label += f" [{Path(args.classes).stem}]"

@@ -26,15 +26,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fewshot_studio.data.preprocess import Preprocess
-from fewshot_studio.data.sampler import EpisodeSampler
 from fewshot_studio.models.base import FewShotClassifier
 from fewshot_studio.progress import Progress
 from fewshot_studio.training.evaluate import (
-    FEATURE_CACHE_BYTES,
-    _normalize,
-    default_query,
-    embed_all,
+    episode_features,
     fit_needs_grad,
+    fixed_episodes,
 )
 
 CALIBRATION_KEY = "calibration"  # key in Checkpoint.evaluation
@@ -152,38 +149,15 @@ def collect_logits_iter(model: FewShotClassifier, images: Any, preprocess: Prepr
     labels (E * way * query,))`` on the CPU, float32 / int64. Each image is embedded once
     (all of them up front when the features fit in memory, else once per episode)."""
     device = torch.device(device)
-    data: Tensor = images.images
-    targets = images.targets.cpu()
-    names = list(getattr(images, "class_names", []) or [])
-    if query is None:
-        counts = torch.bincount(targets)
-        query = default_query(shot, int(counts[counts > 0].min().item()))
-    eps = EpisodeSampler(targets, way, shot, query, seed=seed,
-                         class_names=names or None).episodes(episodes)
+    eps, query = fixed_episodes(images, way, shot, query, episodes, seed)
     was_training = model.training
     model.eval()
     needs_grad = fit_needs_grad(model)
     all_logits: list[Tensor] = []
     all_labels: list[Tensor] = []
     try:
-        used = torch.unique(torch.cat([torch.cat([e.support, e.query]) for e in eps]))
-        with torch.no_grad():
-            probe = model.embed(_normalize(data[used[:2]].to(device), preprocess))
-        cached: Tensor | None = None
-        position: Tensor | None = None
-        if probe[0].numel() * probe.element_size() * used.numel() <= FEATURE_CACHE_BYTES:
-            cached = embed_all(model, data[used.to(data.device)], preprocess, device)
-            position = torch.full((int(targets.numel()),), -1, dtype=torch.long)
-            position[used] = torch.arange(used.numel())
-        for i, ep in enumerate(eps):
-            if cached is not None and position is not None:
-                s_feat = cached[position[ep.support].to(device)]
-                q_feat = cached[position[ep.query].to(device)]
-            else:
-                idx = torch.cat([ep.support, ep.query]).to(data.device)
-                with torch.no_grad():
-                    feats = model.embed(_normalize(data[idx].to(device), preprocess))
-                s_feat, q_feat = feats[: ep.support.numel()], feats[ep.support.numel():]
+        for i, (ep, s_feat, q_feat) in enumerate(
+                episode_features(model, images, eps, preprocess, device)):
             with torch.enable_grad() if needs_grad else torch.no_grad():
                 predictor = model.fit(s_feat, ep.support_labels.to(device), way)
                 logits = predictor(q_feat)

@@ -109,44 +109,59 @@ def episode_accuracy(model: FewShotClassifier, support_feats: Tensor, support_la
     return float((logits.detach().argmax(-1) == query_labels).float().mean().item())
 
 
-def evaluate_iter(model: FewShotClassifier, images: Any, preprocess: Preprocess, way: int,
-                  shot: int, query: int | None, episodes: int, seed: int = 0,
-                  device: str | torch.device = "cpu") -> Iterator[Progress]:
-    """Like :func:`evaluate`, as a generator of :class:`Progress`; the last one's
-    ``payload`` is the :class:`EvalResult`."""
-    device = torch.device(device)
-    data: Tensor = images.images
+def fixed_episodes(images: Any, way: int, shot: int, query: int | None, episodes: int,
+                   seed: int) -> tuple[list[Episode], int]:
+    """The fixed episodes of ``images`` for a seed, and the number of queries per class used
+    (``query``, or :func:`default_query` for the smallest class when None)."""
     targets = images.targets.cpu()
     names = list(getattr(images, "class_names", []) or [])
     if query is None:
         counts = torch.bincount(targets)
         query = default_query(shot, int(counts[counts > 0].min().item()))
     sampler = EpisodeSampler(targets, way, shot, query, seed=seed, class_names=names or None)
-    eps: list[Episode] = sampler.episodes(episodes)
+    return sampler.episodes(episodes), query
+
+
+def episode_features(model: FewShotClassifier, images: Any, eps: list[Episode],
+                     preprocess: Preprocess, device: torch.device
+                     ) -> Iterator[tuple[Episode, Tensor, Tensor]]:
+    """Yield ``(episode, support features (n_s, *f), query features (n_q, *f))`` for each
+    episode. Each image is embedded once: all used images up front when their features fit
+    in ``FEATURE_CACHE_BYTES``, else once per episode."""
+    data: Tensor = images.images
+    used = torch.unique(torch.cat([torch.cat([e.support, e.query]) for e in eps]))
+    with torch.no_grad():
+        probe = model.embed(_normalize(data[used[:2]].to(device), preprocess))
+    cached: Tensor | None = None
+    position: Tensor | None = None
+    if probe[0].numel() * probe.element_size() * used.numel() <= FEATURE_CACHE_BYTES:
+        cached = embed_all(model, data[used.to(data.device)], preprocess, device)
+        position = torch.full((int(images.targets.numel()),), -1, dtype=torch.long)
+        position[used] = torch.arange(used.numel())
+    for ep in eps:
+        if cached is not None and position is not None:
+            yield ep, cached[position[ep.support].to(device)], cached[position[ep.query].to(device)]
+            continue
+        idx = torch.cat([ep.support, ep.query]).to(data.device)
+        with torch.no_grad():
+            feats = model.embed(_normalize(data[idx].to(device), preprocess))
+        yield ep, feats[: ep.support.numel()], feats[ep.support.numel():]
+
+
+def evaluate_iter(model: FewShotClassifier, images: Any, preprocess: Preprocess, way: int,
+                  shot: int, query: int | None, episodes: int, seed: int = 0,
+                  device: str | torch.device = "cpu") -> Iterator[Progress]:
+    """Like :func:`evaluate`, as a generator of :class:`Progress`; the last one's
+    ``payload`` is the :class:`EvalResult`."""
+    device = torch.device(device)
+    eps, query = fixed_episodes(images, way, shot, query, episodes, seed)
     was_training = model.training
     model.eval()
     needs_grad = fit_needs_grad(model)
+    accs: list[float] = []
     try:
-        used = torch.unique(torch.cat([torch.cat([e.support, e.query]) for e in eps]))
-        with torch.no_grad():
-            probe = model.embed(_normalize(data[used[:2]].to(device), preprocess))
-        feat_bytes = probe[0].numel() * probe.element_size() * used.numel()
-        cached: Tensor | None = None
-        position: Tensor | None = None
-        if feat_bytes <= FEATURE_CACHE_BYTES:
-            cached = embed_all(model, data[used.to(data.device)], preprocess, device)
-            position = torch.full((int(targets.numel()),), -1, dtype=torch.long)
-            position[used] = torch.arange(used.numel())
-        accs: list[float] = []
-        for i, ep in enumerate(eps):
-            if cached is not None and position is not None:
-                s_feat = cached[position[ep.support].to(device)]
-                q_feat = cached[position[ep.query].to(device)]
-            else:
-                idx = torch.cat([ep.support, ep.query]).to(data.device)
-                with torch.no_grad():
-                    feats = model.embed(_normalize(data[idx].to(device), preprocess))
-                s_feat, q_feat = feats[: ep.support.numel()], feats[ep.support.numel():]
+        for i, (ep, s_feat, q_feat) in enumerate(
+                episode_features(model, images, eps, preprocess, device)):
             accs.append(episode_accuracy(model, s_feat, ep.support_labels.to(device), q_feat,
                                          ep.query_labels.to(device), way, needs_grad))
             if (i + 1) % 10 == 0 or i + 1 == len(eps):
