@@ -1,8 +1,10 @@
 """Labeling speed, printed as figures and ratios measured in one run.
 
 1. Throughput on N generated 500x375 JPEGs (default 2,000), CPU ONNX Runtime, fresh cache:
-   Conv4 at 84 px and EfficientNet-Lite0 at 224 px, each beside the decode+resize-only bound
-   (the same thread pool running only ``load_and_preprocess``) measured in the same run.
+   Conv4 at 84 px and EfficientNet-Lite0 at 224 px, each with the fp32 and the int8
+   (``LabelSettings.precision``) model, beside the decode+resize-only bound (the same thread
+   pool running only ``load_and_preprocess``) measured in the same run; and the CPU time per
+   image of decoding, of the network alone and of labeling, which is where the time goes.
    Targets: Conv4 >= 0.7x its bound; Lite0 >= 60 images/s on 2 cores.
 2. Relabel after one correction with 10,000 cached 1280-d embeddings (ProtoNet head): <= 50 ms.
 3. Peak RSS of a child process labeling 20,000 images (hard links to the generated JPEGs, so
@@ -37,9 +39,11 @@ sys.path.insert(0, str(ROOT))
 from fewshot_studio.data.images import load_and_preprocess  # noqa: E402
 from fewshot_studio.data.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess  # noqa: E402
 from fewshot_studio.engine.api import LabelSettings  # noqa: E402
+from fewshot_studio.engine.backends import PRECISIONS, OnnxBackend  # noqa: E402
 from fewshot_studio.engine.cache import FEATURE_FORMAT, EmbeddingCache, FileKey  # noqa: E402
+from fewshot_studio.engine.onnx_export import example_input  # noqa: E402
 from fewshot_studio.engine.session import LabelingSession  # noqa: E402
-from fewshot_studio.io.checkpoint import Checkpoint, save_checkpoint  # noqa: E402
+from fewshot_studio.io.checkpoint import Checkpoint, load_checkpoint, save_checkpoint  # noqa: E402
 from fewshot_studio.models import create_backbone, create_method, model_spec  # noqa: E402
 
 
@@ -92,11 +96,11 @@ def decode_bound(paths: list[Path], pre: Preprocess) -> tuple[float, float]:
 
 
 def label_throughput(ckpt: Path, support: dict[str, list[Path]], queries: list[Path],
-                     cache: Path, backend: str = "onnxruntime", device: str = "cpu"
-                     ) -> tuple[float, str]:
+                     cache: Path, backend: str = "onnxruntime", device: str = "cpu",
+                     precision: str = "fp32") -> tuple[float, str]:
     """images/s of a full labeling run over ``queries`` with an empty cache (the backend,
-    including its ONNX export, is built before the clock starts)."""
-    settings = LabelSettings(device=device)
+    including its ONNX export and int8 quantisation, is built before the clock starts)."""
+    settings = LabelSettings(device=device, precision=precision)
     with LabelingSession(ckpt, settings, cache_path=cache, backend=backend) as s:
         s.set_support(support)
         s.prepare()
@@ -106,11 +110,34 @@ def label_throughput(ckpt: Path, support: dict[str, list[Path]], queries: list[P
             pass
         dt, cpu = time.perf_counter() - t, time.process_time() - c
         assert s.counters.embedded >= len(queries)
-        CPU_MS[str(ckpt)] = 1000 * cpu / len(queries)
+        CPU_MS[(str(ckpt), precision)] = 1000 * cpu / len(queries)
         return len(queries) / dt, str(s.backend)
 
 
-CPU_MS: dict[str, float] = {}  # CPU ms per image of the last runs (all threads)
+def network_cpu_ms(ckpt: Path, cache: Path, n: int = 96) -> dict[str, float]:
+    """CPU ms per image of the network alone, fp32 and int8: the session's ONNX files (cached
+    beside ``cache`` by the labeling runs) on random preprocessed images, one thread, in the
+    engine's micro-batches; best of 3 passes."""
+    out = {}
+    with LabelingSession(ckpt, LabelSettings(device="cpu"), cache_path=cache,
+                         backend="onnxruntime") as s:
+        for precision, path in (("fp32", s.onnx_path()), ("int8", s.int8_onnx_path())):
+            backend = OnnxBackend(path, input_bytes=4 * s.preprocess.channels
+                                  * s.preprocess.image_size ** 2)
+            m = backend.micro_batch
+            x = example_input(s.preprocess, n).numpy()
+            backend.embed(x[:m])
+            passes = []
+            for _ in range(3):
+                c = time.process_time()
+                for i in range(0, n - m + 1, m):
+                    backend.embed(x[i:i + m])
+                passes.append(1000 * (time.process_time() - c) / (n // m * m))
+            out[precision] = min(passes)
+    return out
+
+
+CPU_MS: dict[tuple[str, str], float] = {}  # CPU ms per image of the last runs (all threads)
 
 
 def relabel_ms(tmp: Path, n: int = 10_000, d: int = 1280, n_way: int = 5
@@ -203,24 +230,31 @@ def main() -> None:
         print(f"generated {len(jpegs)} 500x375 JPEGs in {time.perf_counter() - t:.1f} s")
         support_imgs = make_jpegs(tmp / "support", 9, seed=1)
         support = {"a": support_imgs[0::3], "b": support_imgs[1::3], "c": support_imgs[2::3]}
-        results = {}
+        results: dict[tuple[str, str], tuple[float, float]] = {}
+        cores = os.cpu_count() or 1
         for name, backbone, size in (("Conv4 84px", "conv4", 84),
                                      ("Lite0 224px", "efficientnet_lite0", 224)):
             ck = make_checkpoint(tmp / f"{backbone}.safetensors", backbone, size)
-            from fewshot_studio.io.checkpoint import load_checkpoint
-
             pre = load_checkpoint(ck).preprocess
-            bound, bound_cpu = decode_bound(jpegs, pre)
-            rate, info = label_throughput(ck, support, jpegs, tmp / f"{backbone}.sqlite")
-            cpu_ms = CPU_MS[str(ck)]
-            results[name] = (rate, bound)
-            cores = os.cpu_count() or 1
-            print(f"{name:12s} labeling {rate:7.1f} img/s | decode+resize bound {bound:7.1f} "
-                  f"img/s | ratio {rate / bound:.2f} | {info}")
-            print(f"{'':12s} CPU per image: labeling {cpu_ms:.2f} ms, decode+resize "
-                  f"{bound_cpu:.2f} ms -> on {cores} idle cores: labeling "
-                  f"{1000 * cores / cpu_ms:.0f} img/s, bound {1000 * cores / bound_cpu:.0f} "
-                  f"img/s, ratio {bound_cpu / cpu_ms:.2f}")
+            bound_cpu = {}
+            for precision in PRECISIONS:  # the bound just before each run: the load varies
+                bound, bound_cpu[precision] = decode_bound(jpegs, pre)
+                rate, info = label_throughput(ck, support, jpegs,
+                                              tmp / f"{backbone}-{precision}.sqlite",
+                                              precision=precision)
+                results[(name, precision)] = (rate, bound)
+                print(f"{name:12s} {precision} labeling {rate:7.1f} img/s | decode+resize bound "
+                      f"{bound:7.1f} img/s | ratio {rate / bound:.2f} | {info}")
+            net = network_cpu_ms(ck, tmp / f"{backbone}-fp32.sqlite")
+            cpu_ms = {p: CPU_MS[(str(ck), p)] for p in PRECISIONS}
+            print(f"{'':12s} CPU ms per image (fp32, int8): decode+resize "
+                  + ", ".join(f"{bound_cpu[p]:.2f}" for p in PRECISIONS)
+                  + "; network alone (1 thread) " + ", ".join(f"{net[p]:.2f}" for p in PRECISIONS)
+                  + "; labeling " + ", ".join(f"{cpu_ms[p]:.2f}" for p in PRECISIONS))
+            print(f"{'':12s} on {cores} idle cores: "
+                  + ", ".join(f"{p} {1000 * cores / cpu_ms[p]:.0f} img/s, bound "
+                              f"{1000 * cores / bound_cpu[p]:.0f} (ratio "
+                              f"{bound_cpu[p] / cpu_ms[p]:.2f})" for p in PRECISIONS))
             if backbone == "efficientnet_lite0":
                 from fewshot_studio.engine.backends import torch_cuda_works
 
@@ -230,11 +264,13 @@ def main() -> None:
                     print(f"{name:12s} torch CUDA {cuda_rate:7.1f} img/s | {cinfo}")
                 else:
                     print("torch CUDA: no working CUDA on this machine (not measured)")
-        c_rate, c_bound = results["Conv4 84px"]
-        l_rate, _ = results["Lite0 224px"]
-        print(f"target Conv4 >= 0.7x bound: {c_rate / c_bound:.2f}x "
-              f"{'PASS' if c_rate >= 0.7 * c_bound else 'MISS'}")
-        print(f"target Lite0 >= 60 img/s: {l_rate:.1f} {'PASS' if l_rate >= 60 else 'MISS'}")
+        for p in PRECISIONS:
+            c_rate, c_bound = results[("Conv4 84px", p)]
+            l_rate, _ = results[("Lite0 224px", p)]
+            print(f"target Conv4 >= 0.7x bound, {p}: {c_rate / c_bound:.2f}x "
+                  f"{'PASS' if c_rate >= 0.7 * c_bound else 'MISS'}; "
+                  f"target Lite0 >= 60 img/s, {p}: {l_rate:.1f} "
+                  f"{'PASS' if l_rate >= 60 else 'MISS'}")
         corr_ms, corr_cpu, thr_ms = relabel_ms(tmp)
         print(f"relabel after one correction, 10,000 cached 1280-d embeddings: {corr_ms:.1f} ms "
               f"wall, {corr_cpu:.1f} ms CPU (median of 9; threshold change {thr_ms:.1f} ms) "

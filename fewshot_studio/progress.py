@@ -35,17 +35,22 @@ def format_seconds(seconds: float) -> str:
 
 
 class EtaEstimator:
-    """Smoothed rate -> ETA, robust to a slow first step."""
+    """Smoothed rate -> ETA. The first update only sets the starting point: the work before
+    it (a slow first step, loading) does not count, nor does work done before this process
+    started (a resumed run's first report is its step count so far)."""
 
     def __init__(self, smoothing: float = 0.3) -> None:
         self.start = time.perf_counter()
         self.smoothing = smoothing
         self._last_t = self.start
-        self._last_done = 0
+        self._last_done: int | None = None
         self.rate: float | None = None
 
     def update(self, done: int) -> None:
         now = time.perf_counter()
+        if self._last_done is None:
+            self._last_t, self._last_done = now, done
+            return
         dt, dn = now - self._last_t, done - self._last_done
         if dt > 0 and dn > 0:
             inst = dn / dt

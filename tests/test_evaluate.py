@@ -18,6 +18,7 @@ from fewshot_studio.data.datasets import InMemoryImages
 from fewshot_studio.data.preprocess import Preprocess
 from fewshot_studio.io.checkpoint import Checkpoint, read_metadata, save_checkpoint
 from fewshot_studio.models import create_method, model_spec
+from fewshot_studio.models import functional as Fn
 from fewshot_studio.models.backbones import Conv4
 from fewshot_studio.training import evaluate as ev
 from fewshot_studio.training.evaluate import (
@@ -144,3 +145,47 @@ def test_eval_command_bad_inputs(checkpoint_and_data: tuple[Path, Path], tmp_pat
     assert "nope" in err and err.count("\n") == 1
     assert main(["eval", "--checkpoint", str(ckpt), "--data", str(data), "--way", "9"]) == 2
     assert "9-way" in capsys.readouterr().err
+
+
+def test_transductive_evaluation_refines_each_episode_over_its_queries() -> None:
+    """``transductive=k``: each episode's predictor is refined by k soft k-means iterations
+    over that episode's queries before scoring them (checked against the functional
+    refinement written out); methods without refinement refuse it."""
+    torch.manual_seed(0)
+    images = InMemoryImages(torch.randint(0, 256, (8 * 10, 1, 16, 16), dtype=torch.uint8),
+                            torch.arange(8).repeat_interleave(10), [str(i) for i in range(8)])
+    model = create_method("protonet", Conv4(1, 16, hidden=8)).eval()
+    pre = Preprocess(image_size=16, channels=1)
+    got = evaluate(model, images, pre, 5, 1, 4, 20, seed=1, transductive=2)
+    assert got.transductive == 2 and got.to_dict()["transductive"] == 2
+    assert "transductive x2" in str(got)
+    eps, _ = ev.fixed_episodes(images, 5, 1, 4, 20, seed=1)
+    expected = []
+    with torch.no_grad():
+        for e in eps:
+            s = model.embed(ev._normalize(images.images[e.support], pre))
+            q = model.embed(ev._normalize(images.images[e.query], pre))
+            protos = Fn.soft_kmeans_refine(Fn.prototypes(s, e.support_labels, 5), s,
+                                           e.support_labels, q, n_iters=2)
+            logits = Fn.squared_euclidean_logits(q, protos)
+            expected.append((logits.argmax(-1) == e.query_labels).float().mean().item())
+    np.testing.assert_allclose(got.per_episode, expected, atol=1e-6)
+    plain = evaluate(model, images, pre, 5, 1, 4, 20, seed=1)
+    assert plain.per_episode != got.per_episode and "transductive" not in plain.to_dict()
+    relation = create_method("relation", Conv4(1, 16, hidden=8, pool_layers=2))
+    with pytest.raises(ValueError, match="transductive"):
+        evaluate(relation, images, pre, 5, 1, 4, 2, transductive=1)
+
+
+def test_eval_command_transductive_records_under_its_own_key(
+        checkpoint_and_data: tuple[Path, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    from fewshot_studio.engine.head import TRANSDUCTIVE_ITERS
+
+    ckpt, data = checkpoint_and_data
+    args = ["eval", "--checkpoint", str(ckpt), "--data", str(data), "--way", "5", "--shot",
+            "1", "--episodes", "20", "--seed", "0", "--device", "cpu", "--write-results",
+            "--label", "glyphs"]
+    assert main([*args, "--transductive"]) == 0
+    assert f"transductive x{TRANSDUCTIVE_ITERS})" in capsys.readouterr().out
+    rec = read_metadata(ckpt)["evaluation"][f"glyphs transductive x{TRANSDUCTIVE_ITERS} 5w1s"]
+    assert rec["transductive"] == TRANSDUCTIVE_ITERS and rec["episodes"] == 20

@@ -246,3 +246,21 @@ def test_project_round_trip(qtbot, win: MainWindow, data: dict, tmp_path: Path) 
     _label(qtbot, win)  # the reopened corrections reach the engine
     assert win.gallery_model.prediction_for(target).corrected
     assert win.labeling._session.corrections() == {target: "red"}
+
+
+def test_int8_menu_toggle_runs_the_quantised_network(qtbot, win: MainWindow) -> None:
+    """Label > Faster CPU inference (int8): the next run embeds with the int8 ONNX model (the
+    toolbar says so) and labels as before; unchecking goes back to fp32."""
+    fp32 = _label(qtbot, win)
+    assert not win.acts.int8.isChecked() and "int8" not in win.toolbar.backend.toolTip()
+    win.acts.int8.trigger()
+    _idle(qtbot, win)
+    assert win.acts.int8.isChecked() and win.labeling.settings.precision == "int8"
+    int8 = _label(qtbot, win)
+    assert int8["labeled"] == fp32["labeled"] and int8["errors"] == fp32["errors"] == 1
+    assert "onnxruntime" in win.toolbar.backend.toolTip()
+    assert "int8" in win.toolbar.backend.toolTip()
+    win.acts.int8.trigger()
+    _idle(qtbot, win)
+    assert not win.acts.int8.isChecked() and win.labeling.settings.precision == "fp32"
+    assert not win.errors

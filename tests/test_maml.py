@@ -377,3 +377,35 @@ def test_full_maml_query_prediction_independent_of_batch(query_norm: str) -> Non
     assert model.config()["query_norm"] == "batch"
     with pytest.raises(ValueError, match="query_norm"):
         _maml(query_norm="running")
+
+
+def test_normalized_head_starts_as_cosine_classifier() -> None:
+    """``normalize=True``: features are unit vectors times a trained scale, and before
+    adaptation a task scores ``scale * cos(q, c) - scale / 2`` (``c``: the class's mean
+    normalised feature), for one shot and for several."""
+    model = _maml(inner_steps=0, anil=True, normalize=True, scale=8.0, pool="avg").eval()
+    sx, sy, qx, _ = (a[0] for a in _image_tasks(1, 4, 3, 3))
+    with torch.no_grad():
+        logits = model(sx, sy, qx, n_way=4)
+        pooled_q = model.backbone(qx).mean(dim=(-2, -1))
+        pooled_s = F.normalize(model.backbone(sx).mean(dim=(-2, -1)), dim=-1)
+        expected = 8.0 * Fn.cosine_logits(pooled_q, Fn.prototypes(pooled_s, sy, 4), 1.0) - 4.0
+        norms = model.embed(qx).norm(dim=-1)
+    assert torch.allclose(logits, expected, atol=1e-10)
+    assert torch.allclose(norms, torch.full((12,), 2.0, dtype=DT))
+
+
+@pytest.mark.parametrize("anil", [False, True])
+def test_normalized_vectorised_equals_loop_and_scale_trains(anil: bool) -> None:
+    model = _maml(inner_steps=2, inner_lr=0.1, anil=anil, normalize=True, meta_sgd=True).train()
+    tasks = _image_tasks(2, 3, 2, 2)
+    loss_v, _ = model.meta_loss(*tasks)
+    loss_l, _ = meta_loss_loop(model, *tasks)
+    assert loss_v.item() == pytest.approx(loss_l.item(), abs=1e-10)
+    (g,) = torch.autograd.grad(loss_v, [model.feature_scale])
+    (g_l,) = torch.autograd.grad(loss_l, [model.feature_scale])
+    assert g.abs() > 0 and torch.allclose(g, g_l, atol=1e-9)
+    spec = model_spec(model, "conv4", model.backbone.config())
+    rebuilt = build_model(spec)
+    assert rebuilt.config() == model.config() and rebuilt.config()["normalize"] is True
+    rebuilt.load_state_dict(model.state_dict())  # the trained scale included

@@ -117,3 +117,119 @@ def test_select_backend(ckpt: Path, tmp_path: Path) -> None:
             return x
 
     assert isinstance(select_backend(Identity(), c.preprocess, onnx_path), IdentityBackend)
+
+
+# -- int8 ---------------------------------------------------------------------------------
+
+def test_channel_padding_is_exact(tmp_path: Path) -> None:
+    """The int8 model's input-channel padding leaves the fp32 output unchanged."""
+    import onnx
+
+    from fewshot_studio.engine.onnx_export import _pad_input_channels, onnx_session
+
+    c = load_checkpoint(make_checkpoint(tmp_path / "c.safetensors"))
+    src = export_embed_onnx(c.build(), c.preprocess, tmp_path / "m.onnx")
+    proto = onnx.load(str(src))
+    assert _pad_input_channels(proto) == 1 and _pad_input_channels(proto) == 0
+    onnx.save(proto, str(tmp_path / "padded.onnx"))
+    x = np.random.default_rng(0).normal(size=(3, 3, 32, 32)).astype(np.float32)
+    a = onnx_session(src).run(None, {"images": x})[0]
+    b = onnx_session(tmp_path / "padded.onnx").run(None, {"images": x})[0]
+    np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
+
+
+def test_int8_agrees_with_fp32(ckpt: Path, tmp_path: Path) -> None:
+    """Features within a few % of fp32's, and >= 95% top-1 agreement of nearest-prototype
+    labels on 96 generated images (calibrated on other generated images)."""
+    from fewshot_studio.engine.onnx_export import quantize_embed_onnx, synthetic_calibration
+
+    c = load_checkpoint(ckpt)
+    fp32 = export_embed_onnx(c.build(), c.preprocess, tmp_path / "m.onnx",
+                             metadata=c.metadata())
+    int8 = quantize_embed_onnx(fp32, tmp_path / "m.int8.onnx",
+                               synthetic_calibration(c.preprocess, 32, seed=0))
+    import onnx
+
+    props = {p.key for p in onnx.load(str(int8)).metadata_props}
+    assert {"preprocess", "fewshot_studio"} <= props
+    assert any(n.op_type == "QuantizeLinear" for n in onnx.load(str(int8)).graph.node)
+    x = synthetic_calibration(c.preprocess, 96, seed=1)
+    a = OnnxBackend(fp32).embed(x)
+    b = OnnxBackend(int8, precision="int8").embed(x)
+    assert a.shape == b.shape and b.dtype == np.float32
+    rel = np.linalg.norm(a - b, axis=1) / np.linalg.norm(a, axis=1)
+    assert float(np.median(rel)) < 0.05
+    protos = a[:8]  # 8 'classes': the nearest of 8 reference features
+    nearest = [np.linalg.norm(f[:, None] - protos[None], axis=2)[8:].argmin(1) for f in (a, b)]
+    assert float((nearest[0] == nearest[1]).mean()) >= 0.95
+
+
+def test_int8_session_uses_and_caches_its_model(ckpt: Path, tmp_path: Path) -> None:
+    support = make_support(tmp_path / "s")
+    make_queries(tmp_path / "q")
+    queries = LabelingSession.scan_queries(tmp_path / "q")
+    cache = tmp_path / "c.sqlite"
+    labels = {}
+    for precision in ("int8", "fp32", "int8"):
+        settings = LabelSettings(unknown_threshold=0.0, device="cpu", precision=precision)
+        with LabelingSession(ckpt, settings, cache_path=cache, backend="onnxruntime") as s:
+            s.set_support(support)
+            list(s.run(queries))
+            assert ("int8" in s.backend.detail) == (precision == "int8")
+            labels.setdefault(precision, [p.label for p in s.predictions()])
+            if precision == "int8":
+                assert s.int8_onnx_path() == s.onnx_path().with_suffix(".int8.onnx")
+                assert s.int8_onnx_path().is_file()
+            counters = s.counters
+        if precision == "fp32":  # int8 features are not served as fp32 ones
+            assert counters.embedded == len(queries) + 9 and counters.cache_hits == 0
+    assert counters.embedded == 0 and counters.extra.get("onnx_quantizations", 0) == 0
+    assert labels["int8"] == labels["fp32"]
+    assert all(label in COLOURS for label in labels["int8"])
+
+
+def test_precision_change_rebuilds_the_backend(ckpt: Path, tmp_path: Path) -> None:
+    with LabelingSession(ckpt, LabelSettings(device="cpu"), cache_path=tmp_path / "c.sqlite",
+                         backend="onnxruntime") as s:
+        assert "int8" not in s.prepare().detail
+        s.set_settings(LabelSettings(device="cpu", precision="int8"))
+        assert "int8" in s.prepare().detail
+        assert s.counters.extra["onnx_quantizations"] == 1
+
+
+def test_int8_falls_back_to_fp32(ckpt: Path, tmp_path: Path,
+                                 monkeypatch: pytest.MonkeyPatch,
+                                 caplog: pytest.LogCaptureFixture) -> None:
+    from fewshot_studio.engine import onnx_export
+
+    def broken(*args: object, **kwargs: object) -> Path:
+        raise RuntimeError("quantiser exploded")
+
+    monkeypatch.setattr(onnx_export, "quantize_embed_onnx", broken)
+    support = make_support(tmp_path / "s")
+    make_queries(tmp_path / "q")
+    settings = LabelSettings(unknown_threshold=0.0, device="cpu", precision="int8")
+    with LabelingSession(ckpt, settings, cache_path=tmp_path / "c.sqlite",
+                         backend="onnxruntime") as s:
+        s.set_support(support)
+        list(s.run(LabelingSession.scan_queries(tmp_path / "q")))
+        assert s.backend.name == "onnxruntime" and "int8" not in s.backend.detail
+        assert all(p.label in COLOURS for p in s.predictions())
+    assert "quantiser exploded" in caplog.text and "using fp32" in caplog.text
+    assert not list((tmp_path / "onnx").glob("*.int8.onnx"))
+    with pytest.raises(UserError, match="unknown precision"):
+        select_backend(torch.nn.Conv2d(3, 3, 1), load_checkpoint(ckpt).preprocess,
+                       lambda: tmp_path / "x.onnx", device="cpu", precision="fp16")
+
+
+def test_cli_precision_flag(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from fewshot_studio.cli import main
+
+    make_support(tmp_path / "s")
+    make_queries(tmp_path / "q")
+    out = tmp_path / "labels.csv"
+    assert main(["label", "--checkpoint", str(make_checkpoint(tmp_path / "t.safetensors")),
+                 "--support", str(tmp_path / "s"), "--query", str(tmp_path / "q"),
+                 "--out", str(out), "--cache", str(tmp_path / "c.sqlite"), "--device", "cpu",
+                 "--precision", "int8"]) == 0
+    assert "int8" in capsys.readouterr().out and out.is_file()

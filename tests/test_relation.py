@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from fewshot_studio.models import METHODS, build_model, create_backbone, model_spec
+from fewshot_studio.models import functional as Fn
 from fewshot_studio.models.relation import RelationNetwork
 
 
@@ -106,3 +107,37 @@ def test_trains_and_spec_round_trip() -> None:
     model.eval(), rebuilt.eval()
     with torch.no_grad():
         assert torch.allclose(model(sx, y, qx), rebuilt(sx, y, qx), atol=1e-6)
+
+
+def test_cosine_skip_starts_as_cosine_nearest_centroid_and_learns_a_residual() -> None:
+    """``skip="cosine"``: before training, scores are ``a cos(q, c) + b`` exactly (the module's
+    last layer starts at zero), so the ranking is cosine nearest-centroid's; training moves the
+    module off zero; the spec rebuilds it."""
+    torch.manual_seed(0)
+    bb = create_backbone("conv4", in_channels=3, image_size=32)
+    model = RelationNetwork(bb, module="mlp", hidden=16, skip="cosine", skip_scale=6.0)
+    x, q = torch.randn(6, 3, 32, 32), torch.randn(5, 3, 32, 32)
+    y = torch.tensor([0, 1, 2, 0, 1, 2])
+    model.eval()
+    with torch.no_grad():
+        feats, qf = model.embed(x), model.embed(q)
+        expected = 6.0 * F.cosine_similarity(qf[:, None], Fn.prototypes(feats, y)[None],
+                                             dim=-1) - 3.0
+        assert torch.allclose(model(x, y, q), expected, atol=1e-5)
+    model.train()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(5):
+        loss = model.loss(model(x, y, x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert model.relation.fc3.weight.abs().sum() > 0
+    assert model.cos_scale.item() != 6.0
+    rebuilt = build_model(model_spec(model, "conv4", bb.config()))
+    assert rebuilt.config() == model.config()
+    rebuilt.load_state_dict(model.state_dict())
+    model.eval(), rebuilt.eval()
+    with torch.no_grad():
+        assert torch.allclose(model(x, y, q), rebuilt(x, y, q), atol=1e-6)
+    with pytest.raises(ValueError, match="skip"):
+        RelationNetwork(bb, module="mlp", skip="dot")

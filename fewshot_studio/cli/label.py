@@ -40,6 +40,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--backend", choices=("auto", "onnxruntime", "torch"), default="auto",
                    help="embedding backend (default: torch on CUDA, else ONNX Runtime)")
+    p.add_argument("--precision", choices=("fp32", "int8"), default=LabelSettings().precision,
+                   help="int8: ONNX Runtime on the CPU runs a quantised model (about 1.7x "
+                        "faster; predictions nearly always fp32's, see "
+                        "benchmarks/int8_parity.py); ignored elsewhere "
+                        f"(default {LabelSettings().precision})")
     p.add_argument("--absolute-paths", action="store_true",
                    help="write absolute paths (default: relative to --query)")
     p.add_argument("--no-recursive", action="store_true",
@@ -105,7 +110,8 @@ def run(args: argparse.Namespace) -> int:
                             "is not installed); use --device auto or cpu")
     settings = LabelSettings(unknown_threshold=args.unknown_threshold,
                              transductive=args.transductive, recursive=not args.no_recursive,
-                             device=args.device, batch_size=args.batch_size)
+                             device=args.device, batch_size=args.batch_size,
+                             precision=args.precision)
     t0 = time.perf_counter()
     with LabelingSession(args.checkpoint, settings, cache_path=args.cache,
                          backend=args.backend) as session:

@@ -7,9 +7,11 @@
 * :class:`IdentityBackend`: methods whose ``embed`` is the identity (full MAML): the
   preprocessed image is the feature.
 
-:func:`select_backend` picks one for ``device`` "auto" | "cpu" | "cuda" and ``prefer``
-"auto" | "onnxruntime" | "torch". All backends map ``(n, C, H, W)`` float32 numpy arrays to
-``(n, *feature_shape)`` float32 numpy arrays.
+:func:`select_backend` picks one for ``device`` "auto" | "cpu" | "cuda", ``prefer``
+"auto" | "onnxruntime" | "torch" and ``precision`` "fp32" | "int8" (int8: ONNX Runtime on the
+CPU runs a statically quantised export, see
+:func:`~fewshot_studio.engine.onnx_export.quantize_embed_onnx`). All backends map
+``(n, C, H, W)`` float32 numpy arrays to ``(n, *feature_shape)`` float32 numpy arrays.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ log = logging.getLogger(__name__)
 
 DEVICES = ("auto", "cpu", "cuda")
 BACKENDS = ("auto", "onnxruntime", "torch")
+PRECISIONS = ("fp32", "int8")
 
 
 class EmbedBackend:
@@ -40,6 +43,7 @@ class EmbedBackend:
     info: BackendInfo
     concurrent: bool = False  # embed() may run in several pool workers at once
     micro_batch: int = 0  # images per embed() call when concurrent
+    precision: str = "fp32"  # "int8": a quantised model (features differ slightly from fp32)
 
     def embed(self, images: np.ndarray) -> np.ndarray:
         raise NotImplementedError
@@ -68,7 +72,8 @@ class OnnxBackend(EmbedBackend):
     oversubscription on small machines, and small batches keep activations in cache."""
 
     def __init__(self, onnx_path: str | os.PathLike[str], device: str = "cpu",
-                 threads: int | None = None, input_bytes: int = 0) -> None:
+                 threads: int | None = None, input_bytes: int = 0,
+                 precision: str = "fp32") -> None:
         from fewshot_studio.engine.onnx_export import INPUT_NAME, OUTPUT_NAME, onnx_session
 
         self._in, self._out = INPUT_NAME, OUTPUT_NAME
@@ -84,7 +89,8 @@ class OnnxBackend(EmbedBackend):
         # 84 px RGB, 1 at 224 px). Measured in CPU time per image with one thread, Conv4 at
         # 84 px: 1.86 ms at batch 1, 2.05 ms at 8; Lite0 at 224 px: 11.1 ms vs 14.0 ms.
         self.micro_batch = max(1, min(16, (256 << 10) // input_bytes)) if input_bytes else 4
-        detail = ", ".join(active)
+        self.precision = precision
+        detail = ", ".join(active) + (", int8" if precision == "int8" else "")
         if self.concurrent:
             detail += f"; {decode_workers()} parallel workers x 1 thread"
         self.info = BackendInfo("onnxruntime", real_device, detail)
@@ -143,7 +149,8 @@ def embed_is_identity(model: nn.Module, pre: Preprocess) -> bool:
 
 
 def select_backend(model: nn.Module, pre: Preprocess, onnx_path: Callable[[], Path],
-                   device: str = "auto", prefer: str = "auto") -> EmbedBackend:
+                   device: str = "auto", prefer: str = "auto", precision: str = "fp32",
+                   int8_path: Callable[[], Path] | None = None) -> EmbedBackend:
     """Choose and build a backend.
 
     ``device``: "auto" (CUDA when it really works, else CPU), "cpu" or "cuda" (UserError if
@@ -151,12 +158,18 @@ def select_backend(model: nn.Module, pre: Preprocess, onnx_path: Callable[[], Pa
     ONNX Runtime with CUDA when torch has no CUDA but onnxruntime-gpu does; ONNX Runtime on the
     CPU), "onnxruntime" or "torch". ``onnx_path()`` exports (or finds) the ONNX file; it is
     only called when ONNX Runtime is used. An ONNX export or session failure falls back to
-    torch with a logged warning.
+    torch with a logged warning. ``precision`` "int8": ONNX Runtime on the CPU runs the file
+    ``int8_path()`` quantises (or finds); a quantisation or session failure falls back to
+    fp32 with a logged warning. Elsewhere (torch, CUDA) ``precision`` is ignored: the
+    backend's ``precision`` says what runs.
     """
     if device not in DEVICES:
         raise UserError(f"unknown device {device!r} (choose from {', '.join(DEVICES)})")
     if prefer not in BACKENDS:
         raise UserError(f"unknown backend {prefer!r} (choose from {', '.join(BACKENDS)})")
+    if precision not in PRECISIONS:
+        raise UserError(f"unknown precision {precision!r} "
+                        f"(choose from {', '.join(PRECISIONS)})")
     model = model.eval()
     if embed_is_identity(model, pre):
         return IdentityBackend()
@@ -178,10 +191,16 @@ def select_backend(model: nn.Module, pre: Preprocess, onnx_path: Callable[[], Pa
 
     if prefer == "auto" and want_cuda and cuda_torch:
         return TorchBackend(model, "cuda")
+    ort_device = "cuda" if want_cuda and ort_cuda else "cpu"
+    input_bytes = 4 * pre.channels * pre.image_size ** 2
+    if precision == "int8" and ort_device == "cpu" and int8_path is not None:
+        try:
+            return OnnxBackend(int8_path(), "cpu", input_bytes=input_bytes, precision="int8")
+        except Exception as e:
+            log.warning("int8 model unavailable for this checkpoint (%s: %s); using fp32",
+                        type(e).__name__, e)
     try:
-        input_bytes = 4 * pre.channels * pre.image_size ** 2
-        backend = OnnxBackend(onnx_path(), "cuda" if want_cuda and ort_cuda else "cpu",
-                              input_bytes=input_bytes)
+        backend = OnnxBackend(onnx_path(), ort_device, input_bytes=input_bytes)
     except Exception as e:
         if prefer == "onnxruntime":
             raise

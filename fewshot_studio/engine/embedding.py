@@ -41,6 +41,7 @@ class EmbeddingPipeline:
     _prefer: str
     _cache: EmbeddingCache
     _backend: EmbedBackend | None
+    _built_precision: str = ""  # settings.precision the backend was built for
     _pool: ThreadPoolExecutor | None
 
     def _expected_backend(self) -> BackendInfo:
@@ -65,8 +66,27 @@ class EmbeddingPipeline:
             self.counters.extra["onnx_exports"] = self.counters.extra.get("onnx_exports", 0) + 1
         return out
 
+    def int8_onnx_path(self) -> Path:
+        """The int8 version of :meth:`onnx_path` (``<id>.int8.onnx`` beside it, built once).
+        Calibrated on :func:`~fewshot_studio.engine.onnx_export.synthetic_calibration`
+        images, not on the session's images: it depends on the checkpoint only, like the
+        cached features it computes."""
+        from fewshot_studio.engine.onnx_export import quantize_embed_onnx, synthetic_calibration
+
+        src = self.onnx_path()
+        out = src.with_suffix(".int8.onnx")
+        if not out.is_file():
+            quantize_embed_onnx(src, out, synthetic_calibration(self.preprocess))
+            n = self.counters.extra.get("onnx_quantizations", 0)
+            self.counters.extra["onnx_quantizations"] = n + 1
+        return out
+
     def prepare(self) -> BackendInfo:
-        """Build the backend now (export to ONNX on first use); returns what runs."""
+        """Build the backend now (export to ONNX, and quantise for int8, on first use);
+        returns what runs. A backend built for another ``settings.precision`` is rebuilt."""
+        if self._backend is not None and self._built_precision != self.settings.precision:
+            self._backend.close()
+            self._backend = None
         if self._backend is None:
             from fewshot_studio.engine.backends import torch_cuda_works
 
@@ -74,9 +94,20 @@ class EmbeddingPipeline:
             if self.settings.device != "cpu" and torch_cuda_works():
                 model = copy.deepcopy(self.model)  # a CUDA copy must not move the head
             self._backend = select_backend(model, self.preprocess, self.onnx_path,
-                                           self.settings.device, self._prefer)
+                                           self.settings.device, self._prefer,
+                                           self.settings.precision, self.int8_onnx_path)
+            self._built_precision = self.settings.precision
             self.backend = self._backend.info
         return self.backend
+
+    def _feature_id(self) -> str:
+        """The cache key of the features the backend computes: ``model_id``, plus ``:int8``
+        when an int8 model computes them (they differ slightly from fp32's). Asking for int8
+        builds the backend first: whether int8 really runs is known only then."""
+        if self.settings.precision != "fp32" or self._backend is not None:
+            self.prepare()
+        int8 = self._backend is not None and self._backend.precision == "int8"
+        return f"{self.model_id}:int8" if int8 else self.model_id
 
     def _decode(self, path: str) -> np.ndarray | str:
         try:
@@ -113,6 +144,7 @@ class EmbeddingPipeline:
         bs = max(1, int(self.settings.batch_size))
         starts = list(range(0, len(paths), bs))
         pool = self._get_pool()
+        feature_id = self._feature_id()
         pending: deque[tuple[int, list[Any], list[FileKey | None]]] = deque()
 
         def submit(start: int) -> None:
@@ -123,7 +155,7 @@ class EmbeddingPipeline:
                     keys.append(FileKey.of(p))
                 except OSError:
                     keys.append(None)
-            hits = self._cache.lookup(self.model_id, [k for k in keys if k is not None])
+            hits = self._cache.lookup(feature_id, [k for k in keys if k is not None])
             slots: list[Any] = []
             misses: list[int] = []
             for p, k in zip(chunk, keys, strict=True):
@@ -197,7 +229,7 @@ class EmbeddingPipeline:
                         k = keys[j]
                         assert k is not None
                         new_rows.append((k, f, ""))
-                self._cache.store(self.model_id, new_rows)
+                self._cache.store(feature_id, new_rows)
                 yield start, results
         finally:
             for _, slots, _ in pending:

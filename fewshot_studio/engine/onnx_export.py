@@ -5,6 +5,9 @@ The graph maps ``images`` ``(n, C, H, W)`` float32 (preprocessed: resized and no
 the checkpoint's :class:`~fewshot_studio.data.preprocess.Preprocess` says) to ``features``
 ``(n, *feature_shape)`` float32, with a dynamic batch axis. The checkpoint's metadata and
 preprocessing travel in the ONNX model's ``metadata_props``.
+
+:func:`quantize_embed_onnx` derives a static int8 version of that graph (same input and
+output, float32) for ONNX Runtime on the CPU.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import io
 import json
 import logging
 import os
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -146,3 +150,121 @@ def max_abs_difference(model: nn.Module, onnx_path: str | os.PathLike[str], pre:
             raise RuntimeError(f"ONNX output shape {got.shape} != torch {ref.shape}")
         worst = max(worst, float(np.abs(got.astype(np.float64) - ref).max(initial=0.0)))
     return worst
+
+
+INT8_CHANNEL_MULTIPLE = 4
+"""The int8 model zero-pads the input channels of convolutions on the graph input to a multiple
+of this: exact, and ONNX Runtime's int8 convolution runs about 2x faster on 4 input channels
+than on 3 (Conv4 at 84 px RGB: 164 against 316 us per image for the first convolution)."""
+
+
+def synthetic_calibration(pre: Preprocess, n: int = 32, seed: int = 0) -> np.ndarray:
+    """``(n, C, H, W)`` float32 preprocessed calibration images that need no data: seeded
+    uint8 pictures covering what real inputs contain (flat backgrounds light and dark, smooth
+    colour gradients, sharp strokes and blocks, fine texture and noise, the full 0..255 range),
+    normalised as ``pre`` says. Deterministic, so the int8 model depends on the checkpoint
+    only."""
+    from fewshot_studio.data.images import normalize_uint8
+
+    rng = np.random.default_rng(seed)
+    s, c = pre.image_size, pre.channels
+    yy, xx = np.mgrid[0:s, 0:s].astype(np.float32) / max(1, s - 1)
+    out = np.empty((n, c, s, s), np.uint8)
+    for i in range(n):
+        if i % 4:
+            a = np.broadcast_to(rng.uniform(0, 255, (c, 1, 1)), (c, s, s)).astype(np.float32)
+        else:  # white or black paper
+            a = np.full((c, s, s), 255.0 if i % 8 == 0 else 0.0, np.float32)
+        if i % 3 == 0:  # smooth colour gradient
+            ramp = xx * rng.uniform(-1, 1) + yy * rng.uniform(-1, 1)
+            a = a + rng.uniform(-128, 128, (c, 1, 1)) * ramp
+        for _ in range(int(rng.integers(1, 6))):  # sharp strokes and blocks
+            x0, y0 = rng.integers(0, s, 2)
+            w, h = rng.integers(1, max(2, s // 2), 2)
+            if rng.random() < 0.5:
+                w = max(1, w // 8)  # a stroke
+            a[:, y0:y0 + h, x0:x0 + w] = rng.uniform(0, 255, (c, 1, 1))
+        if i % 2:  # texture
+            f, phase = rng.uniform(2, 16), rng.uniform(0, 6)
+            a += rng.uniform(10, 60) * np.sin(xx * f * np.pi + phase) * np.cos(yy * f * np.pi)
+        a += rng.normal(0, rng.uniform(0, 25), a.shape)
+        out[i] = np.clip(a, 0, 255).astype(np.uint8)
+    return normalize_uint8(out, pre)
+
+
+def _pad_input_channels(proto: Any, multiple: int = INT8_CHANNEL_MULTIPLE) -> int:
+    """Zero-pad, in place, the input channels of every ungrouped ``Conv`` that reads the graph
+    input to a multiple of ``multiple``: a ``Pad`` on the input's channel axis and zero weight
+    slices (the output is unchanged). Returns the number of convolutions changed."""
+    from onnx import helper, numpy_helper
+
+    graph = proto.graph
+    image = graph.input[0].name
+    inits = {t.name: t for t in graph.initializer}
+    convs = [n for n in graph.node if n.op_type == "Conv" and n.input[0] == image
+             and n.input[1] in inits
+             and all(a.name != "group" or a.i == 1 for a in n.attribute)]
+    changed = 0
+    for node in convs:
+        w = numpy_helper.to_array(inits[node.input[1]])  # (out, in, kh, kw)
+        extra = -w.shape[1] % multiple
+        if not extra:
+            continue
+        padded_w = np.concatenate([w, np.zeros((w.shape[0], extra, *w.shape[2:]), w.dtype)], 1)
+        inits[node.input[1]].CopyFrom(numpy_helper.from_array(padded_w, node.input[1]))
+        tag = f"{node.input[1]}_channel_pad"
+        pads = numpy_helper.from_array(np.array([0, 0, 0, 0, 0, extra, 0, 0], np.int64),
+                                       f"{tag}_pads")
+        graph.initializer.append(pads)
+        pad = helper.make_node("Pad", [image, pads.name], [f"{tag}_out"], name=tag,
+                               mode="constant")
+        graph.node.insert(list(graph.node).index(node), pad)
+        node.input[0] = pad.output[0]
+        changed += 1
+    return changed
+
+
+def quantize_embed_onnx(src: str | os.PathLike[str], out: str | os.PathLike[str],
+                        calibration: np.ndarray, batch_size: int = 8) -> Path:
+    """Write a static int8 version of the exported embed graph ``src`` to ``out`` atomically;
+    returns the path. Same ``images`` ``(n, C, H, W)`` float32 input and ``features`` float32
+    output; inside, QDQ (QuantizeLinear/DequantizeLinear) pairs that ONNX Runtime fuses into
+    int8 kernels: per-output-channel int8 weights, uint8 activations whose ranges are the
+    MinMax of ``calibration`` (``(n, C, H, W)`` float32 preprocessed images) run through the
+    graph ``batch_size`` at a time. Input channels are padded first
+    (:func:`_pad_input_channels`). Metadata props are kept. Raises whatever the quantiser
+    raises (callers fall back to fp32)."""
+    import onnx
+    from onnxruntime import quantization as q
+
+    calibration = np.ascontiguousarray(calibration, dtype=np.float32)
+    if calibration.ndim != 4 or not len(calibration):
+        raise ValueError(f"calibration must be (n, C, H, W) images, got {calibration.shape}")
+    feeds = [{INPUT_NAME: calibration[i:i + batch_size]}
+             for i in range(0, len(calibration), batch_size)]
+
+    class _Reader(q.CalibrationDataReader):
+        def __init__(self) -> None:
+            self._it = iter(feeds)
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            return next(self._it, None)
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    proto = onnx.load(str(src))
+    _pad_input_channels(proto)
+    with tempfile.TemporaryDirectory(prefix="fewshot-int8-") as work, \
+            atomic_path(out) as tmp_path:
+        padded, prepared = Path(work) / "padded.onnx", Path(work) / "prepared.onnx"
+        onnx.save(proto, str(padded))
+        with _quiet():
+            # shape inference and ONNX Runtime's basic graph optimisations (the symbolic
+            # shape inference is for dynamic shapes this graph does not have, and slow)
+            q.quant_pre_process(str(padded), str(prepared), skip_symbolic_shape=True)
+            q.quantize_static(str(prepared), str(tmp_path), _Reader(),
+                              quant_format=q.QuantFormat.QDQ, per_channel=True,
+                              activation_type=q.QuantType.QUInt8,
+                              weight_type=q.QuantType.QInt8,
+                              calibrate_method=q.CalibrationMethod.MinMax)
+    return out

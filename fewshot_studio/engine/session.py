@@ -216,11 +216,11 @@ class LabelingSession(EmbeddingPipeline, PredictionHead):
         return self._relabel_all()
 
     def set_settings(self, settings: LabelSettings) -> list[Prediction]:
-        """New settings; relabels from cached features (a new device or batch size only
-        takes effect for the next embedding)."""
+        """New settings; relabels from cached features (a new device, precision or batch size
+        only takes effect for the next embedding)."""
         old = self.settings
         self.settings = settings
-        if settings.device != old.device:
+        if settings.device != old.device or settings.precision != old.precision:
             if self._backend is not None:
                 self._backend.close()
             self._backend = None
@@ -229,7 +229,8 @@ class LabelingSession(EmbeddingPipeline, PredictionHead):
             return self.predictions()
         if not self._support_dirty and replace(
                 settings, unknown_threshold=old.unknown_threshold, device=old.device,
-                batch_size=old.batch_size, recursive=old.recursive) == old:
+                precision=old.precision, batch_size=old.batch_size,
+                recursive=old.recursive) == old:
             # only the threshold (or embedding-side settings) changed: no head needed
             self._predict_range(None, 0, self._store.n)
             self.counters.relabels += 1

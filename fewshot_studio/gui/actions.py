@@ -55,6 +55,7 @@ class Actions:
     cancel: QAction
     join_support: QAction
     transductive: QAction
+    int8: QAction
     recent_menu: QMenu
 
 
@@ -98,10 +99,14 @@ def build(win: MainWindow) -> Actions:
                           lambda: _toggle(win, "corrections_join_support")),
         transductive=_act(win, "&Transductive refinement",
                           lambda: _toggle(win, "transductive")),
+        int8=_act(win, "Faster CPU inference (&int8)", lambda: _toggle_int8(win),
+                  tip="Run a quantised copy of the network on the CPU: about 1.7x faster "
+                      "labeling, predictions nearly always the same; applies to the next "
+                      "labeling run"),
         recent_menu=QMenu("Open &recent", win),
     )
     a.cancel.setEnabled(False)
-    for t in (a.join_support, a.transductive):
+    for t in (a.join_support, a.transductive, a.int8):
         t.setCheckable(True)
     mb = win.menuBar()
     f = mb.addMenu("&File")
@@ -134,6 +139,7 @@ def build(win: MainWindow) -> Actions:
     lm.addSeparator()
     lm.addAction(a.join_support)
     lm.addAction(a.transductive)
+    lm.addAction(a.int8)
     h = mb.addMenu("&Help")
     h.addAction(_act(win, "&Keyboard shortcuts", lambda: QMessageBox.information(
         win, "Keyboard shortcuts", SHORTCUTS)))
@@ -150,6 +156,12 @@ def build(win: MainWindow) -> Actions:
 def _toggle(win: MainWindow, field: str) -> None:
     s = win.labeling.settings
     win.labeling.set_settings(replace(s, **{field: not getattr(s, field)}))
+    win.project.mark_dirty()
+
+
+def _toggle_int8(win: MainWindow) -> None:
+    s = win.labeling.settings
+    win.labeling.set_settings(replace(s, precision="fp32" if s.precision == "int8" else "int8"))
     win.project.mark_dirty()
 
 

@@ -36,6 +36,7 @@ class FewShotClassifier(nn.Module, ABC):
     """
 
     method_name: str = ""
+    can_refine: bool = False  # fit()'s predictors have refine() (transductive soft k-means)
 
     def __init__(self, backbone: nn.Module) -> None:
         super().__init__()

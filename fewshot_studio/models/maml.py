@@ -25,6 +25,7 @@ loop trains the backbone through it.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -53,10 +54,15 @@ HEAD_W, HEAD_B = "head.weight", "head.bias"
 _BB = "backbone."
 
 
-def proto_head(support_features: Tensor, support_labels: Tensor, n_way: int) -> Params:
+def proto_head(support_features: Tensor, support_labels: Tensor, n_way: int,
+               norm: Tensor | float | None = None) -> Params:
     """Proto-MAML head initialisation (Triantafillou et al. 2020): ``(n_s, d)`` features ->
-    ``{"head.weight": 2 c (n_way, d), "head.bias": -||c||^2 (n_way,)}``."""
+    ``{"head.weight": 2 c (n_way, d), "head.bias": -||c||^2 (n_way,)}``. ``norm``: rescale
+    every prototype ``c`` to that length first (for features of that length, the head then
+    scores ``2 norm^2 cos(q, c) - norm^2``: a cosine classifier for any number of shots)."""
     protos = Fn.prototypes(support_features, support_labels, n_way)
+    if norm is not None:
+        protos = F.normalize(protos, dim=-1, eps=1e-8) * norm
     return {HEAD_W: 2.0 * protos, HEAD_B: -protos.pow(2).sum(-1)}
 
 
@@ -149,7 +155,12 @@ class MAMLClassifier(FewShotClassifier):
     inner rates (per feature for the head, so they do not depend on ``n_way``); ``anil``:
     adapt only the head, ``embed()`` = backbone features (cacheable); otherwise full MAML,
     ``embed()`` = identity and :meth:`fit` adapts the whole network. ``pool``: "flatten" or
-    "avg" (global average pooling) of the backbone maps.
+    "avg" (global average pooling) of the backbone maps. ``normalize``: L2-normalise the
+    pooled features and multiply them by a trained scale ``s`` (starting at
+    ``sqrt(scale / 2)``), and initialise the head from prototypes rescaled to that length, so
+    that before adaptation it is a cosine classifier, logits ``scale * cos(q, c) - scale / 2``
+    for any number of shots; what suits pretrained backbones whose features are compared
+    better by angle than by distance.
 
     Full MAML needs a backbone whose BatchNorm layers use batch statistics
     (``track_running_stats=False``, as in Finn et al.). Training (:meth:`meta_loss`) uses the
@@ -165,7 +176,8 @@ class MAMLClassifier(FewShotClassifier):
     def __init__(self, backbone: nn.Module, inner_steps: int = 1, inner_lr: float = 0.4,
                  first_order: bool = False, meta_sgd: bool = False, anil: bool = False,
                  pool: str = "flatten", test_inner_steps: int | None = None,
-                 query_norm: str = "support") -> None:
+                 query_norm: str = "support", normalize: bool = False,
+                 scale: float = 10.0) -> None:
         super().__init__(backbone)
         if pool not in ("flatten", "avg"):
             raise ValueError(f"pool must be 'flatten' or 'avg', got {pool!r}")
@@ -186,6 +198,10 @@ class MAMLClassifier(FewShotClassifier):
         self.meta_sgd = meta_sgd
         self.anil = anil
         self.pool = pool
+        self.normalize = normalize
+        self.scale = float(scale)
+        if normalize:
+            self.feature_scale = nn.Parameter(torch.tensor(math.sqrt(self.scale / 2)))
         self.feature_dim = self._feature_dim()
         self.inner_lrs = nn.ParameterDict()
         if meta_sgd:
@@ -219,9 +235,12 @@ class MAMLClassifier(FewShotClassifier):
 
     # -- the network as a function of its (fast) weights -----------------------------------
     def _pool(self, maps: Tensor) -> Tensor:
-        if maps.dim() == 4 and self.pool == "avg":
-            return maps.mean(dim=(-2, -1))
-        return maps.flatten(1)
+        """``(n, C, h, w)`` maps (or ``(n, d)`` vectors) -> ``(n, d)`` head inputs."""
+        feats = maps.mean(dim=(-2, -1)) if maps.dim() == 4 and self.pool == "avg" else \
+            maps.flatten(1)
+        if self.normalize:
+            feats = F.normalize(feats, dim=-1, eps=1e-8) * self.feature_scale
+        return feats
 
     def embed(self, images: Tensor) -> Tensor:
         """ANIL: ``(n, C, H, W)`` -> ``(n, d)`` backbone features. Full MAML: identity (every
@@ -246,7 +265,8 @@ class MAMLClassifier(FewShotClassifier):
         """Fast weights before adaptation: the backbone's (full MAML) + the Proto-MAML head
         from the support features."""
         weights = {} if self.anil else self._backbone_params()
-        weights.update(proto_head(self.features(weights, support), support_labels, n_way))
+        norm = self.feature_scale if self.normalize else None
+        weights.update(proto_head(self.features(weights, support), support_labels, n_way, norm))
         return weights
 
     def _adapted_names(self, weights: Mapping[str, Tensor]) -> list[str]:
@@ -359,7 +379,8 @@ class MAMLClassifier(FewShotClassifier):
         return {"inner_steps": self.inner_steps, "inner_lr": self.inner_lr,
                 "first_order": self.first_order, "meta_sgd": self.meta_sgd,
                 "anil": self.anil, "pool": self.pool,
-                "test_inner_steps": self.test_inner_steps, "query_norm": self.query_norm}
+                "test_inner_steps": self.test_inner_steps, "query_norm": self.query_norm,
+                **({"normalize": True, "scale": self.scale} if self.normalize else {})}
 
 
 def _batch_n_way(support_labels: Tensor, query_labels: Tensor) -> int:

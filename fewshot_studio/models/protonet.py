@@ -57,6 +57,7 @@ class ProtoNet(FewShotClassifier):
     """
 
     method_name = "protonet"
+    can_refine = True
 
     def __init__(self, backbone: nn.Module, distance: str = "euclidean",
                  scale: float | None = None, learn_scale: bool = False,

@@ -1,5 +1,10 @@
 """Relation Network (Sung et al. 2018): a learned relation module scores each (query, class)
-pair of feature maps; trained with MSE against one-hot targets."""
+pair of feature maps; trained with MSE against one-hot targets.
+
+Optionally (``skip="cosine"``) the module learns a residual on top of a scaled cosine
+similarity: ``score = a * cos(q, c) + b + g(q, c)``, ``g``'s last layer starting at zero. A
+model built on a pretrained backbone then starts exactly as good as nearest-centroid with
+cosine similarity, and meta-training can only move it from there."""
 
 from __future__ import annotations
 
@@ -16,6 +21,7 @@ from fewshot_studio.models.registry import METHODS
 
 MODULES = ("conv", "mlp")
 AGGREGATES = ("mean", "sum")
+SKIPS = ("none", "cosine")
 
 
 def _backbone_feature_shape(backbone: nn.Module) -> tuple[int, ...]:
@@ -65,6 +71,9 @@ class ConvRelationModule(nn.Module):
         x = self.fc2(F.relu(self.fc1(x.flatten(1))))
         return x.view(query.shape[0], classes.shape[0])
 
+    def last_layer(self) -> nn.Linear:
+        return self.fc2
+
 
 class MLPRelationModule(nn.Module):
     """FC(hidden) -> ReLU -> FC(fc_hidden) -> ReLU -> FC(1) on the concatenation of a query
@@ -86,6 +95,9 @@ class MLPRelationModule(nn.Module):
         x = F.relu(q.unsqueeze(1) + a.unsqueeze(0))  # (n_q, n_way, hidden)
         return self.fc3(F.relu(self.fc2(x))).squeeze(-1)
 
+    def last_layer(self) -> nn.Linear:
+        return self.fc3
+
 
 @dataclass(frozen=True, eq=False)
 class RelationPredictor:
@@ -96,7 +108,7 @@ class RelationPredictor:
     model: RelationNetwork
 
     def __call__(self, query_features: Tensor) -> Tensor:
-        return self.model.relation.pairs(query_features, self.class_features)
+        return self.model.scores(query_features, self.class_features)
 
 
 @METHODS.register("relation")
@@ -109,7 +121,9 @@ class RelationNetwork(FewShotClassifier):
     large to cache). Class representations combine the shots by ``aggregate``: "sum" as in
     the paper, or "mean" (default: robust when classes have different numbers of examples,
     as users' support sets do). ``hidden``: the module's width (default 64 conv / 256 mlp);
-    ``fc_hidden``: width of the last hidden FC layer (8 in the paper).
+    ``fc_hidden``: width of the last hidden FC layer (8 in the paper). ``skip="cosine"``:
+    the module learns a residual over ``a * cos(q, c) + b`` (``a``, ``b`` trained, starting at
+    ``skip_scale`` and ``-skip_scale / 2``; the module's last layer starts at zero).
 
     :meth:`fit` predictors return pre-sigmoid relation scores as logits; :meth:`loss` is
     ``MSE(sigmoid(logits), one_hot)``, as in the paper.
@@ -118,12 +132,15 @@ class RelationNetwork(FewShotClassifier):
     method_name = "relation"
 
     def __init__(self, backbone: nn.Module, module: str = "conv", aggregate: str = "mean",
-                 hidden: int | None = None, fc_hidden: int = 8) -> None:
+                 hidden: int | None = None, fc_hidden: int = 8, skip: str = "none",
+                 skip_scale: float = 10.0) -> None:
         super().__init__(backbone)
         if module not in MODULES:
             raise ValueError(f"module must be one of {MODULES}, got {module!r}")
         if aggregate not in AGGREGATES:
             raise ValueError(f"aggregate must be one of {AGGREGATES}, got {aggregate!r}")
+        if skip not in SKIPS:
+            raise ValueError(f"skip must be one of {SKIPS}, got {skip!r}")
         self.module_kind = module
         self.aggregate = aggregate
         self.hidden = int(hidden if hidden is not None else (64 if module == "conv" else 256))
@@ -137,6 +154,14 @@ class RelationNetwork(FewShotClassifier):
                                                fc_hidden)
         else:
             self.relation = MLPRelationModule(shape[0], self.hidden, fc_hidden)
+        self.skip = skip
+        self.skip_scale = float(skip_scale)
+        if skip == "cosine":
+            last = self.relation.last_layer()
+            nn.init.zeros_(last.weight)
+            nn.init.zeros_(last.bias)
+            self.cos_scale = nn.Parameter(torch.tensor(self.skip_scale))
+            self.cos_bias = nn.Parameter(torch.tensor(-self.skip_scale / 2))
 
     def embed(self, images: Tensor) -> Tensor:
         """``(n, C, H, W)`` -> ``(n, C', h, w)`` maps (conv) or ``(n, C')`` vectors (mlp)."""
@@ -155,11 +180,23 @@ class RelationNetwork(FewShotClassifier):
             classes = Fn.class_sums(support_features, support_labels, n_way)[0]
         return RelationPredictor(classes, self)
 
+    def scores(self, query: Tensor, classes: Tensor) -> Tensor:
+        """Pre-sigmoid relation scores: ``(n_q, *feature_shape)`` queries, ``(n_way,
+        *feature_shape)`` class representations -> ``(n_q, n_way)``."""
+        scores = self.relation.pairs(query, classes)
+        if self.skip == "cosine":
+            cos = Fn.cosine_logits(query.flatten(1), classes.flatten(1), 1.0)
+            scores = scores + self.cos_scale * cos + self.cos_bias
+        return scores
+
     def loss(self, logits: Tensor, query_labels: Tensor) -> Tensor:
         """``MSE(sigmoid(logits), one_hot(labels))`` over ``(n_q, n_way)`` (Sung et al.)."""
         target = Fn.one_hot(query_labels, logits.shape[-1], logits.dtype)
         return F.mse_loss(torch.sigmoid(logits), target)
 
     def config(self) -> dict[str, Any]:
-        return {"module": self.module_kind, "aggregate": self.aggregate,
-                "hidden": self.hidden, "fc_hidden": self.fc_hidden}
+        config = {"module": self.module_kind, "aggregate": self.aggregate,
+                  "hidden": self.hidden, "fc_hidden": self.fc_hidden}
+        if self.skip != "none":
+            config.update(skip=self.skip, skip_scale=self.skip_scale)
+        return config

@@ -42,15 +42,20 @@ class EvalResult:
     shot: int = 0
     query: int = 0
     seed: int = 0
+    transductive: int = 0  # soft k-means iterations over each episode's queries (0: none)
 
     def __str__(self) -> str:
+        how = f", transductive x{self.transductive}" if self.transductive else ""
         return (f"accuracy: {100 * self.accuracy:.2f}% +- {100 * self.ci95:.2f}% "
-                f"(95% CI, {self.n} episodes)")
+                f"(95% CI, {self.n} episodes{how})")
 
     def to_dict(self) -> dict[str, Any]:
         """The summary stored in a checkpoint's evaluation metadata (no per-episode list)."""
-        return {"accuracy": self.accuracy, "ci95": self.ci95, "episodes": self.n,
-                "way": self.way, "shot": self.shot, "query": self.query, "seed": self.seed}
+        out = {"accuracy": self.accuracy, "ci95": self.ci95, "episodes": self.n,
+               "way": self.way, "shot": self.shot, "query": self.query, "seed": self.seed}
+        if self.transductive:
+            out["transductive"] = self.transductive
+        return out
 
 
 def confidence_interval(accuracies: Sequence[float]) -> tuple[float, float]:
@@ -101,10 +106,15 @@ def embed_all(model: FewShotClassifier, images: Tensor, pre: Preprocess,
 
 def episode_accuracy(model: FewShotClassifier, support_feats: Tensor, support_labels: Tensor,
                      query_feats: Tensor, query_labels: Tensor, n_way: int,
-                     needs_grad: bool) -> float:
-    """Fit on ``(n_s, *f)`` support features and score ``(n_q, *f)`` queries -> accuracy."""
+                     needs_grad: bool, transductive: int = 0) -> float:
+    """Fit on ``(n_s, *f)`` support features and score ``(n_q, *f)`` queries -> accuracy.
+    ``transductive``: refine the predictor over the episode's queries with that many soft
+    k-means iterations first (what the app's "Transductive refinement" does; methods whose
+    predictor has ``refine``, see ``FewShotClassifier.can_refine``)."""
     with torch.enable_grad() if needs_grad else torch.no_grad():
         predictor = model.fit(support_feats, support_labels, n_way)
+        if transductive:
+            predictor = predictor.refine(query_feats, n_iters=transductive)  # type: ignore[attr-defined]
         logits = predictor(query_feats)
     return float((logits.detach().argmax(-1) == query_labels).float().mean().item())
 
@@ -150,9 +160,12 @@ def episode_features(model: FewShotClassifier, images: Any, eps: list[Episode],
 
 def evaluate_iter(model: FewShotClassifier, images: Any, preprocess: Preprocess, way: int,
                   shot: int, query: int | None, episodes: int, seed: int = 0,
-                  device: str | torch.device = "cpu") -> Iterator[Progress]:
+                  device: str | torch.device = "cpu", transductive: int = 0
+                  ) -> Iterator[Progress]:
     """Like :func:`evaluate`, as a generator of :class:`Progress`; the last one's
     ``payload`` is the :class:`EvalResult`."""
+    if transductive and not model.can_refine:
+        raise ValueError(f"{model.method_name} has no transductive refinement")
     device = torch.device(device)
     eps, query = fixed_episodes(images, way, shot, query, episodes, seed)
     was_training = model.training
@@ -163,27 +176,30 @@ def evaluate_iter(model: FewShotClassifier, images: Any, preprocess: Preprocess,
         for i, (ep, s_feat, q_feat) in enumerate(
                 episode_features(model, images, eps, preprocess, device)):
             accs.append(episode_accuracy(model, s_feat, ep.support_labels.to(device), q_feat,
-                                         ep.query_labels.to(device), way, needs_grad))
+                                         ep.query_labels.to(device), way, needs_grad,
+                                         transductive))
             if (i + 1) % 10 == 0 or i + 1 == len(eps):
                 mean, _ = confidence_interval(accs)
                 yield Progress(i + 1, len(eps), metrics={"acc": mean})
     finally:
         model.train(was_training)
     mean, ci = confidence_interval(accs)
-    result = EvalResult(mean, ci, len(accs), accs, way, shot, query, seed)
+    result = EvalResult(mean, ci, len(accs), accs, way, shot, query, seed, transductive)
     yield Progress(len(eps), len(eps), message=str(result), metrics={"acc": mean},
                    payload=result)
 
 
 def evaluate(model: FewShotClassifier, images: Any, preprocess: Preprocess, way: int,
              shot: int, query: int | None, episodes: int, seed: int = 0,
-             device: str | torch.device = "cpu") -> EvalResult:
+             device: str | torch.device = "cpu", transductive: int = 0) -> EvalResult:
     """Mean accuracy of ``model`` over ``episodes`` fixed ``way``-way ``shot``-shot episodes
     drawn with ``seed`` from ``images`` (an :class:`~fewshot_studio.data.datasets.
     InMemoryImages`: uint8 ``(N, C, H, W)`` images + ``(N,)`` targets), ``query`` queries per
-    class (None: :func:`default_query`). Deterministic for a seed."""
+    class (None: :func:`default_query`). Deterministic for a seed. ``transductive``: soft
+    k-means iterations over each episode's queries before scoring them (0: none)."""
     result: EvalResult | None = None
-    for p in evaluate_iter(model, images, preprocess, way, shot, query, episodes, seed, device):
+    for p in evaluate_iter(model, images, preprocess, way, shot, query, episodes, seed, device,
+                           transductive):
         if isinstance(p.payload, EvalResult):
             result = p.payload
     assert result is not None
