@@ -41,7 +41,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--backend", choices=("auto", "onnxruntime", "torch"), default="auto",
                    help="embedding backend (default: torch on CUDA, else ONNX Runtime)")
     p.add_argument("--precision", choices=("fp32", "int8"), default=LabelSettings().precision,
-                   help="int8: ONNX Runtime on the CPU runs a quantised model (about 1.7x "
+                   help="int8: ONNX Runtime on the CPU runs a quantised model (1.5-1.9x "
                         "faster; predictions nearly always fp32's, see "
                         "benchmarks/int8_parity.py); ignored elsewhere "
                         f"(default {LabelSettings().precision})")

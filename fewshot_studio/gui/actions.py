@@ -100,7 +100,7 @@ def build(win: MainWindow) -> Actions:
         transductive=_act(win, "&Transductive refinement",
                           lambda: _toggle(win, "transductive")),
         int8=_act(win, "Faster CPU inference (&int8)", lambda: _toggle_int8(win),
-                  tip="Run a quantised copy of the network on the CPU: about 1.7x faster "
+                  tip="Run a quantised copy of the network on the CPU: 1.5-1.9x faster "
                       "labeling, predictions nearly always the same; applies to the next "
                       "labeling run"),
         recent_menu=QMenu("Open &recent", win),
