@@ -172,7 +172,8 @@ def test_transductive_evaluation_refines_each_episode_over_its_queries() -> None
     np.testing.assert_allclose(got.per_episode, expected, atol=1e-6)
     plain = evaluate(model, images, pre, 5, 1, 4, 20, seed=1)
     assert plain.per_episode != got.per_episode and "transductive" not in plain.to_dict()
-    relation = create_method("relation", Conv4(1, 16, hidden=8, pool_layers=2))
+    relation = create_method("relation", Conv4(1, 16, hidden=8, pool_layers=2),
+                             aggregate="sum")  # sums of shots: nothing to refine
     with pytest.raises(ValueError, match="transductive"):
         evaluate(relation, images, pre, 5, 1, 4, 2, transductive=1)
 

@@ -141,3 +141,24 @@ def test_cosine_skip_starts_as_cosine_nearest_centroid_and_learns_a_residual() -
         assert torch.allclose(model(x, y, q), rebuilt(x, y, q), atol=1e-6)
     with pytest.raises(ValueError, match="skip"):
         RelationNetwork(bb, module="mlp", skip="dot")
+
+
+def test_transductive_refine_moves_class_means_towards_their_queries() -> None:
+    """``refine``: soft k-means of the class means over the queries, assignments by the
+    relation scores; equal to the functional refinement with the model's scores."""
+    torch.manual_seed(0)
+    model = _model().eval()
+    feats, labels = torch.randn(6, 64, 7, 7), torch.tensor([0, 1, 2, 0, 1, 2])
+    query = torch.randn(9, 64, 7, 7)
+    with torch.no_grad():
+        pred = model.fit(feats, labels)
+        refined = pred.refine(query, n_iters=2)
+        expected = Fn.soft_kmeans_refine(pred.class_features, feats, labels, query, n_iters=2,
+                                         logits_fn=model.scores)
+        assert torch.allclose(refined.class_features, expected, atol=1e-6)
+        assert not torch.allclose(refined.class_features, pred.class_features)
+        assert refined(query).shape == (9, 3)
+    summed = _model(aggregate="sum")
+    assert model.can_refine and not summed.can_refine
+    with pytest.raises(ValueError, match="mean"):
+        summed.fit(feats, labels).refine(query)

@@ -52,7 +52,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    metavar="ITERS",
                    help="refine the prototypes over each episode's queries by soft k-means "
                         "(ITERS iterations; without a number, as many as the app's "
-                        "'Transductive refinement' option runs); ProtoNet")
+                        "'Transductive refinement' option runs); ProtoNet, Relation Network")
     p.set_defaults(func=run)
 
 
@@ -120,8 +120,9 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--transductive needs a number of iterations >= 1")
     path, ckpt, model, images, device = load_for_episodes(args)
     if args.transductive and not model.can_refine:
-        raise UserError(f"--transductive: {model.method_name} has no transductive refinement "
-                        "(ProtoNet has)")
+        raise UserError(f"--transductive: this {model.method_name} checkpoint has no "
+                        "transductive refinement (ProtoNet and mean-aggregate Relation "
+                        "Network checkpoints have)")
     result = evaluate_with_bar(model, images, ckpt.preprocess, args.way, args.shot, args.query,
                                args.episodes, args.seed, device,
                                transductive=args.transductive)

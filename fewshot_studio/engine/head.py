@@ -87,7 +87,7 @@ class PredictionHead:
         x, y = self._support_tensors()
         with torch.enable_grad(), self._head_threads():  # MAML adapts with gradients
             predictor = self.model.fit(x, y, len(self.class_names))
-        if refine_on is not None and len(refine_on) and hasattr(predictor, "refine"):
+        if refine_on is not None and len(refine_on) and self.model.can_refine:
             with torch.no_grad(), self._head_threads():
                 q = self._store.rows(refine_on)
                 predictor = predictor.refine(q, n_iters=TRANSDUCTIVE_ITERS)

@@ -86,19 +86,22 @@ def soft_kmeans_refine(protos: Tensor, support_features: Tensor, support_labels:
     ``p_c = (sum_i s_i [y_i = c] + sum_j z_jc q_j) / (n_c + sum_j z_jc)``.
 
     Shapes: ``protos (n_way, d)``, ``support_features (n_s, d)``, ``support_labels (n_s,)``,
-    ``query_features (n_q, d)`` -> refined ``(n_way, d)``. ``logits_fn`` defaults to
-    :func:`squared_euclidean_logits`; pass the method's own scoring (e.g. cosine) to match it.
-    With ``n_iters=0`` or no queries the prototypes are returned unchanged.
+    ``query_features (n_q, d)`` -> refined ``(n_way, d)``; feature maps ``(n, *shape)`` work
+    the same (averaged element-wise). ``logits_fn`` defaults to
+    :func:`squared_euclidean_logits`; pass the method's own scoring (e.g. cosine, or a
+    relation module's scores) to match it. With ``n_iters=0`` or no queries the prototypes
+    are returned unchanged.
     """
     if logits_fn is None:
         logits_fn = squared_euclidean_logits
     if n_iters <= 0 or query_features.shape[0] == 0:
         return protos
-    n_way = protos.shape[0]
+    n_way, shape = protos.shape[0], protos.shape
     sums, counts = class_sums(support_features, support_labels, n_way)
+    sums, flat_q = sums.reshape(n_way, -1), query_features.reshape(query_features.shape[0], -1)
     for _ in range(n_iters):
         z = torch.softmax(logits_fn(query_features, protos) / temperature, dim=-1)  # (n_q, n_way)
-        protos = (sums + z.t() @ query_features) / (counts + z.sum(0)).unsqueeze(-1)
+        protos = ((sums + z.t() @ flat_q) / (counts + z.sum(0)).unsqueeze(-1)).reshape(shape)
     return protos
 
 

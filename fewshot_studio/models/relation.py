@@ -102,13 +102,30 @@ class MLPRelationModule(nn.Module):
 @dataclass(frozen=True, eq=False)
 class RelationPredictor:
     """Scores queries against fixed class representations ``(n_way, *feature_shape)``:
-    ``(n_q, *feature_shape)`` -> ``(n_q, n_way)`` pre-sigmoid relation scores."""
+    ``(n_q, *feature_shape)`` -> ``(n_q, n_way)`` pre-sigmoid relation scores. The support
+    ``(n_s, *feature_shape)`` features and ``(n_s,)`` labels are kept for :meth:`refine`."""
 
     class_features: Tensor
     model: RelationNetwork
+    support_features: Tensor | None = None
+    support_labels: Tensor | None = None
 
     def __call__(self, query_features: Tensor) -> Tensor:
         return self.model.scores(query_features, self.class_features)
+
+    def refine(self, query_features: Tensor, n_iters: int = 1,
+               temperature: float = 1.0) -> RelationPredictor:
+        """Transductive refinement of mean class representations: soft k-means over
+        ``(n_q, *feature_shape)`` query features, assigning queries by the softmax of the
+        relation scores (Ren et al. 2018's prototype refinement with this model's scoring)."""
+        if not self.model.can_refine or self.support_features is None \
+                or self.support_labels is None:
+            raise ValueError("refinement needs mean class representations (aggregate='mean')")
+        classes = Fn.soft_kmeans_refine(
+            self.class_features, self.support_features, self.support_labels, query_features,
+            n_iters=n_iters, temperature=temperature, logits_fn=self.model.scores)
+        return RelationPredictor(classes, self.model, self.support_features,
+                                 self.support_labels)
 
 
 @METHODS.register("relation")
@@ -143,6 +160,7 @@ class RelationNetwork(FewShotClassifier):
             raise ValueError(f"skip must be one of {SKIPS}, got {skip!r}")
         self.module_kind = module
         self.aggregate = aggregate
+        self.can_refine = aggregate == "mean"  # soft k-means refines class means
         self.hidden = int(hidden if hidden is not None else (64 if module == "conv" else 256))
         self.fc_hidden = fc_hidden
         shape = _backbone_feature_shape(backbone)
@@ -178,7 +196,7 @@ class RelationNetwork(FewShotClassifier):
             classes = Fn.prototypes(support_features, support_labels, n_way)
         else:
             classes = Fn.class_sums(support_features, support_labels, n_way)[0]
-        return RelationPredictor(classes, self)
+        return RelationPredictor(classes, self, support_features, support_labels)
 
     def scores(self, query: Tensor, classes: Tensor) -> Tensor:
         """Pre-sigmoid relation scores: ``(n_q, *feature_shape)`` queries, ``(n_way,
