@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, TextIO
+from typing import Any, TextIO, TypeVar
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -110,3 +113,19 @@ class ProgressBar:
         if self._tty:
             self.stream.write("\n")
             self.stream.flush()
+
+
+def run_with_bar(steps: Iterable[Progress], bar: ProgressBar, result_type: type[T]) -> T:
+    """Drive a progress generator behind ``bar`` (closed at the end, also on error) and
+    return the last payload of ``result_type`` it reported."""
+    result: T | None = None
+    try:
+        for p in steps:
+            bar.update(p, force=p.payload is not None)
+            if isinstance(p.payload, result_type):
+                result = p.payload
+    finally:
+        bar.close()
+    if result is None:
+        raise RuntimeError(f"the work ended without a {result_type.__name__}")
+    return result

@@ -19,3 +19,19 @@ def test_rate_ignores_work_before_the_first_update(monkeypatch: pytest.MonkeyPat
     est.update(2020)
     assert est.rate == pytest.approx(10.0)
     assert est.eta(2020, 5000) == pytest.approx(298.0)
+
+
+def test_run_with_bar_returns_the_payload_and_closes_the_bar() -> None:
+    import io
+
+    from fewshot_studio.progress import Progress, ProgressBar, run_with_bar
+
+    def work(result: object):
+        yield Progress(1, 2)
+        yield Progress(2, 2, payload=result)
+
+    stream = io.StringIO()
+    assert run_with_bar(work(3.5), ProgressBar("x", stream=stream), float) == 3.5
+    assert stream.getvalue().endswith("\n")  # closed: the line is finished
+    with pytest.raises(RuntimeError, match="float"):
+        run_with_bar(work("not a float"), ProgressBar("x", stream=io.StringIO()), float)

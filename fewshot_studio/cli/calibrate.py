@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fewshot_studio.cli.evaluate import add_episode_args, data_paths, load_for_episodes
-from fewshot_studio.progress import ProgressBar
+from fewshot_studio.progress import ProgressBar, run_with_bar
 
 if TYPE_CHECKING:
     from fewshot_studio.training.calibrate import CalibrationResult
@@ -49,18 +49,10 @@ def calibrate_with_bar(model: Any, images: Any, preprocess: Any, way: int, shot:
     bar; returns its :class:`CalibrationResult`."""
     from fewshot_studio.training.calibrate import CalibrationResult, fit_temperature_iter
 
-    bar = ProgressBar("calibrate", unit="ep")
-    result: CalibrationResult | None = None
-    try:
-        for p in fit_temperature_iter(model, images, preprocess, way, shot, query, episodes,
-                                      seed, device, temperature):
-            bar.update(p, force=p.payload is not None)
-            if isinstance(p.payload, CalibrationResult):
-                result = p.payload
-    finally:
-        bar.close()
-    assert result is not None
-    return result
+    return run_with_bar(
+        fit_temperature_iter(model, images, preprocess, way, shot, query, episodes, seed,
+                             device, temperature),
+        ProgressBar("calibrate", unit="ep"), CalibrationResult)
 
 
 def write_calibration(path: Path, record: dict[str, Any]) -> None:

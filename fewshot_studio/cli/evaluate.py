@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fewshot_studio.progress import ProgressBar
+from fewshot_studio.progress import ProgressBar, run_with_bar
 
 if TYPE_CHECKING:
     from fewshot_studio.training.evaluate import EvalResult
@@ -67,18 +67,10 @@ def evaluate_with_bar(model: Any, images: Any, preprocess: Any, way: int, shot: 
     ``label``; returns its :class:`EvalResult`."""
     from fewshot_studio.training.evaluate import EvalResult, evaluate_iter
 
-    bar = ProgressBar(label, unit="ep")
-    result: EvalResult | None = None
-    try:
-        for p in evaluate_iter(model, images, preprocess, way, shot, query, episodes, seed,
-                               device, transductive):
-            bar.update(p, force=p.payload is not None)
-            if isinstance(p.payload, EvalResult):
-                result = p.payload
-    finally:
-        bar.close()
-    assert result is not None
-    return result
+    return run_with_bar(
+        evaluate_iter(model, images, preprocess, way, shot, query, episodes, seed, device,
+                      transductive),
+        ProgressBar(label, unit="ep"), EvalResult)
 
 
 def data_paths(args: argparse.Namespace) -> list[str]:
