@@ -362,7 +362,9 @@ def run_training(ctx: Ctx, name: str, cmd: list[str], out: Path) -> Path:
 
 def transductive_key(label: str) -> str:
     """The evaluation label ``fewshot-studio eval --transductive`` records results under."""
-    return f"{label} transductive x{TRANSDUCTIVE_ITERS}"
+    from fewshot_studio.cli.evaluate import transductive_label
+
+    return transductive_label(label, TRANSDUCTIVE_ITERS)
 
 
 def omniglot_eval(ctx: Ctx, name: str, ckpt: Path, classes: str | None = None,
@@ -1058,7 +1060,7 @@ def step_card(ctx: Ctx) -> None:
         label = "omniglot-vinyals-test [vinyals_test]"
         for p, t in targets.items():
             for how, key in (("", f"{label} {p}"),
-                             (trans, f"{label} transductive x{TRANSDUCTIVE_ITERS} {p}")):
+                             (trans, f"{transductive_key(label)} {p}")):
                 r = ev.get(key)
                 if how and not r:
                     continue

@@ -60,6 +60,11 @@ def result_key(label: str, way: int, shot: int) -> str:
     return f"{label} {way}w{shot}s"
 
 
+def transductive_label(label: str, iters: int) -> str:
+    """The label ``eval --transductive ITERS --write-results`` records its results under."""
+    return f"{label} transductive x{iters}"
+
+
 def evaluate_with_bar(model: Any, images: Any, preprocess: Any, way: int, shot: int,
                       query: int | None, episodes: int, seed: int, device: Any,
                       label: str = "eval", transductive: int = 0) -> EvalResult:
@@ -125,7 +130,7 @@ def run(args: argparse.Namespace) -> int:
         if args.classes:
             label += f" [{Path(args.classes).stem}]"
         if args.transductive:
-            label += f" transductive x{args.transductive}"
+            label = transductive_label(label, args.transductive)
         record_result(path, result_key(label, args.way, args.shot), {
             **result.to_dict(), "data": [Path(d).name for d in data],
             "classes": args.classes, "device": str(device)})
