@@ -219,12 +219,34 @@ def memory_child(ckpt: Path, src: list[Path], n: int, tmp: Path) -> None:
     print(f"PEAK_RSS_MB {peak_rss_mb():.1f} SECONDS {dt:.1f}")
 
 
+def cuda_throughput(tmp: Path, jpegs: list[Path], support: dict[str, list[Path]]) -> None:
+    """torch CUDA labeling throughput of Conv4 84 px and Lite0 224 px beside the
+    decode+resize bound measured just before each."""
+    from fewshot_studio.engine.backends import torch_cuda_works
+
+    if not torch_cuda_works():
+        print("torch CUDA: no working CUDA on this machine (not measured)")
+        return
+    print(f"GPU: {torch.cuda.get_device_name(0)}; {os.cpu_count()} CPUs decode")
+    for name, backbone, size in (("Conv4 84px", "conv4", 84),
+                                 ("Lite0 224px", "efficientnet_lite0", 224)):
+        ck = make_checkpoint(tmp / f"{backbone}.safetensors", backbone, size)
+        bound, _ = decode_bound(jpegs, load_checkpoint(ck).preprocess)
+        rate, info = label_throughput(ck, support, jpegs, tmp / f"cuda-{backbone}.sqlite",
+                                      "torch", "cuda")
+        print(f"{name:12s} torch CUDA labeling {rate:7.1f} img/s | decode+resize bound "
+              f"{bound:7.1f} img/s | ratio {rate / bound:.2f} | {info}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=2000, help="JPEGs for the throughput runs")
     ap.add_argument("--memory-n", type=int, default=20_000, help="images for the RSS run")
     ap.add_argument("--quick", action="store_true", help="n=300, memory-n=2000")
     ap.add_argument("--skip-memory", action="store_true")
+    ap.add_argument("--cuda-only", action="store_true",
+                    help="only torch CUDA throughput (Conv4 and Lite0) beside the "
+                         "decode+resize bound (a GPU machine's short check)")
     ap.add_argument("--memory-child", nargs=3, metavar=("CKPT", "SRC_DIR", "N"),
                     help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -244,6 +266,9 @@ def main() -> None:
         print(f"generated {len(jpegs)} 500x375 JPEGs in {time.perf_counter() - t:.1f} s")
         support_imgs = make_jpegs(tmp / "support", 9, seed=1)
         support = {"a": support_imgs[0::3], "b": support_imgs[1::3], "c": support_imgs[2::3]}
+        if args.cuda_only:
+            cuda_throughput(tmp, jpegs, support)
+            return
         results: dict[tuple[str, str], tuple[float, float]] = {}
         cores = os.cpu_count() or 1
         for name, backbone, size in (("Conv4 84px", "conv4", 84),

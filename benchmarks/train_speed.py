@@ -42,7 +42,13 @@ from fewshot_studio.training.distributed import (
     resolve_device,
     wrap,
 )
-from fewshot_studio.training.trainer import BatchMaker, hardware_name, train_step
+from fewshot_studio.training.trainer import (
+    BatchMaker,
+    compile_step,
+    hardware_name,
+    make_optimizer,
+    train_step,
+)
 
 PRE = Preprocess(image_size=28, channels=1)
 
@@ -84,16 +90,23 @@ def timed(step: Callable[[], object], device: torch.device, warmup: int,
 
 
 def bench_protonet(data: InMemoryImages, device: torch.device, warmup: int,
-                   steps: int) -> float:
+                   steps: int, trainer_defaults: bool = True, compiled: bool = False) -> float:
+    """Episodes/s of the trainer's step. ``trainer_defaults=False``: the step as it was before
+    the CUDA tuning (per-tensor Adam, indices copied from pageable memory), for the ratio.
+    ``compiled``: the step as ``train --compile`` runs it (:func:`compile_step`)."""
     torch.manual_seed(0)
     model = create_method("protonet", create_backbone("conv4", in_channels=1,
                                                       image_size=28)).to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    opt = make_optimizer(model.parameters(), 1e-3, device=device) if trainer_defaults \
+        else torch.optim.Adam(model.parameters(), lr=1e-3)
     step_module = wrap(model, DistInfo(device=device))
+    if compiled:
+        step_module = compile_step(step_module, device)
     sampler = EpisodeSampler(data.targets, 60, 5, 5, seed=0)
     gen = torch.Generator(device=device).manual_seed(0)
-    batches = BatchMaker(data.images, PRE, "none", gen)
-    return 1.0 / timed(lambda: train_step(step_module, opt, batches(sampler.sample_batch(1))),
+    batches = BatchMaker(data.images, PRE, "none", gen, pinned=trainer_defaults)
+    return 1.0 / timed(lambda: train_step(step_module, opt, batches(sampler.sample_batch(1)),
+                                          n_way=60),
                        device, warmup, steps)
 
 
@@ -104,7 +117,7 @@ def bench_maml(data: InMemoryImages, device: torch.device, first_order: bool,
                                track_running_stats=False)
     model = create_method("maml", backbone, inner_steps=5, inner_lr=0.4,
                           first_order=first_order).to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    opt = make_optimizer(model.parameters(), 1e-3, device=device)
     sampler = EpisodeSampler(data.targets, 5, 1, 1, seed=0)
     gen = torch.Generator(device=device).manual_seed(0)
     batches = BatchMaker(data.images, PRE, "none", gen)
@@ -133,6 +146,13 @@ def main() -> int:
     ap.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     ap.add_argument("--proto-steps", type=int, default=None)
     ap.add_argument("--maml-steps", type=int, default=None)
+    ap.add_argument("--warmup", type=int, default=None,
+                    help="untimed steps before each measurement (default: 10 on CUDA, 1 on "
+                         "the CPU)")
+    ap.add_argument("--compile", action="store_true",
+                    help="also time the ProtoNet step as `train --compile` runs it "
+                         "(torch.compile; last, after the other figures)")
+    ap.add_argument("--skip-maml", action="store_true", help="ProtoNet figures only")
     ap.add_argument("--quick", action="store_true", help="fewest steps (a smoke run)")
     args = ap.parse_args()
     device = resolve_device(args.device)
@@ -141,7 +161,7 @@ def main() -> int:
         torch.backends.cudnn.benchmark = True
     proto_steps = args.proto_steps or (200 if cuda else 5)
     maml_steps = args.maml_steps or (20 if cuda else 1)
-    warm = 10 if cuda else 1
+    warm = args.warmup if args.warmup is not None else (10 if cuda else 1)
     if args.quick:
         proto_steps, maml_steps, warm = 2, 1, 1
     print(f"device: {hardware_name(device)}; torch {torch.__version__}; "
@@ -154,15 +174,30 @@ def main() -> int:
     target = " (target >= 200 on an H100-class GPU)" if cuda else ""
     print(f"ProtoNet Conv4 60-way 5-shot 5-query: {eps:.1f} episodes/s "
           f"over {proto_steps} timed steps{target}")
+    if cuda:
+        before = bench_protonet(data, device, warm, proto_steps, trainer_defaults=False)
+        print(f"  same step without fused Adam and pinned index copies: {before:.1f} "
+              f"episodes/s (ratio {eps / before:.2f}x)")
 
-    print("MAML Conv4 5-way 1-shot 1-query, meta-batch 32, 5 inner steps "
-          f"({maml_steps} timed meta-step(s) each):")
-    for fo, order in ((False, "second order"), (True, "first order")):
+    if not args.skip_maml:
+        print("MAML Conv4 5-way 1-shot 1-query, meta-batch 32, 5 inner steps "
+              f"({maml_steps} timed meta-step(s) each):")
+    for fo, order in () if args.skip_maml else ((False, "second order"),
+                                                 (True, "first order")):
         vec = bench_maml(data, device, fo, True, warm, maml_steps)
         loop = bench_maml(data, device, fo, False, warm, maml_steps)
         print(f"  {order:12s}: vectorised {vec:8.1f} tasks/s | per-task loop "
               f"{loop:8.1f} tasks/s | ratio {vec / loop:.2f}x"
               + (" (target >= 5x on CUDA)" if cuda else ""))
+    if args.compile:
+        t = time.perf_counter()
+        try:
+            comp = bench_protonet(data, device, max(warm, 3), proto_steps, compiled=True)
+            print(f"ProtoNet step compiled (train --compile): {comp:.1f} "
+                  f"episodes/s (ratio {comp / eps:.2f}x the trainer's step; compiling and "
+                  f"warm-up took {time.perf_counter() - t:.0f} s)")
+        except Exception as e:  # an experiment: report, never fail the benchmark
+            print(f"compiled step failed: {type(e).__name__}: {e}")
     return 0
 
 

@@ -1,8 +1,10 @@
 """MAML: the wrapper's inner step and meta-gradient against explicit formulas and hand-written
 autograd; the vectorised (torch.func) meta-loss against the per-task loop; Proto-MAML heads for
-any number of classes."""
+any number of classes; ANIL transductive refinement."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 import torch
@@ -409,3 +411,155 @@ def test_normalized_vectorised_equals_loop_and_scale_trains(anil: bool) -> None:
     rebuilt = build_model(spec)
     assert rebuilt.config() == model.config() and rebuilt.config()["normalize"] is True
     rebuilt.load_state_dict(model.state_dict())  # the trained scale included
+
+
+# -- transductive refinement (ANIL) ------------------------------------------------------------
+
+def _clusters(seed: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Two well-separated clusters in 8-d features (first coordinate -1 and +1, 20 queries
+    each, noise 0.05) with a misleading support set: one point per class, both far right
+    of their clusters (0.4 and 2.0), so that the support set's decision boundary (about
+    1.2) puts every class-1 query in class 0."""
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.zeros(2, 8, dtype=DT)
+    centres[:, 0] = torch.tensor([-1.0, 1.0], dtype=DT)
+    qy = torch.arange(2).repeat_interleave(20)
+    qx = centres[qy] + 0.05 * torch.randn(40, 8, generator=g, dtype=DT)
+    sx = torch.zeros(2, 8, dtype=DT)
+    sx[:, 0] = torch.tensor([0.4, 2.0], dtype=DT)
+    return sx, torch.tensor([0, 1]), qx, qy
+
+
+def test_can_refine_exactly_for_anil() -> None:
+    assert _maml(anil=True).can_refine
+    full = _maml()
+    assert not full.can_refine
+    x = torch.randn(4, 1, 14, 14, dtype=DT)
+    with torch.no_grad(), pytest.raises(ValueError, match="ANIL"):
+        full.eval().fit(x[:2], torch.tensor([0, 1])).refine(x[2:])
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_refine_shape_under_no_grad_and_chains(normalize: bool) -> None:
+    """Under ``torch.no_grad()`` (as the labeling engine calls it) ``refine`` returns a
+    detached ``(n_q, n_way)`` predictor; ``n_iters=0`` changes nothing, and refining twice
+    by one iteration equals refining once by two."""
+    model = _maml(anil=True, inner_steps=1, test_inner_steps=3, normalize=normalize,
+                  meta_sgd=True, pool="avg").eval()
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        feats = model.embed(torch.randn(13, 1, 14, 14, generator=g, dtype=DT))
+    sx, sy, qx = feats[:6], torch.tensor([0, 1, 2, 3, 0, 1]), feats[6:]
+    with torch.no_grad():
+        pred = model.fit(sx, sy, 4)
+        refined = pred.refine(qx, n_iters=2)
+        logits = refined(qx)
+        assert logits.shape == (7, 4) and not logits.requires_grad
+        assert not torch.allclose(logits, pred(qx))
+        torch.testing.assert_close(pred.refine(qx, n_iters=0)(qx), pred(qx))
+        torch.testing.assert_close(pred.refine(qx[:0])(qx), pred(qx))
+        twice = pred.refine(qx, n_iters=1).refine(qx, n_iters=1)
+        torch.testing.assert_close(twice(qx), logits)
+    with torch.enable_grad():  # as evaluate() calls it: still nothing to differentiate
+        assert not model.fit(sx, sy, 4).refine(qx, n_iters=1)(qx).requires_grad
+
+
+def test_refine_without_inner_steps_equals_protonet_refinement() -> None:
+    """With no inner step the Proto-MAML head is ProtoNet's scoring (same softmax), so the
+    refined predictor equals ProtoNet's soft k-means refinement (Ren et al. 2018)."""
+    model = _maml(anil=True, test_inner_steps=0).eval()
+    proto = ProtoNet(model.backbone).eval()
+    sx, sy, qx, _ = _clusters()
+    with torch.no_grad():
+        mine = model.fit(sx, sy, 2).refine(qx, n_iters=2)(qx).softmax(-1)
+        theirs = proto.fit(sx, sy, 2).refine(qx, n_iters=2)(qx).softmax(-1)
+    torch.testing.assert_close(mine, theirs)
+
+
+@pytest.mark.parametrize("steps", [0, 5])
+def test_refine_recovers_from_a_misleading_support_set(steps: int) -> None:
+    """Support points far off their clusters: the adapted head misclassifies half the
+    queries; soft k-means over the queries pulls the prototypes into the clusters."""
+    model = _maml(anil=True, test_inner_steps=steps, inner_lr=0.4).eval()
+    sx, sy, qx, qy = _clusters()
+    with torch.no_grad():
+        pred = model.fit(sx, sy, 2)
+        plain = Fn.accuracy(pred(qx), qy).item()
+        refined = Fn.accuracy(pred.refine(qx, n_iters=2)(qx), qy).item()
+    assert plain <= 0.6
+    assert refined == 1.0
+
+
+class _Pixels(nn.Module):
+    """A parameter-free backbone: ``(n, 1, 14, 14)`` images -> ``(n, 196)`` pixels."""
+
+    feature_shape = (196,)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x.flatten(1)
+
+
+def test_evaluate_transductive_runs_for_anil_and_refuses_full_maml() -> None:
+    """``evaluate(..., transductive=2)`` scores each episode with the ANIL predictor refined
+    over that episode's queries (checked against ``fit(...).refine(...)`` written out);
+    on noisy images of a pattern per class it beats the plain predictor."""
+    from fewshot_studio.data.datasets import InMemoryImages
+    from fewshot_studio.data.preprocess import Preprocess
+    from fewshot_studio.training import evaluate as ev
+
+    g = torch.Generator().manual_seed(0)
+    targets = torch.arange(6).repeat_interleave(8)
+    pattern = torch.rand(6, 1, 14, 14, generator=g)[targets] * 55
+    noise = torch.rand(len(targets), 1, 14, 14, generator=g) * 200
+    images = InMemoryImages((pattern + noise).to(torch.uint8), targets,
+                            [str(i) for i in range(6)])
+    pre = Preprocess(image_size=14, channels=1)
+    anil = MAMLClassifier(_Pixels(), inner_steps=1, inner_lr=0.01, anil=True).eval()
+    got = ev.evaluate(anil, images, pre, 3, 1, 4, 6, seed=0, transductive=2)
+    plain = ev.evaluate(anil, images, pre, 3, 1, 4, 6, seed=0)
+    assert got.n == 6 and got.transductive == 2
+    assert got.accuracy > plain.accuracy
+    expected = []
+    for e in ev.fixed_episodes(images, 3, 1, 4, 6, seed=0)[0]:
+        with torch.no_grad():
+            s = anil.embed(ev._normalize(images.images[e.support], pre))
+            q = anil.embed(ev._normalize(images.images[e.query], pre))
+            logits = anil.fit(s, e.support_labels, 3).refine(q, n_iters=2)(q)
+        expected.append(Fn.accuracy(logits, e.query_labels).item())
+    assert got.per_episode == pytest.approx(expected)
+    with pytest.raises(ValueError, match="transductive"):
+        ev.evaluate(_maml().float(), images, pre, 3, 1, 4, 2, transductive=1)
+
+
+def test_labeling_session_refines_anil_predictions(tmp_path: Path) -> None:
+    """The app's "Transductive refinement" option is applied (not silently skipped) for an
+    ANIL MAML checkpoint: the session refines over the queries and the probabilities move."""
+    from dataclasses import replace
+
+    from engine_fixtures import make_label_folders
+
+    from fewshot_studio.data.preprocess import Preprocess
+    from fewshot_studio.engine.api import LabelSettings
+    from fewshot_studio.engine.session import LabelingSession
+    from fewshot_studio.io.checkpoint import Checkpoint, save_checkpoint
+
+    torch.manual_seed(0)
+    cfg = {"in_channels": 3, "image_size": 16, "hidden": 8, "pool_layers": 3}
+    model = MAMLClassifier(create_backbone("conv4", **cfg), inner_steps=1, anil=True)
+    ckpt = save_checkpoint(tmp_path / "anil.safetensors", Checkpoint(
+        model=model_spec(model, "conv4", cfg), preprocess=Preprocess(16, 3, (0.5,) * 3,
+                                                                    (0.25,) * 3),
+        state_dict=model.state_dict(), name="anil"))
+    support_root, query_root, truth, _ = make_label_folders(tmp_path / "data")
+    support = {c.name: sorted(c.glob("*.png")) for c in sorted(support_root.iterdir())}
+    queries = [p for p in LabelingSession.scan_queries(query_root)
+               if p.relative_to(query_root).as_posix() in truth]
+    settings = LabelSettings(unknown_threshold=0.0, batch_size=8, transductive=True)
+    with LabelingSession(ckpt, settings, cache_path=tmp_path / "cache.sqlite") as s:
+        s.set_support(support)
+        list(s.run(queries))
+        assert s.model.can_refine and s.counters.extra["transductive"] == 1
+        refined = s.predictions()
+        plain = s.set_settings(replace(settings, transductive=False))
+    assert any(abs(a.confidence - b.confidence) > 1e-6
+               for a, b in zip(refined, plain, strict=True))

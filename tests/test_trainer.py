@@ -268,6 +268,18 @@ def test_lr_schedules() -> None:
     assert lr_at(warm, 0) == pytest.approx(2.5e-4) and lr_at(warm, 10) == pytest.approx(1e-3)
 
 
+def test_fit_schedule_follows_time_or_steps_whichever_is_further() -> None:
+    fit = TrainConfig(lr=1e-3, episodes=100, schedule="cosine", min_lr_ratio=0.0,
+                      time_limit_s=60.0, fit_schedule=True)
+    assert lr_at(fit, 10, time_fraction=0.5) == pytest.approx(0.5e-3)  # time is ahead
+    assert lr_at(fit, 50, time_fraction=0.1) == pytest.approx(0.5e-3)  # steps are ahead
+    assert lr_at(fit, 10, time_fraction=1.0) == pytest.approx(0.0, abs=1e-12)
+    plain = fit.with_(fit_schedule=False)
+    assert lr_at(plain, 10, time_fraction=1.0) == pytest.approx(lr_at(plain, 10))
+    with pytest.raises(UserError, match="time-limit"):
+        fit.with_(time_limit_s=None, data=("x",)).validate()
+
+
 @pytest.mark.parametrize("method", ["protonet", "relation", "maml"])
 def test_every_method_trains_and_checkpoints(method: str, glyphs: Path, tmp_path: Path) -> None:
     if method not in METHODS:
@@ -290,6 +302,27 @@ def test_every_method_trains_and_checkpoints(method: str, glyphs: Path, tmp_path
     assert all(math.isfinite(float(v.float().abs().sum())) for v in first.values())
     model = load_checkpoint(tmp_path / "run" / BEST).build()
     assert model.method_name == method
+
+
+def test_compile_runs_the_step_through_torch_compile(glyphs: Path, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """``compile=True`` trains through ``torch.compile`` (default mode off CUDA), and the
+    model it trains is the one checkpointed. torch.compile itself is replaced by a recorder
+    (compiling takes ~40 s here); benchmarks/train_speed.py --compile times the real one."""
+    calls: list[tuple[torch.nn.Module, str]] = []
+
+    def recording_compile(module: torch.nn.Module, mode: str = "default") -> torch.nn.Module:
+        calls.append((module, mode))
+        return module
+
+    monkeypatch.setattr(torch, "compile", recording_compile)
+    cfg = small_config(glyphs, tmp_path / "run", backbone_kwargs={"hidden": 8}, episodes=3,
+                       val_every=3, val_episodes=2, log_every=1, compile=True)
+    result = run_to_end(cfg)
+    assert [mode for _, mode in calls] == ["default"]
+    assert result.step == 3
+    trained = load_checkpoint(tmp_path / "run" / LAST).state_dict
+    assert all(torch.equal(trained[k], v.cpu()) for k, v in result.model.state_dict().items())
 
 
 @pytest.mark.parametrize("method", ["protonet", "relation", "maml"])

@@ -52,7 +52,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    metavar="ITERS",
                    help="refine the prototypes over each episode's queries by soft k-means "
                         "(ITERS iterations; without a number, as many as the app's "
-                        "'Transductive refinement' option runs); ProtoNet, Relation Network")
+                        "'Transductive refinement' option runs); ProtoNet, mean-aggregate "
+                        "Relation Network, ANIL MAML (the Proto-MAML head's prototypes)")
     p.set_defaults(func=run)
 
 
@@ -118,8 +119,8 @@ def run(args: argparse.Namespace) -> int:
     path, ckpt, model, images, device = load_for_episodes(args)
     if args.transductive and not model.can_refine:
         raise UserError(f"--transductive: this {model.method_name} checkpoint has no "
-                        "transductive refinement (ProtoNet and mean-aggregate Relation "
-                        "Network checkpoints have)")
+                        "transductive refinement (ProtoNet, mean-aggregate Relation "
+                        "Network and ANIL MAML checkpoints have)")
     result = evaluate_with_bar(model, images, ckpt.preprocess, args.way, args.shot, args.query,
                                args.episodes, args.seed, device,
                                transductive=args.transductive)

@@ -109,8 +109,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     r.add_argument("--seed", type=int, default=d.seed)
     r.add_argument("--device", choices=DEVICES, default=d.device)
     r.add_argument("--amp", action="store_true", help="bfloat16 autocast on CUDA")
+    r.add_argument("--compile", action="store_true",
+                   help="torch.compile the training step (CUDA graphs on CUDA; ProtoNet "
+                        "Conv4 60-way: 2.5x the episodes/s on an H100; compiling takes ~40 s)")
     r.add_argument("--time-limit", type=float, default=None, metavar="SECONDS",
                    help="stop (with checkpoints) after this long")
+    r.add_argument("--fit-schedule", action="store_true",
+                   help="with --time-limit: the cosine schedule runs on the episodes or the "
+                        "time, whichever is further along, so a run stopped by its time "
+                        "limit still ends at the last learning rate")
     r.add_argument("--fp16-checkpoints", action="store_true",
                    help="store best/last weights as float16 (half the size)")
     r.add_argument("--name", default="", help="checkpoint name (default: the run folder's)")
@@ -184,6 +191,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         val_shot=args.val_shot, val_query=args.val_query, seed=args.seed, device=args.device,
         amp=args.amp, out=args.out, name=args.name, description=args.description,
         log_every=args.log_every, time_limit_s=args.time_limit,
+        fit_schedule=args.fit_schedule, compile=args.compile,
         fp16_checkpoints=args.fp16_checkpoints,
     )
 
@@ -196,7 +204,8 @@ def resume_config(args: argparse.Namespace) -> TrainConfig:
     _, meta = load_train_state(Path(args.out).expanduser() / RESUME)
     cfg = TrainConfig.from_dict(meta["config"])
     changes: dict[str, Any] = {"device": args.device, "time_limit_s": args.time_limit,
-                               "out": str(Path(args.out).expanduser())}
+                               "out": str(Path(args.out).expanduser()),
+                               "fit_schedule": cfg.fit_schedule and bool(args.time_limit)}
     if args.episodes:
         changes["episodes"] = args.episodes
     return cfg.with_(**changes)

@@ -56,6 +56,12 @@ class TrainConfig:
     scales every range (0: none, 1: the defaults).
     ``device``: ``"auto"`` (CUDA when available), ``"cpu"`` or ``"cuda"``. ``amp``: bfloat16
     autocast on CUDA. ``time_limit_s``: stop (with checkpoints) after this many seconds.
+    ``fit_schedule``: with a time limit, the learning-rate schedule runs on whichever comes
+    first, the episodes or the time, so a run cut short by its time limit still ends at the
+    schedule's last learning rate (the episodes trained are recorded in the checkpoint).
+    ``compile``: run the training step under ``torch.compile`` (on CUDA with CUDA graphs,
+    ``mode="reduce-overhead"``): small models are launch-bound there; the first steps are
+    slow while it compiles.
     ``fp16_checkpoints``: best/last store float16 weights (half the size; the resume state
     stays float32).
     """
@@ -107,6 +113,8 @@ class TrainConfig:
     log_every: int = 20
     fp16_checkpoints: bool = False
     time_limit_s: float | None = None
+    fit_schedule: bool = False
+    compile: bool = False
 
     def __post_init__(self) -> None:
         # Normalise containers so JSON round-trips compare equal.
@@ -153,6 +161,8 @@ class TrainConfig:
             bad("lr must be positive")
         if not 0.0 < self.val_fraction < 1.0 and self.split in ("random", "groups"):
             bad("--val-classes fraction must be between 0 and 1")
+        if self.fit_schedule and not self.time_limit_s:
+            bad("--fit-schedule needs --time-limit")
         if self.split == "files" and not self.val_classes:
             bad("split 'files' needs a validation class list (--val-classes FILE)")
 

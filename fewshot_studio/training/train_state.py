@@ -43,9 +43,12 @@ def _optimizer_from_flat(opt: torch.optim.Optimizer, tensors: dict[str, Tensor],
     for pid, sc in meta.get("scalars", {}).items():
         state.setdefault(int(pid), {}).update(sc)
     groups = meta["param_groups"]
-    for g in groups:
+    for g, current in zip(groups, opt.param_groups, strict=False):
         if "betas" in g:
             g["betas"] = tuple(g["betas"])
+        for impl in ("fused", "foreach", "capturable"):  # this device's implementation
+            if impl in current:
+                g[impl] = current[impl]
     opt.load_state_dict({"state": state, "param_groups": groups})
 
 

@@ -51,7 +51,9 @@ from fewshot_studio.training.steps import (  # noqa: F401
     BatchMaker,
     _mean_std,
     build_model,
+    compile_step,
     lr_at,
+    make_optimizer,
     train_step,
 )
 from fewshot_studio.training.train_data import (  # noqa: F401
@@ -146,6 +148,8 @@ def train(config: TrainConfig, resume: bool = False) -> Iterator[Progress]:
 def _train(config: TrainConfig, resume: bool, info: distributed.DistInfo
            ) -> Iterator[Progress]:
     device = info.device
+    if device.type == "cuda":  # fixed episode shapes: let cuDNN pick its fastest kernels
+        torch.backends.cudnn.benchmark = True
     run_dir = Path(config.out).expanduser()
     state_path = run_dir / RESUME
     saved: tuple[dict[str, Tensor], dict[str, Any]] | None = None
@@ -171,8 +175,10 @@ def _train(config: TrainConfig, resume: bool, info: distributed.DistInfo
     torch.manual_seed(config.seed)
     model, spec = build_model(config)
     model.to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    opt = make_optimizer(model.parameters(), config.lr, config.weight_decay, device)
     step_module = distributed.wrap(model, info)
+    if config.compile:
+        step_module = compile_step(step_module, device)
 
     sampler = EpisodeSampler(data.train.targets, config.way, config.shot, config.query,
                              seed=config.seed + info.rank, class_names=data.train_classes)
@@ -269,7 +275,8 @@ def _train(config: TrainConfig, resume: bool, info: distributed.DistInfo
     model.train()
     try:
         for step in range(start, config.episodes):
-            lr = lr_at(config, step)
+            lr = lr_at(config, step, elapsed() / config.time_limit_s
+                       if config.fit_schedule and config.time_limit_s else 0.0)
             for g in opt.param_groups:
                 g["lr"] = lr
             loss, acc = train_step(step_module, opt,
