@@ -6,8 +6,12 @@
 #   2. the six Omniglot trainings of `scripts/train_checkpoints.py --budget gpu` (shipped
 #      omniglot-* and the papers' protocol paper-*) at the same time on the one GPU, each
 #      stopped by its time limit, then their evaluations, until the deadline;
-#   3. everything packed into $OUT/results.tar.gz (run folders, checkpoints with their
-#      recorded evaluations, command log, logs); benchmark output in $OUT/*.txt.
+#   3. the results packed into $OUT/results.tar.gz (best checkpoints with their recorded
+#      evaluations, metrics, command log, logs; ~5 MB); benchmark output in $OUT/*.txt.
+#      Unpack it in the repository root (runs/bundled-gpu/), copy
+#      runs/bundled-gpu/installed/*.safetensors (the omniglot-* checkpoints with the lease's
+#      evaluations) into checkpoints/, then `scripts/train_checkpoints.py --budget gpu`
+#      reuses the trainings and runs only the evaluations still missing, and writes the card.
 #
 # Run from the repository root with python3 holding torch (CUDA), numpy, pillow, safetensors,
 # onnx and onnxruntime. Wheels in .whl/ (e.g. platformdirs) are installed to /tmp/site first.
@@ -69,6 +73,9 @@ for p in "${pids[@]}"; do kill -- -"$p" 2>/dev/null; done
 sleep 2
 echo "== [$(since) s] stopped; step logs (tails):"
 for s in $STEPS; do echo "--- $s"; tail -n 4 "$RUNS/step_$s.log"; done
-tar czf "$OUT/results.tar.gz" --exclude='*.lock' --exclude='.*.tmp' "$RUNS"
+# what comes back from a lease is at most 16 MB a file: the best checkpoints, logs and
+# results, without the resume states and last checkpoints (18 MB with them)
+tar czf "$OUT/results.tar.gz" --exclude='*.lock' --exclude='.*.tmp' \
+  --exclude='resume.safetensors' --exclude='last.safetensors' "$RUNS"
 ls -la "$OUT"
 echo "== [$(since) s] done"
