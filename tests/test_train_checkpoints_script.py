@@ -1,0 +1,131 @@
+"""scripts/train_checkpoints.py's bookkeeping: the shared command log, reusing finished
+trainings, the gpu budget's time limit and the model card's choice of command log."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import multiprocessing as mp
+import sys
+from pathlib import Path
+from types import ModuleType, SimpleNamespace
+from typing import Any
+
+import pytest
+
+from fewshot_studio.data.preprocess import Preprocess
+from fewshot_studio.io.checkpoint import Checkpoint, save_checkpoint
+from fewshot_studio.models import create_backbone, create_method, model_spec
+
+SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "train_checkpoints.py"
+
+
+def load_script() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("train_checkpoints_script", SCRIPT)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def tc() -> ModuleType:
+    return load_script()
+
+
+def tiny_checkpoint(path: Path, out_dir: str, step: int) -> Path:
+    bb = create_backbone("conv4", in_channels=1, image_size=28, hidden=4)
+    model = create_method("protonet", bb)
+    ckpt = Checkpoint(model=model_spec(model, "conv4", bb.config()),
+                      preprocess=Preprocess(28, 1), state_dict=model.state_dict(),
+                      training={"config": {"out": out_dir}, "step": step})
+    return save_checkpoint(path, ckpt)
+
+
+def _add_entries(path: str, who: int, n: int, start: Any) -> None:
+    tc = load_script()
+    log = tc.Log(Path(path))
+    start.wait()  # every process writes at the same time
+    for i in range(n):
+        log.add(f"job{who}", {"kind": "eval", "cmd": f"cmd {i}"})
+
+
+def test_concurrent_steps_lose_no_log_entry(tmp_path: Path) -> None:
+    path = tmp_path / "commands.json"
+    ctx = mp.get_context("spawn")
+    start = ctx.Barrier(3)
+    procs = [ctx.Process(target=_add_entries, args=(str(path), w, 40, start))
+             for w in range(3)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    data = json.loads(path.read_text())
+    assert {k: len(v) for k, v in data.items()} == {"job0": 40, "job1": 40, "job2": 40}
+
+
+def ctx_for(tc: ModuleType, runs: Path, **kw: Any) -> Any:
+    args = SimpleNamespace(budget="gpu", runs=str(runs), resume=False, retrain=False,
+                           keep_existing=False, time_limit=None, threads=1, max_steps=None,
+                           reeval=False)
+    vars(args).update(kw)
+    return tc.Ctx(args)
+
+
+def test_a_finished_training_is_reused_not_rerun(tc: ModuleType, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run folder brought back from a GPU lease has best.safetensors but no resume state:
+    the step reuses it (and logs it) instead of training again."""
+    runs = tmp_path / "bundled-gpu"
+    out = runs / "omniglot-protonet"
+    out.mkdir(parents=True)
+    tiny_checkpoint(out / "best.safetensors", str(out), step=12)
+    monkeypatch.setattr(tc, "sh", lambda *a, **k: pytest.fail("trained again"))
+    ctx = ctx_for(tc, runs)
+    best = tc.run_training(ctx, "omniglot-protonet", ["fewshot-studio", "train"], out)
+    assert best == out / "best.safetensors"
+    assert ctx.log.data["omniglot-protonet"][0]["steps"] == 12
+
+
+def test_gpu_time_limit_override(tc: ModuleType, tmp_path: Path) -> None:
+    args = tc.OMNIGLOT_TRAIN["omniglot-relation"]["gpu"]
+    assert args[args.index("--time-limit") + 1] == str(tc.LEASE_TRAIN_S)
+    assert "--fit-schedule" in args
+    changed = tc.schedule(ctx_for(tc, tmp_path / "r", time_limit=42.0), args)
+    assert changed[changed.index("--time-limit") + 1] == "42"
+    assert tc.schedule(ctx_for(tc, tmp_path / "r"), args) == args
+
+
+def test_install_keeps_recorded_evaluations_of_the_same_training(tc: ModuleType,
+                                                                tmp_path: Path) -> None:
+    best = tiny_checkpoint(tmp_path / "best.safetensors", "runs/x", step=5)
+    target = tmp_path / "installed.safetensors"
+    tc.install_trained(best, target)
+    from fewshot_studio.cli.evaluate import record_result
+
+    record_result(target, "omniglot-evaluation 5w1s", {"accuracy": 0.9})
+    tc.install_trained(best, target)  # same training: the result stays
+    assert "omniglot-evaluation 5w1s" in tc.load_checkpoint(target).evaluation
+    newer = tiny_checkpoint(tmp_path / "newer.safetensors", "runs/x", step=6)
+    tc.install_trained(newer, target)  # another training replaces it
+    assert tc.load_checkpoint(target).evaluation == {}
+
+
+def test_card_reads_the_log_of_the_run_that_trained_the_installed_checkpoint(
+        tc: ModuleType, tmp_path: Path) -> None:
+    gpu, cpu = tmp_path / "bundled-gpu", tmp_path / "bundled-cpu"
+    for d, hw in ((gpu, "H100"), (cpu, "CPU")):
+        log = tc.Log(d / "commands.json")
+        log.add("omniglot-maml", {"kind": "train", "cmd": f"train on {hw}", "hardware": hw})
+    tc.Log(cpu / "commands.json").add("natural-maml", {"kind": "train", "cmd": "cached"})
+    installed = tc.load_checkpoint(tiny_checkpoint(tmp_path / "m.safetensors",
+                                                   str(cpu / "omniglot-maml"), step=1))
+    merged, used = tc.merged_log([gpu, cpu], {"omniglot-maml": installed})
+    assert merged.data["omniglot-maml"][0]["hardware"] == "CPU"  # where it was trained
+    assert merged.data["natural-maml"][0]["cmd"] == "cached"
+    assert used == {"bundled-cpu"}
+    merged, used = tc.merged_log([gpu, cpu], {})  # nothing installed: first folder wins
+    assert merged.data["omniglot-maml"][0]["hardware"] == "H100"
+    assert used == {"bundled-gpu", "bundled-cpu"}
