@@ -9,7 +9,8 @@
 2. Relabel after one correction with 10,000 cached 1280-d embeddings (ProtoNet head): <= 50 ms.
 3. Peak RSS of a child process labeling 20,000 images (hard links to the generated JPEGs, so
    every one is a distinct path that is decoded and embedded): < 1.5 GB.
-4. torch CUDA throughput (Lite0), when CUDA works.
+4. torch CUDA throughput (Conv4 and Lite0, beside the bound), when CUDA works
+   (``--cuda-only``: this alone).
 
     python benchmarks/label_speed.py [--quick] [--n 2000] [--memory-n 20000]
 
@@ -294,15 +295,6 @@ def main() -> None:
                   + ", ".join(f"{p} {1000 * cores / cpu_ms[p]:.0f} img/s, bound "
                               f"{1000 * cores / bound_cpu[p]:.0f} (ratio "
                               f"{bound_cpu[p] / cpu_ms[p]:.2f})" for p in PRECISIONS))
-            if backbone == "efficientnet_lite0":
-                from fewshot_studio.engine.backends import torch_cuda_works
-
-                if torch_cuda_works():
-                    cuda_rate, cinfo = label_throughput(ck, support, jpegs,
-                                                        tmp / "cuda.sqlite", "torch", "cuda")
-                    print(f"{name:12s} torch CUDA {cuda_rate:7.1f} img/s | {cinfo}")
-                else:
-                    print("torch CUDA: no working CUDA on this machine (not measured)")
         for p in PRECISIONS:
             c_rate, c_bound = results[("Conv4 84px", p)]
             l_rate, _ = results[("Lite0 224px", p)]
@@ -310,6 +302,7 @@ def main() -> None:
                   f"{'PASS' if c_rate >= 0.7 * c_bound else 'MISS'}; "
                   f"target Lite0 >= 60 img/s, {p}: {l_rate:.1f} "
                   f"{'PASS' if l_rate >= 60 else 'MISS'}")
+        cuda_throughput(tmp, jpegs, support)
         corr_ms, corr_cpu, thr_ms = relabel_ms(tmp)
         print(f"relabel after one correction, 10,000 cached 1280-d embeddings: {corr_ms:.1f} ms "
               f"wall, {corr_cpu:.1f} ms CPU (median of 9; threshold change {thr_ms:.1f} ms) "

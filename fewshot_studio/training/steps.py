@@ -96,9 +96,9 @@ class BatchMaker:
         self.mean, self.std = _mean_std(pre, images.device)
 
     def _images(self, idx: Tensor) -> Tensor:
-        """``(T, n)`` indices -> ``(T, n, C, H, W)`` float images."""
+        """``(T, n)`` indices on the device -> ``(T, n, C, H, W)`` float images."""
         t, n = idx.shape
-        x = self.images[idx.reshape(-1).to(self.device, non_blocking=True)].float().div_(255.0)
+        x = self.images[idx.reshape(-1)].float().div_(255.0)
         if self.augment == "omniglot":
             from fewshot_studio.data.augment import omniglot_augment
 
