@@ -75,6 +75,53 @@ def test_lite0_shapes(in_channels: int, size: int, shape: tuple[int, int, int]) 
         assert net(torch.randn(1, in_channels, size, size)).shape == (1, *shape)
 
 
+def test_lite0_multilevel_readout_is_two_unit_levels_side_by_side() -> None:
+    torch.manual_seed(0)
+    plain = create_backbone("efficientnet_lite0", image_size=64).eval()
+    multi = create_backbone("efficientnet_lite0", image_size=64, readout="multilevel",
+                            block_weight=0.5).eval()
+    multi.load_state_dict(plain.state_dict())  # no block_weight in it: the initial one stays
+    assert multi.feature_shape == (1600, 2, 2) and multi.out_channels == 1600
+    x = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        head, blocks = plain(x).mean((2, 3)), plain.blocks(plain.stem(x)).mean((2, 3))
+        feats = multi(x)
+    assert feats.shape == (3, 1600, 2, 2)
+    pooled = feats.mean((2, 3))
+    torch.testing.assert_close(pooled[:, :1280], torch.nn.functional.normalize(head, dim=1))
+    torch.testing.assert_close(pooled[:, 1280:],
+                               0.5 * torch.nn.functional.normalize(blocks, dim=1))
+    multi(x).sum().backward()  # the weight of the block level is trained
+    assert multi.block_weight is not None and multi.block_weight.grad is not None
+
+
+def test_lite0_multilevel_state_and_config_round_trip(tmp_path: Path) -> None:
+    from fewshot_studio.data.preprocess import Preprocess
+    from fewshot_studio.io.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+    from fewshot_studio.models import create_method, model_spec
+
+    bb = create_backbone("efficientnet_lite0", image_size=32, readout="multilevel")
+    with torch.no_grad():
+        bb.block_weight.fill_(1.25)
+    model = create_method("protonet", bb, pool="avg", distance="cosine")
+    assert bb.config()["readout"] == "multilevel"
+    assert "readout" not in create_backbone("efficientnet_lite0").config()  # old files stay
+    pre = Preprocess(image_size=32, channels=3, mean=lite0.LITE0_MEAN, std=lite0.LITE0_STD)
+    path = save_checkpoint(tmp_path / "m.safetensors", Checkpoint(
+        model=model_spec(model, "efficientnet_lite0", bb.config()), preprocess=pre,
+        state_dict=model.state_dict(), name="m"))
+    back = load_checkpoint(path).build("cpu")
+    assert back.backbone.readout == "multilevel"
+    assert back.backbone.block_weight.item() == 1.25
+    # every tensor but block_weight must still match
+    state = {k: v for k, v in bb.state_dict().items() if k != "head.0.weight"}
+    with pytest.raises(RuntimeError, match=r"head\.0\.weight"):
+        create_backbone("efficientnet_lite0", image_size=32,
+                        readout="multilevel").load_state_dict(state)
+    with pytest.raises(ValueError, match="readout"):
+        create_backbone("efficientnet_lite0", readout="max")
+
+
 def test_same_padding_matches_tensorflow_rule() -> None:
     conv = lite0.SameConv2d(1, 1, 3, stride=2)
     with torch.no_grad():

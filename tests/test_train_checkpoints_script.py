@@ -129,3 +129,34 @@ def test_card_reads_the_log_of_the_run_that_trained_the_installed_checkpoint(
     merged, used = tc.merged_log([gpu, cpu], {})  # nothing installed: first folder wins
     assert merged.data["omniglot-maml"][0]["hardware"] == "H100"
     assert used == {"bundled-gpu", "bundled-cpu"}
+
+
+@pytest.mark.parametrize("readout", ["head", "multilevel"])
+def test_head_model_scores_cached_block_outputs_as_the_full_model(
+        tc: ModuleType, tmp_path: Path, readout: str) -> None:
+    """The cpu budget trains and evaluates on cached stem+blocks outputs: the checkpoint's
+    model with a HeadOnly backbone must give the full model's embeddings and logits."""
+    import torch
+
+    torch.manual_seed(0)
+    bb = create_backbone("efficientnet_lite0", image_size=32, readout=readout)
+    for m in bb.modules():  # a random Lite0's activations vanish: make them O(1)
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_var.fill_(1e-4)
+    if bb.block_weight is not None:  # not the initial value: the checkpoint's must be used
+        with torch.no_grad():
+            bb.block_weight.fill_(1.3)
+    model = create_method("protonet", bb, pool="avg", distance="cosine").eval()
+    path = save_checkpoint(tmp_path / "m.safetensors", Checkpoint(
+        model=model_spec(model, "efficientnet_lite0", bb.config()),
+        preprocess=Preprocess(32, 3, (0.5,) * 3, (0.5,) * 3), state_dict=model.state_dict()))
+    head = tc.head_model(tc.load_checkpoint(path))
+    x = torch.randn(6, 3, 32, 32)
+    labels = torch.tensor([0, 1, 2])
+    with torch.no_grad():
+        cached = bb.blocks(bb.stem(x))
+        full, part = model.embed(x), head.embed(cached)
+        torch.testing.assert_close(part, full, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(head.fit(part[:3], labels)(part[3:]),
+                                   model.fit(full[:3], labels)(full[3:]))
+    assert full.shape == (6, bb.out_channels)

@@ -43,6 +43,11 @@ _STAGES = (
 )
 STEM_CHANNELS = 32
 HEAD_CHANNELS = 1280
+BLOCK_CHANNELS = _STAGES[-1][3]  # the last block's output channels (320)
+# How the features are read out: "head", the 1x1 head conv's map (the ImageNet model's
+# features); "multilevel", that map and the last block's output side by side, each scaled
+# to a unit-norm spatial mean, the block part weighted by a learned ``block_weight``.
+READOUTS = ("head", "multilevel")
 
 
 class SameConv2d(nn.Conv2d):
@@ -99,18 +104,28 @@ class MBConv(nn.Module):
 class EfficientNetLite0(nn.Module):
     """EfficientNet-Lite0 feature extractor (optionally ImageNet-pretrained).
 
-    ``(n, in_channels, H, W)`` -> ``(n, 1280, ceil(H/32), ceil(W/32))``: 1280x7x7 at 224 px.
-    ``pretrained=True`` loads the converted ImageNet weights (converting the pip package's
-    file on first use); ``in_channels=1`` sums the pretrained stem over RGB.
+    ``(n, in_channels, H, W)`` -> ``(n, C, ceil(H/32), ceil(W/32))``: 1280x7x7 at 224 px
+    with ``readout="head"``, 1600x7x7 with ``readout="multilevel"`` (see
+    :func:`lite0_readout`). ``pretrained=True`` loads the converted ImageNet weights
+    (converting the pip package's file on first use); ``in_channels=1`` sums the pretrained
+    stem over RGB. ``block_weight``: the multilevel readout's initial weight of the block
+    part (a trained parameter).
     """
 
     def __init__(self, in_channels: int = 3, image_size: int = 224,
-                 pretrained: bool = False) -> None:
+                 pretrained: bool = False, readout: str = "head",
+                 block_weight: float = 0.7) -> None:
         super().__init__()
+        if readout not in READOUTS:
+            raise ValueError(f"readout must be one of {READOUTS}, got {readout!r}")
         self.in_channels = in_channels
         self.image_size = image_size
         self.pretrained = pretrained
-        self.out_channels = HEAD_CHANNELS
+        self.readout = readout
+        multilevel = readout == "multilevel"
+        self.out_channels = HEAD_CHANNELS + (BLOCK_CHANNELS if multilevel else 0)
+        self.block_weight: nn.Parameter | None = (
+            nn.Parameter(torch.tensor(float(block_weight))) if multilevel else None)
         self.stem = nn.Sequential(SameConv2d(in_channels, STEM_CHANNELS, 3, 2),
                                   _bn(STEM_CHANNELS), nn.ReLU6())
         blocks: list[nn.Module] = []
@@ -126,6 +141,16 @@ class EfficientNetLite0(nn.Module):
         self.feature_shape = self.feature_shape_for(image_size)
         if pretrained:
             self.load_state_dict(load_pretrained_lite0_state(in_channels))
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str,
+                              *args: Any) -> None:
+        """A state without ``block_weight`` (the ImageNet weights, a "head"-readout model's)
+        keeps the initial one, even in a strict load, here or in a model holding this
+        backbone; every other tensor must still match. (``state_dict`` is the loader's own
+        copy.)"""
+        if self.block_weight is not None and f"{prefix}block_weight" not in state_dict:
+            state_dict[f"{prefix}block_weight"] = self.block_weight.detach().clone()
+        super()._load_from_state_dict(state_dict, prefix, *args)
 
     def _init_weights(self) -> None:
         for m in self.modules():
@@ -146,12 +171,36 @@ class EfficientNetLite0(nn.Module):
         """Constructor kwargs that rebuild this architecture for a checkpoint. ``pretrained``
         is always False here: a checkpoint carries its own (fine-tuned) weights, so loading one
         needs neither the ImageNet file nor the pip package."""
-        return {"in_channels": self.in_channels, "image_size": self.image_size,
-                "pretrained": False}
+        config: dict[str, Any] = {"in_channels": self.in_channels,
+                                  "image_size": self.image_size, "pretrained": False}
+        if self.readout != "head":
+            config["readout"] = self.readout
+        return config
 
     def forward(self, x: Tensor) -> Tensor:
-        """``(n, C, H, W)`` -> ``(n, 1280, h, w)``."""
-        return self.head(self.blocks(self.stem(x)))
+        """``(n, C, H, W)`` -> ``(n, out_channels, h, w)``."""
+        return lite0_readout(self.head, self.blocks(self.stem(x)), self.block_weight)
+
+
+def _unit_mean(maps: Tensor) -> Tensor:
+    """``(n, C, h, w)`` maps scaled per sample so that their spatial mean has unit L2 norm."""
+    norm = torch.linalg.vector_norm(maps.mean((2, 3)), dim=1).clamp_min(1e-12)
+    return maps / norm[:, None, None, None]
+
+
+def lite0_readout(head: nn.Module, block_out: Tensor,
+                  block_weight: Tensor | None = None) -> Tensor:
+    """Lite0's features from the last block's ``(n, 320, h, w)`` output: ``head(block_out)``
+    ``(n, 1280, h, w)``; with a ``block_weight`` (the multilevel readout),
+    ``cat([unit(head(block_out)), block_weight * unit(block_out)])`` ``(n, 1600, h, w)``,
+    where ``unit`` scales a sample's maps to a unit-norm spatial mean. Average pooling then
+    gives the two levels' unit vectors side by side, so cosine similarity is a weighted mean
+    of the two levels' similarities: the block's mid-level features help most where the
+    head's ImageNet-class features are weakest (5-shot and other domains)."""
+    features = head(block_out)
+    if block_weight is None:
+        return features
+    return torch.cat([_unit_mean(features), block_weight * _unit_mean(block_out)], dim=1)
 
 
 # -- the ImageNet weights -----------------------------------------------------------------
