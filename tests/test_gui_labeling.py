@@ -264,3 +264,22 @@ def test_int8_menu_toggle_runs_the_quantised_network(qtbot, win: MainWindow) -> 
     _idle(qtbot, win)
     assert not win.acts.int8.isChecked() and win.labeling.settings.precision == "fp32"
     assert not win.errors
+
+
+def test_tta_menu_toggle_embeds_again_with_averaged_views(qtbot, win: MainWindow) -> None:
+    """Label > Test-time augmentation: the next run embeds every image again (its features
+    are cached under their own key) and labels as before; the project remembers it."""
+    plain = _label(qtbot, win)
+    assert not win.acts.tta.isChecked()
+    win.acts.tta.trigger()
+    _idle(qtbot, win)
+    assert win.acts.tta.isChecked() and win.labeling.settings.tta
+    assert win.project.snapshot().settings.tta
+    embedded = win.labeling._session.counters.embedded
+    tta = _label(qtbot, win)
+    assert win.labeling._session.counters.embedded > embedded  # not the cached features
+    assert tta["labeled"] == plain["labeled"] and tta["errors"] == plain["errors"] == 1
+    win.acts.tta.trigger()
+    _idle(qtbot, win)
+    assert not win.acts.tta.isChecked() and not win.labeling.settings.tta
+    assert not win.errors

@@ -54,6 +54,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "(ITERS iterations; without a number, as many as the app's "
                         "'Transductive refinement' option runs); ProtoNet, mean-aggregate "
                         "Relation Network, ANIL MAML (the Proto-MAML head's prototypes)")
+    p.add_argument("--tta", nargs="?", type=int, const=None, default=0, metavar="VIEWS",
+                   help="test-time augmentation: average every image's features over VIEWS "
+                        "fixed views of it (without a number, as many as the app's "
+                        "'Test-time augmentation' option uses): small warps and stroke "
+                        "changes for grayscale characters, the mirror image for photos")
     p.set_defaults(func=run)
 
 
@@ -66,16 +71,22 @@ def transductive_label(label: str, iters: int) -> str:
     return f"{label} transductive x{iters}"
 
 
+def tta_label(label: str, views: int) -> str:
+    """The label ``eval --tta VIEWS --write-results`` records its results under (before any
+    transductive suffix)."""
+    return f"{label} TTA x{views}"
+
+
 def evaluate_with_bar(model: Any, images: Any, preprocess: Any, way: int, shot: int,
                       query: int | None, episodes: int, seed: int, device: Any,
-                      label: str = "eval", transductive: int = 0) -> EvalResult:
+                      label: str = "eval", transductive: int = 0, tta: int = 0) -> EvalResult:
     """:func:`~fewshot_studio.training.evaluate.evaluate_iter` behind a progress bar named
     ``label``; returns its :class:`EvalResult`."""
     from fewshot_studio.training.evaluate import EvalResult, evaluate_iter
 
     return run_with_bar(
         evaluate_iter(model, images, preprocess, way, shot, query, episodes, seed, device,
-                      transductive),
+                      transductive, tta),
         ProgressBar(label, unit="ep"), EvalResult)
 
 
@@ -116,20 +127,29 @@ def run(args: argparse.Namespace) -> int:
         args.transductive = TRANSDUCTIVE_ITERS
     if args.transductive < 0:
         raise UserError("--transductive needs a number of iterations >= 1")
+    from fewshot_studio.data.tta import TTA_VIEWS, effective_views, tta_kind
+
+    if args.tta is None:
+        args.tta = TTA_VIEWS
+    if args.tta < 0:
+        raise UserError("--tta needs a number of views >= 2")
     path, ckpt, model, images, device = load_for_episodes(args)
+    args.tta = effective_views(args.tta, tta_kind(ckpt.preprocess)) if args.tta > 1 else 0
     if args.transductive and not model.can_refine:
         raise UserError(f"--transductive: this {model.method_name} checkpoint has no "
                         "transductive refinement (ProtoNet, mean-aggregate Relation "
                         "Network and ANIL MAML checkpoints have)")
     result = evaluate_with_bar(model, images, ckpt.preprocess, args.way, args.shot, args.query,
                                args.episodes, args.seed, device,
-                               transductive=args.transductive)
+                               transductive=args.transductive, tta=args.tta)
     print(result)
     if args.write_results:
         data = data_paths(args)
         label = args.label or "+".join(Path(d).stem for d in data)
         if args.classes:
             label += f" [{Path(args.classes).stem}]"
+        if args.tta:
+            label = tta_label(label, args.tta)
         if args.transductive:
             label = transductive_label(label, args.transductive)
         record_result(path, result_key(label, args.way, args.shot), {

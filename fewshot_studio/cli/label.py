@@ -32,6 +32,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         f"(default {DEFAULT_THRESHOLD})")
     p.add_argument("--transductive", action="store_true",
                    help="refine the class prototypes with the queries (soft k-means)")
+    p.add_argument("--tta", action="store_true",
+                   help="test-time augmentation: average each image's features over fixed "
+                        "views of it (8 small warps for grayscale characters, the mirror "
+                        "image for photos); more accurate, slower to embed")
     dest = p.add_mutually_exclusive_group()
     dest.add_argument("--copy-to", type=Path, metavar="DIR",
                       help="also copy the images into DIR/<label>/")
@@ -111,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
     settings = LabelSettings(unknown_threshold=args.unknown_threshold,
                              transductive=args.transductive, recursive=not args.no_recursive,
                              device=args.device, batch_size=args.batch_size,
-                             precision=args.precision)
+                             precision=args.precision, tta=args.tta)
     t0 = time.perf_counter()
     with LabelingSession(args.checkpoint, settings, cache_path=args.cache,
                          backend=args.backend) as session:

@@ -47,7 +47,23 @@ def random_affine(
     """Random rotation (+-``degrees``), isotropic scale, x-shear (+-``shear`` degrees) and
     translation (+-``translate`` of the side) per sample. (B, C, H, W) -> same shape.
     ``padding="border"`` repeats the edge (the background of a character image)."""
-    b, dev = x.shape[0], x.device
+    theta = random_affine_theta(x.shape[0], generator, x.device, degrees, scale, shear,
+                                translate, strength)
+    return _affine(x, theta, (x.shape[-2], x.shape[-1]), padding)
+
+
+def random_affine_theta(
+    b: int,
+    generator: torch.Generator,
+    dev: torch.device,
+    degrees: float = 10.0,
+    scale: tuple[float, float] = (0.9, 1.1),
+    shear: float = 10.0,
+    translate: float = 0.1,
+    strength: float = 1.0,
+) -> torch.Tensor:
+    """The ``(b, 2, 3)`` sampling maps (output -> input, normalised coordinates) of
+    :func:`random_affine`, on ``dev``."""
     s = float(strength)
     rot = torch.deg2rad(_uniform(b, -degrees * s, degrees * s, generator, dev))
     lo = 1.0 + (scale[0] - 1.0) * s
@@ -64,8 +80,13 @@ def random_affine(
     ) * sc.view(b, 1, 1)
     inv = torch.linalg.inv(a)
     t = -(inv @ torch.stack([tx, ty], -1).unsqueeze(-1))
-    theta = torch.cat([inv, t], dim=-1)
-    return _affine(x, theta, (x.shape[-2], x.shape[-1]), padding)
+    return torch.cat([inv, t], dim=-1)
+
+
+def affine(x: torch.Tensor, theta: torch.Tensor, padding: str = "border") -> torch.Tensor:
+    """``x`` (B, C, H, W) through the sampling maps ``theta`` ((B, 2, 3), or (1, 2, 3) for
+    all) -> same shape."""
+    return _affine(x, theta.expand(x.shape[0], 2, 3), (x.shape[-2], x.shape[-1]), padding)
 
 
 def dilate(x: torch.Tensor, k: int = 3) -> torch.Tensor:
@@ -86,6 +107,13 @@ def random_thickness(
     b, dev = x.shape[0], x.device
     frac = _uniform(b, 0.0, amount * float(strength), generator, dev)
     use_dilate = _rand(b, generator, dev) < 0.5
+    return thicken(x, frac, use_dilate)
+
+
+def thicken(x: torch.Tensor, frac: torch.Tensor, use_dilate: torch.Tensor) -> torch.Tensor:
+    """Blend each sample of ``x`` (B, C, H, W) by ``frac`` ((B,) or (1,)) toward its 3x3
+    dilation where ``use_dilate`` (bool, same shape), else its erosion."""
+    b = frac.shape[0]
     target = torch.where(use_dilate.view(b, 1, 1, 1), dilate(x), erode(x))
     return x + frac.view(b, 1, 1, 1).to(x.dtype) * (target - x)
 

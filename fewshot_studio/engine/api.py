@@ -22,7 +22,10 @@ class LabelSettings:
     support example of its class. ``device``: "auto" | "cpu" | "cuda". ``precision``: "fp32" |
     "int8" (ONNX Runtime on the CPU runs a statically quantised model: faster; features move
     (median 1.5% Conv4, 13% EfficientNet-Lite0) but predictions nearly always stay, see
-    benchmarks/int8_parity.py; elsewhere fp32)."""
+    benchmarks/int8_parity.py; elsewhere fp32). ``tta``: test-time augmentation, every image's
+    features averaged over fixed views of it (:mod:`fewshot_studio.data.tta`: 8 for grayscale
+    characters, the mirror image for photos); like ``precision`` it applies from the next
+    embedding (the next labeling run)."""
 
     unknown_threshold: float = 0.55  # chosen on data: see benchmarks/unknown_threshold.py
     transductive: bool = False
@@ -31,6 +34,7 @@ class LabelSettings:
     device: str = "auto"
     batch_size: int = 64
     precision: str = "fp32"
+    tta: bool = False
 
 
 @dataclass(frozen=True)

@@ -13,9 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from fewshot_studio.data.images import ImageLoadError, load_and_preprocess
 from fewshot_studio.data.preprocess import Preprocess
+from fewshot_studio.data.tta import TTA_VIEWS, effective_views, embed_tta, tta_kind
 from fewshot_studio.engine.api import BackendInfo, EngineCounters, LabelSettings
 from fewshot_studio.engine.backends import EmbedBackend, decode_workers, select_backend
 from fewshot_studio.engine.cache import EmbeddingCache, FileKey
@@ -102,12 +104,33 @@ class EmbeddingPipeline:
 
     def _feature_id(self) -> str:
         """The cache key of the features the backend computes: ``model_id``, plus ``:int8``
-        when an int8 model computes them (they differ slightly from fp32's). Asking for int8
-        builds the backend first: whether int8 really runs is known only then."""
+        when an int8 model computes them (they differ slightly from fp32's), plus ``:ttaN``
+        with N test-time views. Asking for int8 builds the backend first: whether int8
+        really runs is known only then."""
         if self.settings.precision != "fp32" or self._backend is not None:
             self.prepare()
         int8 = self._backend is not None and self._backend.precision == "int8"
-        return f"{self.model_id}:int8" if int8 else self.model_id
+        views = self._tta_views()
+        return (self.model_id + (":int8" if int8 else "")
+                + (f":tta{views}" if views > 1 else ""))
+
+    def _tta_views(self) -> int:
+        """Test-time views per image (1: none), see ``LabelSettings.tta``."""
+        if not self.settings.tta:
+            return 1
+        kind = tta_kind(self.preprocess)
+        return effective_views(TTA_VIEWS, kind)
+
+    def _embed_arrays(self, x: np.ndarray) -> np.ndarray:
+        """``(n, C, H, W)`` preprocessed float32 images -> ``(n, *feature_shape)`` features
+        from the backend, averaged over the test-time views when ``settings.tta``."""
+        assert self._backend is not None
+        views = self._tta_views()
+        if views <= 1:
+            return self._backend.embed(x)
+        backend = self._backend
+        return embed_tta(lambda v: torch.from_numpy(backend.embed(v.numpy())),
+                         torch.from_numpy(x), views, tta_kind(self.preprocess)).numpy()
 
     def _decode(self, path: str) -> np.ndarray | str:
         try:
@@ -126,8 +149,7 @@ class EmbeddingPipeline:
         results: list[np.ndarray | str] = [self._decode(p) for p in paths]
         ok = [j for j, r in enumerate(results) if not isinstance(r, str)]
         if ok:
-            assert self._backend is not None
-            feats = self._backend.embed(np.stack([results[j] for j in ok]))
+            feats = self._embed_arrays(np.stack([results[j] for j in ok]))
             for j, f in zip(ok, feats, strict=True):
                 results[j] = f
         return results
@@ -221,8 +243,7 @@ class EmbeddingPipeline:
                         decoded.append((j, r))
                     results.append(r)
                 if decoded:
-                    assert self._backend is not None
-                    feats = self._backend.embed(np.stack([a for _, a in decoded]))
+                    feats = self._embed_arrays(np.stack([a for _, a in decoded]))
                     self.counters.embedded += len(decoded)
                     for (j, _), f in zip(decoded, feats, strict=True):
                         results[j] = f

@@ -55,6 +55,7 @@ class Actions:
     cancel: QAction
     join_support: QAction
     transductive: QAction
+    tta: QAction
     int8: QAction
     recent_menu: QMenu
 
@@ -99,6 +100,10 @@ def build(win: MainWindow) -> Actions:
                           lambda: _toggle(win, "corrections_join_support")),
         transductive=_act(win, "&Transductive refinement",
                           lambda: _toggle(win, "transductive")),
+        tta=_act(win, "Test-time &augmentation", lambda: _toggle(win, "tta"),
+                 tip="Average each image's features over slightly changed copies of it "
+                     "(small warps for characters, the mirror image for photos): more "
+                     "accurate, slower to embed; applies to the next labeling run"),
         int8=_act(win, "Faster CPU inference (&int8)", lambda: _toggle_int8(win),
                   tip="Run a quantised copy of the network on the CPU: 1.5-1.9x faster "
                       "labeling, predictions nearly always the same; applies to the next "
@@ -106,7 +111,7 @@ def build(win: MainWindow) -> Actions:
         recent_menu=QMenu("Open &recent", win),
     )
     a.cancel.setEnabled(False)
-    for t in (a.join_support, a.transductive, a.int8):
+    for t in (a.join_support, a.transductive, a.tta, a.int8):
         t.setCheckable(True)
     mb = win.menuBar()
     f = mb.addMenu("&File")
@@ -139,6 +144,7 @@ def build(win: MainWindow) -> Actions:
     lm.addSeparator()
     lm.addAction(a.join_support)
     lm.addAction(a.transductive)
+    lm.addAction(a.tta)
     lm.addAction(a.int8)
     h = mb.addMenu("&Help")
     h.addAction(_act(win, "&Keyboard shortcuts", lambda: QMessageBox.information(

@@ -238,6 +238,7 @@ class MainWindow(QMainWindow):
         self.review.set_classes(self.classes.names())
         self.acts.join_support.setChecked(lab.settings.corrections_join_support)
         self.acts.transductive.setChecked(lab.settings.transductive)
+        self.acts.tta.setChecked(lab.settings.tta)
         self.acts.int8.setChecked(lab.settings.precision == "int8")
         actions.fill_recent(self)
         if self.classes.rowCount() == 0:

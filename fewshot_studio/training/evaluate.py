@@ -20,6 +20,7 @@ from torch import Tensor
 
 from fewshot_studio.data.preprocess import Preprocess
 from fewshot_studio.data.sampler import Episode, EpisodeSampler
+from fewshot_studio.data.tta import embed_tta, tta_kind
 from fewshot_studio.models.base import FewShotClassifier
 from fewshot_studio.progress import Progress
 
@@ -43,9 +44,11 @@ class EvalResult:
     query: int = 0
     seed: int = 0
     transductive: int = 0  # soft k-means iterations over each episode's queries (0: none)
+    tta: int = 0  # test-time augmentation: views averaged per image (0: none)
 
     def __str__(self) -> str:
         how = f", transductive x{self.transductive}" if self.transductive else ""
+        how += f", TTA x{self.tta}" if self.tta else ""
         return (f"accuracy: {100 * self.accuracy:.2f}% +- {100 * self.ci95:.2f}% "
                 f"(95% CI, {self.n} episodes{how})")
 
@@ -55,6 +58,8 @@ class EvalResult:
                "way": self.way, "shot": self.shot, "query": self.query, "seed": self.seed}
         if self.transductive:
             out["transductive"] = self.transductive
+        if self.tta:
+            out["tta"] = self.tta
         return out
 
 
@@ -94,14 +99,21 @@ def _normalize(x_uint8: Tensor, pre: Preprocess) -> Tensor:
 
 
 @torch.no_grad()
+def embed_images(model: FewShotClassifier, images: Tensor, pre: Preprocess,
+                 device: torch.device, tta: int = 0) -> Tensor:
+    """``(B, C, H, W)`` uint8 images -> ``(B, *feature_shape)`` features on ``device``,
+    averaged over ``tta`` test-time views when ``tta`` > 1 (:mod:`fewshot_studio.data.tta`)."""
+    x = _normalize(images.to(device, non_blocking=True), pre)
+    return embed_tta(model.embed, x, tta, tta_kind(pre))
+
+
+@torch.no_grad()
 def embed_all(model: FewShotClassifier, images: Tensor, pre: Preprocess,
-              device: torch.device, batch_size: int = 256) -> Tensor:
-    """``(N, C, H, W)`` uint8 images -> ``(N, *feature_shape)`` features on ``device``."""
-    out = []
-    for i in range(0, images.shape[0], batch_size):
-        x = _normalize(images[i:i + batch_size].to(device, non_blocking=True), pre)
-        out.append(model.embed(x))
-    return torch.cat(out)
+              device: torch.device, batch_size: int = 256, tta: int = 0) -> Tensor:
+    """``(N, C, H, W)`` uint8 images -> ``(N, *feature_shape)`` features on ``device``
+    (:func:`embed_images` by batches)."""
+    return torch.cat([embed_images(model, images[i:i + batch_size], pre, device, tta)
+                      for i in range(0, images.shape[0], batch_size)])
 
 
 def episode_accuracy(model: FewShotClassifier, support_feats: Tensor, support_labels: Tensor,
@@ -133,11 +145,11 @@ def fixed_episodes(images: Any, way: int, shot: int, query: int | None, episodes
 
 
 def episode_features(model: FewShotClassifier, images: Any, eps: list[Episode],
-                     preprocess: Preprocess, device: torch.device
+                     preprocess: Preprocess, device: torch.device, tta: int = 0
                      ) -> Iterator[tuple[Episode, Tensor, Tensor]]:
     """Yield ``(episode, support features (n_s, *f), query features (n_q, *f))`` for each
     episode. Each image is embedded once: all used images up front when their features fit
-    in ``FEATURE_CACHE_BYTES``, else once per episode."""
+    in ``FEATURE_CACHE_BYTES``, else once per episode. ``tta``: see :func:`embed_images`."""
     data: Tensor = images.images
     used = torch.unique(torch.cat([torch.cat([e.support, e.query]) for e in eps]))
     with torch.no_grad():
@@ -145,7 +157,7 @@ def episode_features(model: FewShotClassifier, images: Any, eps: list[Episode],
     cached: Tensor | None = None
     position: Tensor | None = None
     if probe[0].numel() * probe.element_size() * used.numel() <= FEATURE_CACHE_BYTES:
-        cached = embed_all(model, data[used.to(data.device)], preprocess, device)
+        cached = embed_all(model, data[used.to(data.device)], preprocess, device, tta=tta)
         position = torch.full((int(images.targets.numel()),), -1, dtype=torch.long)
         position[used] = torch.arange(used.numel())
     for ep in eps:
@@ -153,14 +165,13 @@ def episode_features(model: FewShotClassifier, images: Any, eps: list[Episode],
             yield ep, cached[position[ep.support].to(device)], cached[position[ep.query].to(device)]
             continue
         idx = torch.cat([ep.support, ep.query]).to(data.device)
-        with torch.no_grad():
-            feats = model.embed(_normalize(data[idx].to(device), preprocess))
+        feats = embed_images(model, data[idx], preprocess, device, tta)
         yield ep, feats[: ep.support.numel()], feats[ep.support.numel():]
 
 
 def evaluate_iter(model: FewShotClassifier, images: Any, preprocess: Preprocess, way: int,
                   shot: int, query: int | None, episodes: int, seed: int = 0,
-                  device: str | torch.device = "cpu", transductive: int = 0
+                  device: str | torch.device = "cpu", transductive: int = 0, tta: int = 0
                   ) -> Iterator[Progress]:
     """Like :func:`evaluate`, as a generator of :class:`Progress`; the last one's
     ``payload`` is the :class:`EvalResult`."""
@@ -174,7 +185,7 @@ def evaluate_iter(model: FewShotClassifier, images: Any, preprocess: Preprocess,
     accs: list[float] = []
     try:
         for i, (ep, s_feat, q_feat) in enumerate(
-                episode_features(model, images, eps, preprocess, device)):
+                episode_features(model, images, eps, preprocess, device, tta)):
             accs.append(episode_accuracy(model, s_feat, ep.support_labels.to(device), q_feat,
                                          ep.query_labels.to(device), way, needs_grad,
                                          transductive))
@@ -184,22 +195,24 @@ def evaluate_iter(model: FewShotClassifier, images: Any, preprocess: Preprocess,
     finally:
         model.train(was_training)
     mean, ci = confidence_interval(accs)
-    result = EvalResult(mean, ci, len(accs), accs, way, shot, query, seed, transductive)
+    result = EvalResult(mean, ci, len(accs), accs, way, shot, query, seed, transductive, tta)
     yield Progress(len(eps), len(eps), message=str(result), metrics={"acc": mean},
                    payload=result)
 
 
 def evaluate(model: FewShotClassifier, images: Any, preprocess: Preprocess, way: int,
              shot: int, query: int | None, episodes: int, seed: int = 0,
-             device: str | torch.device = "cpu", transductive: int = 0) -> EvalResult:
+             device: str | torch.device = "cpu", transductive: int = 0,
+             tta: int = 0) -> EvalResult:
     """Mean accuracy of ``model`` over ``episodes`` fixed ``way``-way ``shot``-shot episodes
     drawn with ``seed`` from ``images`` (an :class:`~fewshot_studio.data.datasets.
     InMemoryImages`: uint8 ``(N, C, H, W)`` images + ``(N,)`` targets), ``query`` queries per
     class (None: :func:`default_query`). Deterministic for a seed. ``transductive``: soft
-    k-means iterations over each episode's queries before scoring them (0: none)."""
+    k-means iterations over each episode's queries before scoring them (0: none). ``tta``:
+    every image's features averaged over that many test-time views (0 or 1: none)."""
     result: EvalResult | None = None
     for p in evaluate_iter(model, images, preprocess, way, shot, query, episodes, seed, device,
-                           transductive):
+                           transductive, tta):
         if isinstance(p.payload, EvalResult):
             result = p.payload
     assert result is not None
