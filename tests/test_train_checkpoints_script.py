@@ -160,3 +160,30 @@ def test_head_model_scores_cached_block_outputs_as_the_full_model(
         torch.testing.assert_close(head.fit(part[:3], labels)(part[3:]),
                                    model.fit(full[:3], labels)(full[3:]))
     assert full.shape == (6, bb.out_channels)
+
+
+@pytest.mark.parametrize(("method", "plain", "expected"), [
+    ("protonet", True, ["", "--tta", "--transductive"]),
+    ("protonet", False, ["--tta", "--transductive"]),
+    ("maml", False, ["--tta"]),  # full MAML has no transductive refinement
+])
+def test_omniglot_eval_runs_each_test_time_variant_once(
+        tc: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, method: str,
+        plain: bool, expected: list[str]) -> None:
+    from fewshot_studio.cli.evaluate import record_result, result_key
+
+    bb = create_backbone("conv4", in_channels=1, image_size=28, hidden=4,
+                         track_running_stats=method != "maml")
+    model = create_method(method, bb)
+    path = save_checkpoint(tmp_path / "m.safetensors", Checkpoint(
+        model=model_spec(model, "conv4", bb.config()), preprocess=Preprocess(28, 1),
+        state_dict=model.state_dict()))
+    # one result recorded already: not measured again
+    record_result(path, result_key(tc.tta_key("omniglot-evaluation"), 5, 1), {"accuracy": 1})
+    calls: list[list[str]] = []
+    monkeypatch.setattr(tc, "sh", lambda log, name, cmd, **k: calls.append(cmd))
+    tc.omniglot_eval(ctx_for(tc, tmp_path / "runs"), "m", path, plain=plain)
+    variants = [next((a for a in ("--tta", "--transductive") if a in c), "") for c in calls]
+    per_protocol = len(tc.OMNIGLOT_PROTOCOLS)
+    assert variants == [v for v in expected for _ in range(per_protocol)
+                        if not (v == "--tta" and _ == 0)]

@@ -216,8 +216,8 @@ class LabelingSession(EmbeddingPipeline, PredictionHead):
         return self._relabel_all()
 
     def set_settings(self, settings: LabelSettings) -> list[Prediction]:
-        """New settings; relabels from cached features (a new device, precision or batch size
-        only takes effect for the next embedding)."""
+        """New settings; relabels from cached features (a new device, precision, batch size
+        or test-time augmentation only takes effect for the next embedding)."""
         old = self.settings
         self.settings = settings
         if settings.device != old.device or settings.precision != old.precision:
@@ -230,7 +230,7 @@ class LabelingSession(EmbeddingPipeline, PredictionHead):
         if not self._support_dirty and replace(
                 settings, unknown_threshold=old.unknown_threshold, device=old.device,
                 precision=old.precision, batch_size=old.batch_size,
-                recursive=old.recursive) == old:
+                recursive=old.recursive, tta=old.tta) == old:
             # only the threshold (or embedding-side settings) changed: no head needed
             self._predict_range(None, 0, self._store.n)
             self.counters.relabels += 1
