@@ -130,6 +130,16 @@ def test_checkpoints_command(env: dict, capsys: pytest.CaptureFixture[str],
     out = capsys.readouterr().out
     assert "tiny" in out and "protonet" in out and "conv4" in out and "32px RGB" in out
     assert "test 5w1s 50.0±1.0%" in out
+    from fewshot_studio.cli.evaluate import record_result
+
+    copy = env["root"] / "with-options.safetensors"
+    make_checkpoint(copy)
+    record_result(copy, "test TTA x2 5w1s", {"accuracy": 0.6, "ci95": 0.01, "tta": 2})
+    record_result(copy, "test transductive x2 5w1s", {"accuracy": 0.7, "transductive": 2})
+    assert main(["checkpoints", str(copy)]) == 0
+    out = capsys.readouterr().out
+    assert "test 5w1s 50.0±1.0%" in out and "TTA" not in out and "transductive x2" not in out
+    assert "(+2 with test-time options" in out
     folder = env["root"] / "bundled"
     folder.mkdir(exist_ok=True)
     make_checkpoint(folder / "demo-net.safetensors")

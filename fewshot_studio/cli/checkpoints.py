@@ -24,14 +24,21 @@ def _input(pre: dict[str, Any]) -> str:
 
 
 def _accuracy(evaluation: dict[str, Any]) -> str:
+    """The recorded accuracies, plain ones only: results with a test-time option
+    (transductive refinement, test-time augmentation) are counted, not listed."""
     parts = []
+    options = 0
     for name, res in sorted(evaluation.items()):
-        if isinstance(res, dict) and "accuracy" in res:
+        if isinstance(res, dict) and (res.get("transductive") or res.get("tta")):
+            options += 1
+        elif isinstance(res, dict) and "accuracy" in res:
             acc = 100 * float(res["accuracy"])
             ci = res.get("ci95")
             parts.append(f"{name} {acc:.1f}" + (f"±{100 * float(ci):.1f}" if ci else "") + "%")
         elif isinstance(res, (int, float)):
             parts.append(f"{name} {100 * float(res):.1f}%")
+    if options:
+        parts.append(f"(+{options} with test-time options: checkpoints/README.md)")
     return "; ".join(parts) or "-"
 
 
