@@ -47,9 +47,8 @@ def random_affine(
     """Random rotation (+-``degrees``), isotropic scale, x-shear (+-``shear`` degrees) and
     translation (+-``translate`` of the side) per sample. (B, C, H, W) -> same shape.
     ``padding="border"`` repeats the edge (the background of a character image)."""
-    theta = random_affine_theta(x.shape[0], generator, x.device, degrees, scale, shear,
-                                translate, strength)
-    return _affine(x, theta, (x.shape[-2], x.shape[-1]), padding)
+    return affine(x, random_affine_theta(x.shape[0], generator, x.device, degrees, scale,
+                                         shear, translate, strength), padding)
 
 
 def random_affine_theta(
@@ -99,8 +98,12 @@ def erode(x: torch.Tensor, k: int = 3) -> torch.Tensor:
     return -F.max_pool2d(-x, k, stride=1, padding=k // 2)
 
 
+THICKNESS_AMOUNT = 0.6  # random_thickness's largest blend toward dilation/erosion
+
+
 def random_thickness(
-    x: torch.Tensor, generator: torch.Generator, amount: float = 0.6, strength: float = 1.0
+    x: torch.Tensor, generator: torch.Generator, amount: float = THICKNESS_AMOUNT,
+    strength: float = 1.0
 ) -> torch.Tensor:
     """Per sample, blend toward its 3x3 dilation or erosion by a random fraction in
     [0, ``amount * strength``]: strokes get thicker or thinner whatever their polarity."""

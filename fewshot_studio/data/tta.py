@@ -21,7 +21,12 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from fewshot_studio.data.augment import affine, random_affine_theta, thicken
+from fewshot_studio.data.augment import (
+    THICKNESS_AMOUNT,
+    affine,
+    random_affine_theta,
+    thicken,
+)
 from fewshot_studio.data.preprocess import Preprocess
 
 TTA_VIEWS = 8  # views per image (the image included) when asked without a number
@@ -53,7 +58,7 @@ def tta_views(x: Tensor, n_views: int, kind: str, seed: int = 0,
     g = torch.Generator().manual_seed(seed)
     for _ in range(n - 1):
         theta = random_affine_theta(1, g, x.device, strength=strength)
-        frac = strength * 0.6 * torch.rand(1, generator=g)  # omniglot_augment's thickness
+        frac = strength * THICKNESS_AMOUNT * torch.rand(1, generator=g)
         use_dilate = torch.rand(1, generator=g) < 0.5
         views.append(thicken(affine(x, theta), frac.to(x.device), use_dilate.to(x.device)))
     return views
