@@ -1047,7 +1047,8 @@ NOTES = {
 - **Photos, two-level readout.** Every `natural-*` model reads Lite0 out at two levels
   (`--backbone-arg readout=multilevel`): the head's 1280 channels and the last block's 320,
   each average-pooled to a unit vector, the block's weighted by a trained scalar (0.7 at the
-  start, picked among 0.3 / 0.5 / 0.7 / 1.0 on the validation classes). Cosine similarity
+  start, picked among 0.3 / 0.5 / 0.7 / 1.0 on the validation classes; the exploratory
+  runs printed test-class figures beside them). Cosine similarity
   is then a weighted mean of the two levels' similarities. The ImageNet head is tuned to
   ImageNet's classes; the block's mid-level features add what it drops. The row "baseline
   read out at two levels" is that readout on the baseline's weights with no training: it
