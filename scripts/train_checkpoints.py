@@ -708,7 +708,7 @@ def train_on_cached(ctx: Ctx, name: str) -> None:
     spec = model_spec(full, "efficientnet_lite0", bb.config())
     model = create_method(cfg["method"], HeadOnly(bb), **cfg["kwargs"])
     # the method's own parameters live in `model`; the backbone head is shared with `full`
-    head_params = [p for p in HeadOnly(bb).parameters()]  # head conv+BN (+ block_weight)
+    head_params = list(HeadOnly(bb).parameters())  # head conv+BN (+ block_weight)
     own = [p for n, p in model.named_parameters() if not n.startswith("backbone.")]
     opt = torch.optim.Adam([{"params": head_params, "lr": cfg["lr_head"]},
                             {"params": own, "lr": cfg["lr_method"]}])

@@ -107,7 +107,6 @@ def embed_images(model: FewShotClassifier, images: Tensor, pre: Preprocess,
     return embed_tta(model.embed, x, tta, tta_kind(pre))
 
 
-@torch.no_grad()
 def embed_all(model: FewShotClassifier, images: Tensor, pre: Preprocess,
               device: torch.device, batch_size: int = 256, tta: int = 0) -> Tensor:
     """``(N, C, H, W)`` uint8 images -> ``(N, *feature_shape)`` features on ``device``
@@ -152,8 +151,7 @@ def episode_features(model: FewShotClassifier, images: Any, eps: list[Episode],
     in ``FEATURE_CACHE_BYTES``, else once per episode. ``tta``: see :func:`embed_images`."""
     data: Tensor = images.images
     used = torch.unique(torch.cat([torch.cat([e.support, e.query]) for e in eps]))
-    with torch.no_grad():
-        probe = model.embed(_normalize(data[used[:2]].to(device), preprocess))
+    probe = embed_images(model, data[used[:2]], preprocess, device)  # feature size
     cached: Tensor | None = None
     position: Tensor | None = None
     if probe[0].numel() * probe.element_size() * used.numel() <= FEATURE_CACHE_BYTES:
