@@ -135,3 +135,128 @@ def test_metadata_is_plain_json_in_the_header(tmp_path: Path) -> None:
     header = json.loads(path.read_bytes()[8:8 + n])
     meta = json.loads(header["__metadata__"]["fewshot_studio"])
     assert meta["model"]["method"] == "protonet" and meta["preprocess"]["std"] == [0.3]
+
+
+# -- untrusted metadata and weights (issue 12, defects 6, 7 and 12) ------------------------
+def _tiny(tmp_path: Path) -> Path:
+    from engine_fixtures import make_checkpoint as make_tiny
+
+    return make_tiny(tmp_path / "tiny.safetensors")  # Conv4 hidden 16, RGB 32 px
+
+
+def test_shapes_are_checked_on_the_meta_device_before_loading(tmp_path: Path) -> None:
+    import time
+
+    from bad_input_helpers import peak_rss_bytes, tamper_checkpoint
+
+    src = _tiny(tmp_path)
+    big = tamper_checkpoint(src, tmp_path / "big.safetensors", {"model": {"backbone_config": {
+        "in_channels": 3, "image_size": 32, "hidden": 4096}}})
+    before, t0 = peak_rss_bytes(), time.perf_counter()
+    with pytest.raises(CheckpointError) as e:
+        load_checkpoint(big)
+    assert time.perf_counter() - t0 < 1.0 and peak_rss_bytes() - before < 200 << 20
+    assert str(e.value) == (f"{big}: the weights do not fit the model it describes (tensor "
+                            "backbone.encoder.0.0.weight is (16, 3, 3, 3) in the file, the "
+                            "model needs (4096, 3, 3, 3))")
+    w = "backbone.encoder.0.0.weight"
+    for name, tensors, expected in (
+            ("missing", {w: None}, f"tensor {w} is missing"),
+            ("extra", {"stowaway": torch.zeros(2)}, "unexpected tensor stowaway")):
+        path = tamper_checkpoint(src, tmp_path / f"{name}.safetensors", tensors=tensors)
+        with pytest.raises(CheckpointError, match=expected):
+            load_checkpoint(path)
+    odd = tamper_checkpoint(src, tmp_path / "odd.safetensors",
+                            {"model": {"backbone": "no-such-net"}})
+    with pytest.raises(CheckpointError, match="cannot build the model it describes"):
+        load_checkpoint(odd)
+    ckpt = load_checkpoint(src)  # build() checks too: a spec that does not fit its weights
+    ckpt.model = {**ckpt.model, "backbone_config": {"in_channels": 3, "hidden": 4096}}
+    with pytest.raises(CheckpointError, match=r"needs \(4096, 3, 3, 3\)"):
+        ckpt.build()
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_weights_are_refused(tmp_path: Path, value: float) -> None:
+    from bad_input_helpers import tamper_checkpoint
+
+    src = _tiny(tmp_path)
+    w = load_checkpoint(src).state_dict["backbone.encoder.1.0.weight"].clone()
+    w[0, 0, 0, 0] = value
+    bad = tamper_checkpoint(src, tmp_path / "nan.safetensors",
+                            tensors={"backbone.encoder.1.0.weight": w})
+    with pytest.raises(CheckpointError) as e:
+        load_checkpoint(bad)
+    assert str(e.value) == (f"{bad}: checkpoint weights contain NaN/Inf "
+                            "(tensor backbone.encoder.1.0.weight)")
+
+
+@pytest.mark.parametrize(("meta", "expected"), [
+    ({"model": [1, 2]}, "'model' must be an object, not list"),
+    ({"model": {"method": 3}}, "'model.method' must be a name, not int"),
+    ({"model": {"backbone_config": "x"}}, "'model.backbone_config' must be an object"),
+    ({"preprocess": [28, 1]}, "preprocess must be an object, not list"),
+    ({"preprocess": {"channels": 7}}, "'channels' must be 1 or 3, not 7"),
+    ({"preprocess": {"image_size": -5}}, "'image_size' must be an integer from 8 to 1024"),
+    ({"preprocess": {"image_size": 12000}}, "'image_size' must be an integer from 8 to 1024"),
+    ({"preprocess": {"image_size": 28.5}}, "not 28.5"),
+    ({"preprocess": {"std": [0.0, 1, 1]}}, "'std' must be positive"),
+    ({"preprocess": {"mean": [0.1, 0.2]}}, "'mean' must be a list of 1 or 3 numbers"),
+    ({"preprocess": {"mean": ["a"]}}, "'mean' must be a list"),
+    ({"preprocess": {"resize": "stretch"}}, "'resize' must be one of squash, center_crop"),
+    ({"preprocess": {"crop_fraction": 0}}, "'crop_fraction' must be a number in (0, 1]"),
+    ({"preprocess": {"colour": 1}}, "unknown key 'colour'"),
+    ({"evaluation": [1]}, "'evaluation' must be an object, not list"),
+    ({"name": {"a": 1}}, "'name' must be text, not dict"),
+])
+def test_bad_metadata_gives_one_line_error(tmp_path: Path, meta: dict,
+                                           expected: str) -> None:
+    from bad_input_helpers import tamper_checkpoint
+
+    bad = tamper_checkpoint(_tiny(tmp_path), tmp_path / "bad.safetensors", meta)
+    with pytest.raises(CheckpointError) as e:
+        load_checkpoint(bad)
+    msg = str(e.value)
+    assert msg.startswith(f"{bad}: checkpoint metadata is damaged (") and expected in msg, msg
+    assert "\n" not in msg
+
+
+def test_metadata_that_is_not_an_object_or_too_deep(tmp_path: Path) -> None:
+    for name, raw in (("list", "[1, 2]"), ("deep", "[" * 100_000 + "]" * 100_000)):
+        path = tmp_path / f"{name}.safetensors"
+        save_file({"w": torch.zeros(3)}, str(path), metadata={"fewshot_studio": raw})
+        with pytest.raises(CheckpointError, match="checkpoint metadata is damaged"):
+            load_checkpoint(path)
+
+
+def test_preprocess_from_dict_round_trips_and_validates() -> None:
+    from fewshot_studio.errors import UserError
+
+    pre = Preprocess(224, 3, (0.5, 0.4, 0.3), (0.2, 0.2, 0.2), "center_crop", 0.9)
+    assert Preprocess.from_dict(pre.to_dict()) == pre
+    assert Preprocess.from_dict({}) == Preprocess()
+    with pytest.raises(UserError, match=r"^preprocess: 'channels' must be 1 or 3, not True$"):
+        Preprocess.from_dict({"channels": True})
+
+
+def test_identity_probe_is_small_whatever_the_image_size() -> None:
+    """The session's identity check used to push 2 images of the checkpoint's size through
+    the model (image_size=12000: 73.7 GB); it probes one small image now."""
+    from fewshot_studio.engine.backends import IDENTITY_PROBE_SIZE, embed_is_identity
+
+    seen: list[tuple[int, ...]] = []
+
+    class Probe(torch.nn.Module):
+        def __init__(self, identity: bool) -> None:
+            super().__init__()
+            self.identity = identity
+
+        def embed(self, x: torch.Tensor) -> torch.Tensor:
+            seen.append(tuple(x.shape))
+            return x if self.identity else x.mean(dim=(2, 3))
+
+    big = Preprocess(image_size=1024, channels=3)
+    assert embed_is_identity(Probe(True), big) and not embed_is_identity(Probe(False), big)
+    assert seen == [(1, 3, IDENTITY_PROBE_SIZE, IDENTITY_PROBE_SIZE)] * 2
+    conv4 = create_method("protonet", Conv4(1, 28, hidden=8, pool_layers=4))
+    assert not embed_is_identity(conv4, Preprocess(image_size=8, channels=1))  # too small

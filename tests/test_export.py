@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -104,10 +106,222 @@ def test_copy_and_move_into_class_folders(tmp_path: Path) -> None:
     steps = list(export.copy_to_class_folders(preds, dest))
     assert steps[-1].done == 5 and steps[-1].metrics == {"copied": 4, "failed": 0, "skipped": 1}
     got = {p.relative_to(dest).as_posix(): p.read_bytes() for p in dest.rglob("*") if p.is_file()}
-    assert got == {"cat_evil/x.jpg": b"2", "cat_evil/x_1.jpg": b"1", "_/y.jpg": b"3",
+    folders = export.class_folders(["cat/evil", ".."])
+    cat, dots = folders["cat/evil"], folders[".."]
+    assert cat.startswith("cat_evil-") and dots.startswith("_-")
+    assert got == {f"{cat}/x.jpg": b"2", f"{cat}/x_1.jpg": b"1", f"{dots}/y.jpg": b"3",
                    "_unknown/u.jpg": b"5"}
     assert all((src / rel).exists() for rel in files)  # copy keeps sources
     moved = list(export.copy_to_class_folders(preds, dest, move=True))
     assert moved[-1].metrics["moved"] == 4
     assert not (src / "x.jpg").exists() and (src / "bad.jpg").exists()
-    assert (dest / "cat_evil" / "x_2.jpg").read_bytes() in (b"1", b"2")
+    assert (dest / cat / "x_2.jpg").read_bytes() in (b"1", b"2")
+
+
+# -- issue 12 ------------------------------------------------------------------------------
+def test_check_output_refuses_files_it_did_not_write(tmp_path: Path) -> None:
+    root = tmp_path / "q"
+    root.mkdir()
+    image = root / "a.png"
+    image.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 100)
+    notes = tmp_path / "notes.csv"
+    notes.write_text("name,phone\nann,123\n")
+    empty = tmp_path / "empty.csv"
+    empty.touch()
+    for path in (image, notes, empty):
+        before = path.read_bytes()
+        with pytest.raises(UserError, match="not a labels file") as e:
+            export.check_output(path)
+        assert str(path) in str(e.value) and "\n" not in str(e.value)
+        with pytest.raises(UserError, match="not a labels file"):  # the GUI's path too
+            export.write_csv(_preds(root), path, root)
+        with pytest.raises(UserError, match="not a labels file"):
+            export.write_json(_preds(root), path, root)
+        assert path.read_bytes() == before
+    with pytest.raises(UserError, match="one of the input images"):
+        export.check_output(image, [tmp_path / "other.png", image])
+    fifo = tmp_path / "pipe.csv"
+    os.mkfifo(fifo)
+    with pytest.raises(UserError, match="not a regular file"):
+        export.check_output(fifo)
+    assert not export.is_labels_file(fifo)  # never blocks on a FIFO
+    # our own previous outputs (either format) may be replaced
+    csv_out = export.write_csv(_preds(root), tmp_path / "labels.csv", root)
+    assert export.write_csv(_preds(root)[:1], csv_out, root) == csv_out
+    json_out = export.write_json(_preds(root), tmp_path / "labels.json", root)
+    assert export.write_csv(_preds(root), json_out, root) == json_out
+    assert export.write_json(_preds(root), tmp_path / "labels.json", root) == json_out
+    assert export.check_output(tmp_path / "new.csv") == tmp_path / "new.csv"
+
+
+def test_csv_cells_never_start_a_formula_and_round_trip(tmp_path: Path) -> None:
+    root = tmp_path / "q"
+    top = (("=cmd|' /C calc'!A0", 0.6), ("+1", 0.3), ("'quoted", 0.1))
+    preds = [Prediction(root / "=HYPERLINK(x).jpg", "@SUM(A1)", 0.6, 0.3, Status.OK, top),
+             Prediction(root / "-2+3.png", "-minus", 0.6, 0.3, Status.OK, top),
+             Prediction(root / "sub" / "=x.jpg", None, 0.0, 0.0, Status.ERROR, (),
+                        "\tbad=1"),
+             Prediction(root / "plain.jpg", "cat", 0.6, 0.3, Status.OK, top)]
+    out = export.write_csv(preds, tmp_path / "l.csv", root)
+    import csv as _csv
+
+    with open(out, encoding="utf-8", newline="") as f:
+        raw = list(_csv.DictReader(f))
+    dangerous = ("=", "+", "-", "@", "\t", "\r")
+    for row in raw:
+        for col in ("path", "label", "error", "top1", "top2", "top3"):
+            assert not row[col].startswith(dangerous), (col, row[col])
+    by = {r["path"]: r for r in raw}
+    assert by["./=HYPERLINK(x).jpg"]["label"] == "'@SUM(A1)"
+    assert by["./-2+3.png"]["top2"] == "'+1" and by["./-2+3.png"]["top3"] == "''quoted"
+    assert by["sub/=x.jpg"]["error"] == "'\tbad=1"
+    assert by["plain.jpg"]["label"] == "cat"
+    rows = export.read_csv(out)
+    assert [r["path"] for r in rows] == ["-2+3.png", "=HYPERLINK(x).jpg", "plain.jpg",
+                                         "sub/=x.jpg"]
+    assert rows[1]["label"] == "@SUM(A1)" and rows[0]["label"] == "-minus"
+    assert [rows[0][f"top{k}"] for k in (1, 2, 3)] == [name for name, _ in top]
+    assert rows[3]["error"] == "\tbad=1"
+    doc = json.loads(export.write_json(preds, tmp_path / "l.json", root).read_text("utf-8"))
+    assert doc["rows"][1]["path"] == "=HYPERLINK(x).jpg"  # JSON: values as they are
+    assert doc["rows"][1]["label"] == "@SUM(A1)"
+
+
+def _strict_json(path: Path) -> dict:
+    def no_constants(name: str) -> None:
+        raise AssertionError(f"bare {name} in JSON")
+
+    return json.loads(path.read_text(encoding="utf-8"), parse_constant=no_constants)
+
+
+def test_non_finite_predictions_become_error_rows(tmp_path: Path) -> None:
+    root = tmp_path / "q"
+    nan, inf = float("nan"), float("inf")
+    preds = [Prediction(root / "a.jpg", "cat", nan, nan, Status.OK, (("cat", nan),)),
+             Prediction(root / "b.jpg", "dog", 0.9, 0.5, Status.OK, (("dog", 0.9), ("cat", inf))),
+             Prediction(root / "c.jpg", "dog", 0.9, 0.5, Status.OK, (("dog", 0.9),))]
+    doc = _strict_json(export.write_json(preds, tmp_path / "l.json", root))
+    a, b, c = doc["rows"]
+    for row in (a, b):
+        assert row["status"] == "error" and row["error"] == export.NON_FINITE_ERROR
+        assert row["label"] is None and row["confidence"] is None and row["top2_prob"] is None
+    assert c["status"] == "ok" and c["confidence"] == pytest.approx(0.9)
+    rows = export.read_csv(export.write_csv(preds, tmp_path / "l.csv", root))
+    assert [r["status"] for r in rows] == ["error", "error", "ok"]
+    assert "nan" not in (tmp_path / "l.csv").read_text().lower()
+    assert "inf" not in (tmp_path / "l.csv").read_text().lower()
+    steps = list(export.copy_to_class_folders(preds, tmp_path / "d"))  # never sorted either
+    assert steps[-1].metrics == {"copied": 0, "failed": 1, "skipped": 2}
+
+
+def test_class_folders_are_one_to_one(tmp_path: Path) -> None:
+    folders = export.class_folders(["x:y", "x_y", "_unknown", "Cat", "cat", "dog", "a" * 300])
+    assert len(set(map(str.casefold, folders.values()))) == len(folders)
+    assert export.UNKNOWN_FOLDER.casefold() not in {f.casefold() for f in folders.values()}
+    assert folders["x_y"] == "x_y" and folders["dog"] == "dog"
+    assert folders["x:y"].startswith("x_y-") and folders["_unknown"].startswith("_unknown-")
+    assert folders["Cat"] != folders["cat"] and len(folders["a" * 300]) < 120
+    assert export.class_folders(["x_y", "x:y"]) == {k: folders[k] for k in ("x_y", "x:y")}
+    # through a copy: every class keeps its own folder, _unknown holds only unknown images
+    src = tmp_path / "src"
+    src.mkdir()
+    labels = {"1.jpg": "x:y", "2.jpg": "x_y", "3.jpg": "_unknown", "4.jpg": None}
+    preds = []
+    for name, label in labels.items():
+        (src / name).write_bytes(name.encode())
+        status = Status.OK if label else Status.UNKNOWN
+        preds.append(Prediction(src / name, label, 0.9, 0.5, status, ((label or "x_y", 0.9),)))
+    dest = tmp_path / "dest"
+    list(export.copy_to_class_folders(preds, dest))
+    got = {p.relative_to(dest).as_posix() for p in dest.rglob("*") if p.is_file()}
+    assert got == {f"{folders['x:y']}/1.jpg", "x_y/2.jpg", f"{folders['_unknown']}/3.jpg",
+                   "_unknown/4.jpg"}
+
+
+def test_failed_copy_leaves_no_partial_file(tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    src = tmp_path / "src"
+    src.mkdir()
+    preds = []
+    for i in range(4):
+        (src / f"{i}.jpg").write_bytes(bytes([i]) * 5000)
+        preds.append(Prediction(src / f"{i}.jpg", "cat", 0.9, 0.5, Status.OK, (("cat", 0.9),)))
+    dest = tmp_path / "dest"
+    (dest / "cat").mkdir(parents=True)
+    (dest / "cat" / "0.jpg").write_bytes(b"the user's own file")
+
+    def disk_full(fsrc: object, fdst: object) -> None:  # writes a little, then ENOSPC
+        fdst.write(fsrc.read(100))  # type: ignore[attr-defined]
+        fdst.flush()  # type: ignore[attr-defined]
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(export, "_copy_bytes", disk_full)
+    steps = list(export.copy_to_class_folders(preds, dest))
+    assert steps[-1].metrics == {"copied": 0, "failed": 4, "skipped": 0}
+    assert [s.payload[2] for s in steps] == [os.strerror(errno.ENOSPC)] * 4
+    assert sorted(p.name for p in (dest / "cat").iterdir()) == ["0.jpg"]
+    assert (dest / "cat" / "0.jpg").read_bytes() == b"the user's own file"
+    # a move across filesystems (no hard link) that fails keeps every source
+    real_link = os.link
+
+    def cross_device(a: object, b: object) -> None:
+        raise OSError(errno.EXDEV, os.strerror(errno.EXDEV))
+
+    monkeypatch.setattr(os, "link", cross_device)
+    steps = list(export.copy_to_class_folders(preds, dest, move=True))
+    assert steps[-1].metrics == {"moved": 0, "failed": 4, "skipped": 0}
+    assert all(p.path.read_bytes() == bytes([i]) * 5000 for i, p in enumerate(preds))
+    assert sorted(p.name for p in (dest / "cat").iterdir()) == ["0.jpg"]
+    # and when it works, a move never replaces the user's file
+    monkeypatch.setattr(os, "link", real_link)
+    monkeypatch.undo()
+    steps = list(export.copy_to_class_folders(preds, dest, move=True))
+    assert steps[-1].metrics == {"moved": 4, "failed": 0, "skipped": 0}
+    assert (dest / "cat" / "0.jpg").read_bytes() == b"the user's own file"
+    assert (dest / "cat" / "0_1.jpg").read_bytes() == bytes([0]) * 5000
+    assert not any(src.iterdir())
+
+
+def test_two_copy_runs_into_one_folder_keep_every_file(tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    import hashlib
+    import threading
+
+    n = 60
+    runs = []
+    for r in range(2):
+        src = tmp_path / f"src{r}"
+        src.mkdir()
+        preds = []
+        for i in range(n):
+            (src / f"{i % 7}_{i // 7}.jpg").write_bytes(f"{r}/{i}".encode())
+            preds.append(Prediction(src / f"{i % 7}_{i // 7}.jpg", "cat", 0.9, 0.5, Status.OK,
+                                    (("cat", 0.9),)))
+        runs.append(preds)
+    barrier = threading.Barrier(2)
+    real = export._copy_bytes
+
+    def in_step(fsrc: object, fdst: object) -> None:  # both runs copy at the same moment
+        with contextlib.suppress(threading.BrokenBarrierError):
+            barrier.wait(timeout=2)
+        real(fsrc, fdst)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(export, "_copy_bytes", in_step)
+    dest = tmp_path / "dest"
+    results: list[dict] = []
+
+    def one(preds: list[Prediction]) -> None:
+        results.append(list(export.copy_to_class_folders(preds, dest))[-1].metrics)
+
+    threads = [threading.Thread(target=one, args=(p,)) for p in runs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert results == [{"copied": n, "failed": 0, "skipped": 0}] * 2
+    digest = sorted(hashlib.sha256(p.read_bytes()).hexdigest()
+                    for p in (dest / "cat").iterdir())
+    want = sorted(hashlib.sha256(p.path.read_bytes()).hexdigest() for ps in runs for p in ps)
+    assert digest == want

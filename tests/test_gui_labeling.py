@@ -122,7 +122,10 @@ def test_correction_by_key_press_and_undo(qtbot, win: MainWindow, data: dict) ->
     # everything was relabeled from the cache: the other predictions may move, never to
     # "corrected"
     assert all(not win.gallery_model.prediction_for(p.path).corrected for p in other)
-    assert win.gallery.currentIndex().data(Role.CORRECTED) is True
+    # the cursor moved on to the next image (file name order); the correction is a review
+    shown = [win.proxy.index(r, 0).data(Role.PATH) for r in range(win.proxy.rowCount())]
+    assert win.gallery.currentIndex().data(Role.PATH) == shown[shown.index(target) + 1]
+    assert win.labeling.reviewed_paths() == {target}
 
     win.stack.undo()
     _idle(qtbot, win)

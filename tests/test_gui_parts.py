@@ -93,6 +93,39 @@ def test_thumbnails_load_lazily_and_mark_errors(qtbot, tmp_path: Path) -> None:
     assert str(good) not in cache._cache  # LRU capacity 1
 
 
+def _unblock_fifo(fifo: Path) -> None:
+    """Open a FIFO's write end and close it: a reader stuck in open() gets EOF (so a
+    regression fails the test instead of hanging the pool and the interpreter's exit)."""
+    import contextlib
+    import os
+
+    with contextlib.suppress(OSError):  # no reader: nothing is blocked on it
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "mkfifo"), reason="needs named pipes")
+def test_thumbnails_fifos_get_error_tiles_and_the_pool_finishes(qtbot, tmp_path: Path) -> None:
+    import os
+
+    images = [make_image(tmp_path / f"img{i}.png", (200, 30 * i, 30), i) for i in range(3)]
+    fifos = [tmp_path / "pipe1.jpg", tmp_path / "pipe2.png"]
+    for f in fifos:
+        os.mkfifo(f)
+    cache = ThumbnailCache(size=32, threads=2)
+    try:
+        for p in fifos + images:  # the FIFOs first: with 2 threads they would take both
+            cache.get(p)
+        qtbot.waitUntil(lambda: all(cache.get(p) is not None for p in images)
+                        and all(cache.error(f) is not None for f in fifos), timeout=5000)
+        assert cache.wait_idle(3000)
+    finally:
+        for f in fifos:
+            _unblock_fifo(f)
+        cache.wait_idle(5000)
+    for f in fifos:
+        assert "not a regular file" in cache.error(f)
+
+
 def test_project_file_round_trip_relative_paths(tmp_path: Path) -> None:
     folder = tmp_path / "proj"
     ex = make_image(folder / "examples" / "a.png", (1, 2, 3), 0)
@@ -330,3 +363,44 @@ def test_tiles_mark_unknown_corrected_and_error_distinctly(qtbot, tmp_path: Path
     assert count(images["corrected"], (0x16, 0xa3, 0x4a)) > 20  # green check
     assert count(images["ok"], (0x25, 0x63, 0xeb)) > 20  # class-coloured badge
     assert count(images["unknown"], (0x25, 0x63, 0xeb)) == 0  # no class colour when unknown
+
+
+@pytest.mark.parametrize("doc", ['{"format": "fewshot-studio-project/1", "classes": "abc"}',
+                                 "[" * 100_000 + "]" * 100_000])
+def test_bad_project_file_shows_a_normal_message(qtbot, tmp_path: Path, doc: str) -> None:
+    """Opening a damaged project reports a one-line message (not the "uncaught exception"
+    dialog) and leaves the open project as it was."""
+    from fewshot_studio.gui import actions
+    from fewshot_studio.gui.main_window import MainWindow
+
+    w = MainWindow(restore_state=False)
+    qtbot.addWidget(w)
+    shown: list[tuple[str, str, str]] = []
+    w.show_error = lambda title, message, details="": shown.append((title, message, details))
+    before = w.project.snapshot()
+    bad = tmp_path / "bad.fsproj"
+    bad.write_text(doc)
+    actions.open_project(w, bad)  # raises if the error is not a UserError
+    assert len(shown) == 1 and shown[0][0] == "Cannot open the project", shown
+    assert str(bad) in shown[0][1] and "\n" not in shown[0][1] and not shown[0][2]
+    assert w.project.snapshot() == before and w.project.path is None
+
+
+def test_item_views_keep_the_reference_count_of_none(qtbot) -> None:
+    """The locked PySide6 must not drop references to None in the item-view calls the class
+    panel makes per example (6.12.0 on CPython 3.11 does: the app then aborts with "Fatal
+    Python error: none_dealloc" after about 10k examples)."""
+    from PySide6.QtCore import QSize, Qt
+    from PySide6.QtWidgets import QListWidget, QListWidgetItem
+
+    w = QListWidget()
+    qtbot.addWidget(w)
+    before = sys.getrefcount(None)
+    for i in range(2000):
+        item = QListWidgetItem(f"example {i}")
+        item.setData(Qt.ItemDataRole.UserRole, f"/images/{i}.png")
+        item.setSizeHint(QSize(52, 52))
+        item.setToolTip(str(i))
+        w.addItem(item)
+    assert w.count() == 2000
+    assert sys.getrefcount(None) - before > -100  # 6.12.0: -4000

@@ -203,3 +203,85 @@ def test_permission_error_is_mapped(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     monkeypatch.setattr(Path, "read_bytes", refuse)
     with pytest.raises(ImageLoadError, match=r"^permission denied$"):
         load_image(p, 3)
+
+
+def test_sparse_huge_file_is_refused_before_reading(tmp_path: Path) -> None:
+    import time
+    import tracemalloc
+
+    from fewshot_studio.data.images import MAX_FILE_BYTES
+
+    p = tmp_path / "video.jpg"
+    with open(p, "wb") as f:
+        f.truncate(1536 << 20)  # 1.5 GB, sparse: no disk used
+    tracemalloc.start()
+    t0 = time.perf_counter()
+    try:
+        with pytest.raises(ImageLoadError, match=r"^file too large \(1536 MB; the limit is 256"):
+            load_image(p, 3)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert time.perf_counter() - t0 < 1.0 and peak < 1 << 20
+    assert MAX_FILE_BYTES == 256 << 20
+
+
+def test_big_file_under_the_limit_reads_the_header_first(tmp_path: Path) -> None:
+    import tracemalloc
+
+    from fewshot_studio.data.images import READ_WHOLE_BYTES
+
+    p = tmp_path / "bomb.png"
+    with open(p, "wb") as f:  # a bomb header, then sparse padding past the read-whole size
+        f.write(png_claiming_size(100_000, 100_000))
+        f.truncate(READ_WHOLE_BYTES + (4 << 20))
+    tracemalloc.start()
+    try:
+        with pytest.raises(ImageLoadError, match="decompression bomb"):
+            load_image(p, 1)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 2 << 20  # the 20 MB file was not read whole
+    good = tmp_path / "big.png"  # a real image padded past the threshold still decodes
+    good.write_bytes(image_bytes(pattern_image(1, 0, 40), "PNG"))
+    with open(good, "r+b") as f:
+        f.truncate(READ_WHOLE_BYTES + 1024)
+    assert load_image(good, 3).size == (40, 40)
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs named pipes")
+def test_fifo_and_specials_are_refused_without_opening(tmp_path: Path) -> None:
+    import contextlib
+    import threading
+
+    from fewshot_studio.data.images import check_regular_file
+
+    fifo = tmp_path / "pipe.jpg"
+    os.mkfifo(fifo)
+    result: list[str] = []
+
+    def attempt() -> None:
+        try:
+            load_image(fifo, 3)
+        except ImageLoadError as e:
+            result.append(str(e))
+
+    t = threading.Thread(target=attempt, daemon=True)
+    t.start()
+    t.join(3.0)
+    if t.is_alive():  # a regression blocks in open(): unblock it, then fail
+        with contextlib.suppress(OSError):
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        t.join(3.0)
+        pytest.fail("loading a FIFO blocked")
+    assert result == ["not a regular file"]
+    (tmp_path / "dir.jpg").mkdir()
+    with pytest.raises(ImageLoadError, match=r"^is a directory$"):
+        check_regular_file(tmp_path / "dir.jpg")
+    (tmp_path / "loop.jpg").symlink_to(tmp_path / "loop.jpg")
+    with pytest.raises(ImageLoadError, match=r"^cannot read file"):
+        load_image(tmp_path / "loop.jpg", 3)
+    (tmp_path / "dangling.jpg").symlink_to(tmp_path / "nowhere.jpg")
+    with pytest.raises(ImageLoadError, match=r"^file not found$"):
+        load_image(tmp_path / "dangling.jpg", 3)

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from fewshot_studio.engine.onnx_export import PARITY_TOLERANCE
+from fewshot_studio.errors import UserError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -25,12 +26,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from fewshot_studio.engine.export import ensure_writable
-    from fewshot_studio.engine.onnx_export import export_embed_onnx, max_abs_difference
+    from fewshot_studio.engine.onnx_export import (
+        export_embed_onnx,
+        is_onnx_export,
+        max_abs_difference,
+    )
     from fewshot_studio.io.checkpoint import CheckpointError, load_checkpoint
     from fewshot_studio.paths import resolve_checkpoint
 
     path = resolve_checkpoint(args.checkpoint)
     ensure_writable(args.out)
+    if args.out.exists() and not is_onnx_export(args.out):
+        raise UserError(f"output file exists and is not an ONNX export of fewshot-studio, "
+                        f"will not overwrite it: {args.out}")
     ckpt = load_checkpoint(path)
     try:
         model = ckpt.build("cpu")

@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from fewshot_studio.engine.api import LabelSettings, Status
+from fewshot_studio.engine.api import LabelSettings, Prediction, Status
 from fewshot_studio.errors import UserError
 from fewshot_studio.progress import ProgressBar
 
@@ -60,22 +60,28 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def support_classes(root: Path) -> dict[str, list[Path]]:
-    """``root/<class>/**/<image>`` -> {class: sorted images}; UserError for a missing folder,
-    fewer than 2 classes or a class without image files."""
+    """``root/<class>/**/<image>`` -> {class: sorted images}; UserError for a missing or
+    unreadable folder, fewer than 2 classes or a class without image files."""
     from fewshot_studio.engine.session import LabelingSession
 
     if not root.exists():
         raise UserError(f"support folder not found: {root}")
     if not root.is_dir():
         raise UserError(f"support path is not a folder: {root}")
+    try:
+        entries = sorted(root.iterdir())
+    except OSError as e:
+        raise UserError(f"cannot read support folder {root}: {e.strerror or e}") from None
     classes: dict[str, list[Path]] = {}
-    for d in sorted(root.iterdir()):
+    for d in entries:
         if d.name.startswith(".") or not d.is_dir():
             continue
         images = LabelingSession.scan_queries(d, recursive=True)
+        for folder, reason in images.unreadable[:1]:
+            raise UserError(f"cannot read support folder {folder}: {reason}")
         if not images:
             raise UserError(f"support class {d.name!r} has no image files ({d})")
-        classes[d.name] = images
+        classes[d.name] = list(images)
     if len(classes) < 2:
         raise UserError(f"need at least 2 classes (sub-folders with images) in {root}, "
                         f"found {len(classes)}")
@@ -90,7 +96,45 @@ def _check_dest(d: Path) -> None:
         raise UserError(f"cannot write into {d}")
 
 
+def _abs(path: Path) -> Path:
+    return Path(os.path.abspath(path))
+
+
+def _within(path: Path, folder: Path) -> bool:
+    """Whether ``path`` is ``folder`` or under it (real paths)."""
+    p, f = os.path.realpath(path), os.path.realpath(folder)
+    return p == f or p.startswith(f.rstrip(os.sep) + os.sep)
+
+
+def _exclusions(args: argparse.Namespace, dest: Path | None,
+                class_names: list[str]) -> dict[Path, str]:
+    """What the query scan leaves out, each with why: the support folder, the --out file and
+    the destination's class folders (the whole destination when it is a sub-folder)."""
+    from fewshot_studio.engine import export
+
+    out = {_abs(args.support): f"in the support folder {args.support}",
+           _abs(args.out): "being the --out file"}
+    if dest is not None and _within(dest, args.query):
+        why = f"in the {'--move-to' if args.move_to else '--copy-to'} folder {dest}"
+        if os.path.realpath(dest) == os.path.realpath(args.query):  # sorting in place
+            for name in (*export.class_folders(class_names).values(), export.UNKNOWN_FOLDER):
+                out[_abs(dest / name)] = why
+        else:
+            out[_abs(dest)] = why
+    return out
+
+
+def _list_failures(what: str, failures: list[tuple[Path, str]], show: int = 5) -> None:
+    for path, reason in failures[:show]:
+        print(f"{what} {path}: {reason}", file=sys.stderr)
+    if len(failures) > show:
+        print(f"... and {len(failures) - show} more", file=sys.stderr)
+
+
 def run(args: argparse.Namespace) -> int:
+    """Label, write the CSV/JSON, then copy or move. Exit code: 0 all fine; 1 finished with
+    failures (copies or moves, unreadable folders, the cache); 2 (UserError) refused before
+    any work."""
     from fewshot_studio.engine import export
     from fewshot_studio.engine.session import LabelingSession
 
@@ -101,9 +145,13 @@ def run(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise UserError("--batch-size must be >= 1")
     classes = support_classes(args.support)
-    queries = LabelingSession.scan_queries(args.query, recursive=not args.no_recursive)
-    export.ensure_writable(args.out)
     dest = args.copy_to or args.move_to
+    why = _exclusions(args, dest, list(classes))
+    queries = LabelingSession.scan_queries(args.query, recursive=not args.no_recursive,
+                                           exclude=list(why))
+    out_scanned = [_abs(args.out)] if queries.excluded.get(_abs(args.out)) else []
+    export.check_output(args.out, [*queries, *(p for ps in classes.values() for p in ps),
+                                   *out_scanned])
     if dest is not None:
         _check_dest(dest)
     if args.device == "cuda":
@@ -112,11 +160,23 @@ def run(args: argparse.Namespace) -> int:
         if not (torch_cuda_works() or "CUDAExecutionProvider" in onnxruntime_providers()):
             raise UserError("--device cuda: no working CUDA (torch has none and onnxruntime-gpu "
                             "is not installed); use --device auto or cpu")
+    n_excluded = sum(queries.excluded.values())
+    if n_excluded:
+        reasons: dict[str, int] = {}
+        for entry, n in queries.excluded.items():
+            if n:
+                reasons[why[entry]] = reasons.get(why[entry], 0) + n
+        print(f"note: left out {n_excluded} image(s) under the query folder: "
+              + ", ".join(f"{n} {r}" for r, n in reasons.items()), file=sys.stderr)
+    for folder, reason in queries.unreadable:
+        print(f"warning: cannot read folder {folder}: {reason}", file=sys.stderr)
     settings = LabelSettings(unknown_threshold=args.unknown_threshold,
                              transductive=args.transductive, recursive=not args.no_recursive,
                              device=args.device, batch_size=args.batch_size,
                              precision=args.precision, tta=args.tta)
     t0 = time.perf_counter()
+    failures: list[tuple[Path, str]] = []
+    copied = 0
     with LabelingSession(args.checkpoint, settings, cache_path=args.cache,
                          backend=args.backend) as session:
         session.set_support(classes)
@@ -124,24 +184,47 @@ def run(args: argparse.Namespace) -> int:
         for p in session.run(queries):
             bar.update(p, force=p.done == p.total)
         bar.close()
-        preds = session.predictions()
+        preds = [export.checked(p) for p in session.predictions()]
         seconds = time.perf_counter() - t0
+        folder_rows = [Prediction(folder, None, 0.0, 0.0, Status.ERROR, (),
+                                  f"cannot read folder: {reason}")
+                       for folder, reason in queries.unreadable]
         writer = export.write_json if fmt == "json" else export.write_csv
-        writer(preds, args.out, args.query, absolute_paths=args.absolute_paths)
+        writer([*preds, *folder_rows], args.out, args.query, absolute_paths=args.absolute_paths)
         if dest is not None:
             bar = ProgressBar("moving" if args.move_to else "copying", unit="file")
-            for p in export.copy_to_class_folders(preds, dest, move=args.move_to is not None):
+            for p in export.copy_to_class_folders(preds, dest, move=args.move_to is not None,
+                                                  classes=list(classes)):
                 bar.update(p, force=p.done == p.total)
+                if p.metrics["failed"] > len(failures):
+                    failures.append((p.payload[0], p.payload[2]))
+                copied = int(p.metrics["moved" if args.move_to else "copied"])
             bar.close()
         counters, backend = session.counters, session.backend
+    verb = "move" if args.move_to else "copy"
+    _list_failures(f"failed to {verb}", failures)
     n_ok = sum(p.status == Status.OK for p in preds)
     n_unknown = sum(p.status == Status.UNKNOWN for p in preds)
     n_err = sum(p.status == Status.ERROR for p in preds)
     rate = len(preds) / seconds if seconds > 0 else 0.0
     backend_s = str(backend) if counters.embedded else f"{backend} (nothing to embed)"
+    cache_s = "".join([
+        f"; cache failures {counters.cache_failures}" if counters.cache_failures else "",
+        f"; cache off: {counters.cache_disabled}" if counters.cache_disabled else "",
+        f"; damaged cache moved to {counters.cache_moved_aside}"
+        if counters.cache_moved_aside else ""])
     print(f"labeled {n_ok}, unknown {n_unknown}, errors {n_err} of {len(preds)} images "
           f"in {seconds:.1f} s ({rate:.1f} images/s); embedded {counters.embedded}, "
-          f"from cache {counters.cache_hits}; backend {backend_s}")
-    print(f"wrote {args.out}" + (f"; files in {dest}" if dest is not None else ""))
+          f"from cache {counters.cache_hits}; backend {backend_s}{cache_s}")
+    parts = [f"wrote {args.out}"]
+    if dest is not None:
+        done = "moved" if args.move_to else "copied"
+        parts.append(f"{done} {copied} files into {dest}"
+                     + (f", {len(failures)} failed" if failures else ""))
+    if queries.unreadable:
+        parts.append(f"unreadable folders {len(queries.unreadable)}")
+    if n_excluded:
+        parts.append(f"left out {n_excluded}")
+    print("; ".join(parts))
     sys.stdout.flush()
-    return 0
+    return 1 if failures or queries.unreadable or counters.cache_failures else 0

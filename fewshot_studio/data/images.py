@@ -1,12 +1,16 @@
 """Robust image loading and preprocessing, shared by the trainer, the engine and the GUI.
 
 Everything that can go wrong with a file on disk (empty, truncated, not an image, a
-decompression bomb, unreadable) becomes an :class:`ImageLoadError` whose ``str`` is a short,
-one-line reason fit for a CSV cell or a tile tooltip. Odd pixel formats (palette with
-transparency, LA/RGBA, 16-bit, CMYK, 1-bit) are converted to ``L`` or ``RGB``; EXIF orientation
-is applied. For JPEGs a ``draft_size`` lets libjpeg decode at 1/2, 1/4 or 1/8 scale (never
-below ``draft_size`` on either side), which is most of the speed of decoding big photos to a
-small model input.
+decompression bomb, unreadable, not a regular file, too large) becomes an
+:class:`ImageLoadError` whose ``str`` is a short, one-line reason fit for a CSV cell or a tile
+tooltip. Sizes are checked before reading: :func:`check_regular_file` (``stat`` only; a FIFO
+or device is never opened, a file over :data:`MAX_FILE_BYTES` never read), then the header
+(pixel count against :data:`MAX_PIXELS`) before the pixels are decoded.
+
+Odd pixel formats (palette with transparency, LA/RGBA, 16-bit, CMYK, 1-bit) are converted to
+``L`` or ``RGB``; EXIF orientation is applied. For JPEGs a ``draft_size`` lets libjpeg decode
+at 1/2, 1/4 or 1/8 scale (never below ``draft_size`` on either side), which is most of the
+speed of decoding big photos to a small model input.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import io
 import math
 import os
 import re
+import stat
 import warnings
 from pathlib import Path
 
@@ -30,6 +35,15 @@ IMAGE_EXTENSIONS: frozenset[str] = frozenset(
 
 MAX_PIXELS: int = 89_478_485
 """Decompression-bomb guard: images with more pixels than this are refused (PIL's default)."""
+
+MAX_FILE_BYTES: int = 256 << 20
+"""Files larger than this (256 MiB; messages say "MB" for MiB) are refused before any byte
+is read: no real photo is that big, while a video or disk image named ``*.jpg`` would
+otherwise be read whole."""
+
+READ_WHOLE_BYTES: int = 16 << 20
+"""Files up to this size (16 MiB) are read in one call (fast, handle closed at once); larger
+ones are opened lazily so the header (and its pixel-count check) is read before the pixels."""
 
 # We refuse bombs ourselves with a clear ImageLoadError; PIL's warning would only be noise.
 warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
@@ -63,37 +77,62 @@ def _reason(exc: BaseException) -> str:
     return f"corrupt image ({_one_line(exc)})"
 
 
+def _file_error(e: OSError) -> ImageLoadError:
+    """A file-system error as a one-line :class:`ImageLoadError`."""
+    if isinstance(e, FileNotFoundError):
+        return ImageLoadError("file not found")
+    if isinstance(e, PermissionError):
+        return ImageLoadError("permission denied")
+    return ImageLoadError(f"cannot read file ({_one_line(e.strerror or e)})")
+
+
+def check_regular_file(path: str | os.PathLike, max_bytes: int = MAX_FILE_BYTES
+                       ) -> os.stat_result:
+    """``os.stat(path)`` of a file that is safe to open and read: a regular file (symlinks
+    followed), not empty, at most ``max_bytes``. Raises :class:`ImageLoadError` ("file not
+    found", "is a directory", "not a regular file", "empty file", "file too large (N MB)", ...)
+    otherwise. Nothing is opened: a FIFO or device would block or never end."""
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise _file_error(e) from None
+    if stat.S_ISDIR(st.st_mode):
+        raise ImageLoadError("is a directory")
+    if not stat.S_ISREG(st.st_mode):
+        raise ImageLoadError("not a regular file")
+    if st.st_size == 0:
+        raise ImageLoadError("empty file")
+    if st.st_size > max_bytes:
+        raise ImageLoadError(f"file too large ({st.st_size / 2**20:.0f} MB; "
+                             f"the limit is {max_bytes / 2**20:.0f} MB)")
+    return st
+
+
 def _open(source: ImageSource) -> Image.Image:
-    """Open lazily (header only); map file-system errors to ImageLoadError."""
+    """Open lazily (header only); map file-system errors to ImageLoadError. Paths are checked
+    with :func:`check_regular_file` first; small files are read whole, big ones opened by path
+    (PIL closes the handle once the pixels are loaded)."""
+    fp: io.BytesIO | str
     if isinstance(source, (bytes, bytearray, memoryview)):
         if len(source) == 0:
             raise ImageLoadError("empty file")
-        fp: io.BytesIO | Path = io.BytesIO(source)
+        fp = io.BytesIO(source)
     else:
-        fp = Path(source)
-        try:
-            st = fp.stat()
-        except FileNotFoundError:
-            raise ImageLoadError("file not found") from None
-        except PermissionError:
-            raise ImageLoadError("permission denied") from None
-        except OSError as e:
-            raise ImageLoadError(f"cannot read file ({_one_line(e.strerror or e)})") from None
-        if fp.is_dir():
-            raise ImageLoadError("is a directory")
-        if st.st_size == 0:
-            raise ImageLoadError("empty file")
-        try:
-            # Read the (small) file whole: one syscall, and the handle is closed at once.
-            fp = io.BytesIO(fp.read_bytes())
-        except PermissionError:
-            raise ImageLoadError("permission denied") from None
-        except OSError as e:
-            raise ImageLoadError(f"cannot read file ({_one_line(e.strerror or e)})") from None
+        st = check_regular_file(source)
+        fp = os.fspath(source)
+        if st.st_size <= READ_WHOLE_BYTES:
+            try:  # one syscall, and the handle is closed at once
+                fp = io.BytesIO(Path(fp).read_bytes())
+            except OSError as e:
+                raise _file_error(e) from None
     try:
         return Image.open(fp)
     except Image.UnidentifiedImageError:
         raise ImageLoadError("not an image") from None
+    except OSError as e:
+        if e.errno is not None:  # opening a big file by path (decoder errors have none)
+            raise _file_error(e) from None
+        raise ImageLoadError(_reason(e)) from None
     except Image.DecompressionBombError as e:
         m = re.search(r"\((\d+) pixels\)", str(e))
         n = m.group(1) if m else "too many"

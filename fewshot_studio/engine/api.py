@@ -68,10 +68,19 @@ class BackendInfo:
 
 @dataclass
 class EngineCounters:
-    """Counts for tests and summaries: images embedded vs served from the cache."""
+    """Counts for tests and summaries: images embedded vs served from the cache; what went
+    wrong with the embedding cache (the run goes on without it)."""
 
     embedded: int = 0
     cache_hits: int = 0
     errors: int = 0
     relabels: int = 0
     extra: dict[str, int] = field(default_factory=dict)
+    cache_failures: int = 0
+    """Embedding-cache errors (a full disk, a read-only or damaged file...): the first one
+    switched the cache (or only its writes) off for the rest of the session. Non-zero: the
+    summary reports :attr:`cache_disabled` and the CLI exits non-zero."""
+    cache_disabled: str = ""
+    """Why the cache is off or read-only for this session (one line); "" when it works."""
+    cache_moved_aside: str = ""
+    """Where a damaged cache file was moved (renamed, never deleted); "" if none."""

@@ -21,6 +21,7 @@ from fewshot_studio.data.tta import TTA_VIEWS, effective_views, embed_tta, tta_k
 from fewshot_studio.engine.api import BackendInfo, EngineCounters, LabelSettings
 from fewshot_studio.engine.backends import EmbedBackend, decode_workers, select_backend
 from fewshot_studio.engine.cache import EmbeddingCache, FileKey
+from fewshot_studio.io.atomic import remove_stale_temps
 
 
 def _decode_error(e: BaseException) -> str:
@@ -62,6 +63,7 @@ class EmbeddingPipeline:
         from fewshot_studio.engine.onnx_export import export_embed_onnx
 
         out = self._cache.path.parent / "onnx" / f"{self.model_id.split(':')[0][:40]}.onnx"
+        remove_stale_temps(out.parent)  # a killed export's or quantisation's temp files
         if not out.is_file():
             export_embed_onnx(copy.deepcopy(self.model), self.preprocess, out,
                               metadata=self.checkpoint_metadata)
@@ -69,16 +71,24 @@ class EmbeddingPipeline:
         return out
 
     def int8_onnx_path(self) -> Path:
-        """The int8 version of :meth:`onnx_path` (``<id>.int8.onnx`` beside it, built once).
+        """The int8 version of :meth:`onnx_path` (``<id>.int8.onnx`` beside it, or
+        ``<id>.int8w7.onnx`` on CPUs that need 7-bit weights, see
+        :func:`~fewshot_studio.engine.onnx_export.int8_weight_bits`; built once).
         Calibrated on :func:`~fewshot_studio.engine.onnx_export.synthetic_calibration`
         images, not on the session's images: it depends on the checkpoint only, like the
         cached features it computes."""
-        from fewshot_studio.engine.onnx_export import quantize_embed_onnx, synthetic_calibration
+        from fewshot_studio.engine.onnx_export import (
+            int8_variant,
+            int8_weight_bits,
+            quantize_embed_onnx,
+            synthetic_calibration,
+        )
 
         src = self.onnx_path()
-        out = src.with_suffix(".int8.onnx")
+        out = src.with_suffix(f".{int8_variant()}.onnx")
         if not out.is_file():
-            quantize_embed_onnx(src, out, synthetic_calibration(self.preprocess))
+            quantize_embed_onnx(src, out, synthetic_calibration(self.preprocess),
+                                weight_bits=int8_weight_bits())
             n = self.counters.extra.get("onnx_quantizations", 0)
             self.counters.extra["onnx_quantizations"] = n + 1
         return out
@@ -104,14 +114,16 @@ class EmbeddingPipeline:
 
     def _feature_id(self) -> str:
         """The cache key of the features the backend computes: ``model_id``, plus ``:int8``
-        when an int8 model computes them (they differ slightly from fp32's), plus ``:ttaN``
-        with N test-time views. Asking for int8 builds the backend first: whether int8
-        really runs is known only then."""
+        (``:int8w7`` with 7-bit weights) when an int8 model computes them (they differ slightly
+        from fp32's), plus ``:ttaN`` with N test-time views. Asking for int8 builds the backend
+        first: whether int8 really runs is known only then."""
         if self.settings.precision != "fp32" or self._backend is not None:
             self.prepare()
+        from fewshot_studio.engine.onnx_export import int8_variant
+
         int8 = self._backend is not None and self._backend.precision == "int8"
         views = self._tta_views()
-        return (self.model_id + (":int8" if int8 else "")
+        return (self.model_id + (f":{int8_variant()}" if int8 else "")
                 + (f":tta{views}" if views > 1 else ""))
 
     def _tta_views(self) -> int:
@@ -131,6 +143,14 @@ class EmbeddingPipeline:
         backend = self._backend
         return embed_tta(lambda v: torch.from_numpy(backend.embed(v.numpy())),
                          torch.from_numpy(x), views, tta_kind(self.preprocess)).numpy()
+
+    def _note_cache(self) -> None:
+        """Copy the cache's state into the counters: its failures, why it is off, where a
+        damaged file went (see :class:`~fewshot_studio.engine.cache.EmbeddingCache`)."""
+        c = self._cache
+        self.counters.cache_failures = c.failures
+        self.counters.cache_disabled = c.disabled
+        self.counters.cache_moved_aside = str(c.moved_aside or "")
 
     def _decode(self, path: str) -> np.ndarray | str:
         try:
@@ -251,8 +271,10 @@ class EmbeddingPipeline:
                         assert k is not None
                         new_rows.append((k, f, ""))
                 self._cache.store(feature_id, new_rows)
+                self._note_cache()
                 yield start, results
         finally:
+            self._note_cache()
             for _, slots, _ in pending:
                 for slot in slots:
                     if isinstance(slot, tuple):

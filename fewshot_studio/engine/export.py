@@ -8,21 +8,52 @@ for unknown and error), ``confidence`` and ``margin`` (6 decimals; empty for err
 ``top1_prob``..``top3_prob``, ``corrected`` (true | false).
 
 JSON: ``{"format": "fewshot-studio/labels-1", "root": ..., "columns": [...], "rows": [...]}``
-where each row has the CSV's fields with JSON types (numbers, null, booleans).
+where each row has the CSV's fields with JSON types (numbers, null, booleans). It never holds
+``NaN`` or ``Infinity``: a prediction with a non-finite confidence, margin or probability is
+written as an error row ("model produced non-finite values"), in the CSV too.
+
+Spreadsheet safety (CSV only; the JSON is written as is): a cell that starts with ``=``,
+``+``, ``-``, ``@``, a tab or a carriage return is run as a formula by spreadsheets. So a
+relative ``path`` that starts with one of them gets a ``./`` prefix (the same path for any
+program), and a text cell (``label``, ``error``, ``top1``..``top3``) that starts with one of
+them, or with an apostrophe, gets a leading apostrophe ``'`` (spreadsheets show the text
+without it). :func:`read_csv` undoes both, so a round trip gives the original values.
+
+Output files: :func:`check_output` refuses (UserError, before any work) an ``out`` that is one
+of the input images or any existing file that is not a labels file this program wrote (our CSV
+header line, or our JSON ``format``); a previous labels file is replaced.
+
+Class folders (:func:`class_folders`): a class goes into ``dest/<name>/`` when its name is
+already a safe folder name (see :func:`safe_folder_name`), is not ``_unknown`` and no other
+class of the run has the same name ignoring case; otherwise into
+``dest/<safe name>-<8 hex digits>/``, the digits being the start of the SHA-1 of the UTF-8
+class name (longer if that still collided). So ``x_y`` goes to ``x_y/`` and ``x:y`` to
+``x_y-<hash>/``, a class named ``_unknown`` never mixes with the unknown images
+(``dest/_unknown/``), and the same classes always give the same folders.
+
+Copies claim their target name atomically (exclusive create, or a hard link for a move), so
+two runs into one folder never overwrite each other's files; a name that exists gets ``_1``,
+``_2``... before the suffix. A failed copy removes the partial file it created.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import errno
+import hashlib
 import io
 import json
+import math
 import os
 import re
 import shutil
+import stat
 import tempfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from fewshot_studio.engine.api import Prediction, Status
 from fewshot_studio.errors import UserError
@@ -33,7 +64,12 @@ CSV_COLUMNS = ("path", "label", "confidence", "margin", "status", "error",
                "top1", "top1_prob", "top2", "top2_prob", "top3", "top3_prob", "corrected")
 JSON_FORMAT = "fewshot-studio/labels-1"
 UNKNOWN_FOLDER = "_unknown"
+NON_FINITE_ERROR = "model produced non-finite values"
 
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+_TEXT_COLUMNS = ("label", "error", "top1", "top2", "top3")
+_SNIFF_BYTES = 4096
+_JSON_HEAD = re.compile(r'\A\ufeff?\s*\{\s*"format"\s*:\s*"' + re.escape(JSON_FORMAT) + '"')
 
 
 def display_path(path: Path, root: Path, absolute_paths: bool = False) -> str:
@@ -48,8 +84,21 @@ def display_path(path: Path, root: Path, absolute_paths: bool = False) -> str:
     return str(path)
 
 
+def checked(p: Prediction) -> Prediction:
+    """``p``, or an error prediction when it holds a non-finite number (a broken model)."""
+    if p.status == Status.ERROR:
+        return p
+    numbers = [p.confidence, p.margin, *(prob for _, prob in p.top)]
+    if all(math.isfinite(float(v)) for v in numbers):
+        return p
+    return replace(p, label=None, confidence=0.0, margin=0.0, status=Status.ERROR, top=(),
+                   error=NON_FINITE_ERROR, corrected=False)
+
+
 def row_values(p: Prediction, root: Path, absolute_paths: bool = False) -> dict[str, Any]:
-    """One prediction as typed values keyed by :data:`CSV_COLUMNS`."""
+    """One prediction as typed values keyed by :data:`CSV_COLUMNS` (non-finite numbers make
+    it an error row, see :func:`checked`)."""
+    p = checked(p)
     err = p.status == Status.ERROR
     row: dict[str, Any] = {
         "path": display_path(p.path, root, absolute_paths),
@@ -75,6 +124,24 @@ def _csv_cell(v: Any) -> str:
     if isinstance(v, float):
         return f"{v:.6f}"
     return str(v)
+
+
+def _csv_safe(column: str, cell: str) -> str:
+    """Spreadsheet-safe form of one CSV cell (see the module docstring)."""
+    if column == "path" and cell.startswith(_FORMULA_START):
+        return "./" + cell
+    if column in _TEXT_COLUMNS and cell.startswith((*_FORMULA_START, "'")):
+        return "'" + cell
+    return cell
+
+
+def _csv_unsafe(column: str, cell: str) -> str:
+    """Undo :func:`_csv_safe`."""
+    if column == "path" and cell.startswith("./") and cell[2:].startswith(_FORMULA_START):
+        return cell[2:]
+    if column in _TEXT_COLUMNS and cell.startswith("'"):
+        return cell[1:]
+    return cell
 
 
 def _sorted(predictions: Sequence[Prediction]) -> list[Prediction]:
@@ -110,25 +177,77 @@ def ensure_writable(out: str | os.PathLike[str]) -> Path:
     return out
 
 
+def is_labels_file(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` is a regular file that starts like a labels file this program writes
+    (the CSV header line, or the JSON ``format``). Reads at most 4 KiB."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))  # a FIFO never blocks
+    except OSError:
+        return False
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return False
+        head = os.read(fd, _SNIFF_BYTES).decode("utf-8", errors="replace")
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+    first = head.removeprefix("\ufeff").split("\n", 1)[0].rstrip("\r")
+    return first == ",".join(CSV_COLUMNS) or _JSON_HEAD.match(head) is not None
+
+
+def check_output(out: str | os.PathLike[str], inputs: Iterable[Path] = ()) -> Path:
+    """Check, before any work, that the labels file ``out`` may be written: it can be created
+    (:func:`ensure_writable`) and, if it exists, it is a regular file, not one of ``inputs``
+    (the images read) and a labels file this program wrote. Raises UserError naming it."""
+    out = Path(out)
+    try:
+        st = os.stat(out)
+    except FileNotFoundError:
+        return ensure_writable(out)
+    except OSError as e:
+        raise UserError(f"cannot check output file {out}: {e.strerror or e}") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise UserError(f"output path is a folder: {out}")
+    if not stat.S_ISREG(st.st_mode):
+        raise UserError(f"output path is not a regular file, will not replace it: {out}")
+    real = os.path.realpath(out)
+    for p in inputs:
+        # only same-named files are compared by inode (a hard link under another name is
+        # still refused below: an image is not a labels file)
+        if p.name in (out.name, os.path.basename(real)):
+            with contextlib.suppress(OSError):
+                if os.path.samefile(p, out):
+                    raise UserError(f"output file is one of the input images: {out}")
+    if not is_labels_file(out):
+        raise UserError(f"output file exists and is not a labels file written by "
+                        f"fewshot-studio, will not overwrite it: {out}")
+    return ensure_writable(out)
+
+
 def write_csv(predictions: Sequence[Prediction], out: Path, root: Path,
               absolute_paths: bool = False) -> Path:
-    """Write the CSV (see module docstring) atomically; returns ``out``."""
+    """Write the CSV (see module docstring) atomically; returns ``out``. Refuses (UserError)
+    an ``out`` that :func:`check_output` refuses."""
     preds = _sorted(predictions)
+    check_output(out, (p.path for p in preds))
 
     def write(f: io.TextIOBase) -> None:
         w = csv.writer(f, lineterminator="\n")
         w.writerow(CSV_COLUMNS)
         for p in preds:
             row = row_values(p, root, absolute_paths)
-            w.writerow([_csv_cell(row[c]) for c in CSV_COLUMNS])
+            w.writerow([_csv_safe(c, _csv_cell(row[c])) for c in CSV_COLUMNS])
 
     return atomic_write(out, write)
 
 
 def write_json(predictions: Sequence[Prediction], out: Path, root: Path,
                absolute_paths: bool = False) -> Path:
-    """Write the JSON (see module docstring) atomically; returns ``out``."""
+    """Write the JSON (see module docstring) atomically; returns ``out``. Refuses (UserError)
+    an ``out`` that :func:`check_output` refuses."""
     preds = _sorted(predictions)
+    check_output(out, (p.path for p in preds))
 
     def write(f: io.TextIOBase) -> None:
         doc = {
@@ -137,77 +256,144 @@ def write_json(predictions: Sequence[Prediction], out: Path, root: Path,
             "columns": list(CSV_COLUMNS),
             "rows": [row_values(p, root, absolute_paths) for p in preds],
         }
-        json.dump(doc, f, ensure_ascii=False, indent=1)
+        json.dump(doc, f, ensure_ascii=False, indent=1, allow_nan=False)
         f.write("\n")
 
     return atomic_write(out, write)
 
 
 def read_csv(path: str | os.PathLike[str]) -> list[dict[str, str]]:
-    """The rows of a labels CSV as dicts of strings (for tests and round-trips)."""
+    """The rows of a labels CSV as dicts of strings, spreadsheet escapes undone (for tests
+    and round-trips)."""
     with open(path, encoding="utf-8", newline="") as f:
-        return list(csv.DictReader(f))
+        return [{k: _csv_unsafe(k, v) if isinstance(v, str) else v for k, v in row.items()}
+                for row in csv.DictReader(f)]
 
 
 _UNSAFE = re.compile(r'[\\/:*?"<>|\x00-\x1f]')
+_MAX_FOLDER_CHARS = 100
 
 
 def safe_folder_name(label: str) -> str:
     """A class name as a single, safe folder name (separators and reserved characters
-    replaced by ``_``; never empty, ``.`` or ``..``)."""
-    name = _UNSAFE.sub("_", label).strip().rstrip(".")
+    replaced by ``_``; never empty, ``.`` or ``..``; at most 100 characters)."""
+    name = _UNSAFE.sub("_", label).strip().rstrip(".")[:_MAX_FOLDER_CHARS]
     if name in ("", ".", ".."):
         name = "_"
     return name
 
 
-def _free_name(folder: Path, name: str, taken: set[Path]) -> Path:
-    target = folder / name
-    if not target.exists() and target not in taken:
-        return target
+def class_folders(labels: Iterable[str]) -> dict[str, str]:
+    """``{label: folder name}``, one-to-one and never ``_unknown`` (rule in the module
+    docstring)."""
+    labels = sorted(set(labels))
+    base = {lab: safe_folder_name(lab) for lab in labels}
+    safe = [lab for lab, name in base.items() if name == lab]
+    owners: dict[str, int] = {}
+    for lab in safe:
+        owners[lab.casefold()] = owners.get(lab.casefold(), 0) + 1
+    plain = {lab for lab in safe
+             if owners[lab.casefold()] == 1 and lab.casefold() != UNKNOWN_FOLDER.casefold()}
+    for digits in (8, 16, 40):  # longer hashes only if a class is literally named name-hash
+        out = {lab: name if lab in plain else
+               f"{name}-{hashlib.sha1(lab.encode('utf-8')).hexdigest()[:digits]}"
+               for lab, name in base.items()}
+        folded = [n.casefold() for n in (*out.values(), UNKNOWN_FOLDER)]
+        if len(set(folded)) == len(folded):
+            return out
+    raise UserError("cannot give every class its own folder")  # needs a SHA-1 collision
+
+
+def _copy_bytes(src: BinaryIO, dst: BinaryIO) -> None:
+    """The copy primitive (tests replace it to simulate a full disk)."""
+    shutil.copyfileobj(src, dst, 1 << 20)
+
+
+def _claim(folder: Path, name: str, create: Callable[[Path], None]) -> Path:
+    """Create ``folder/name`` (or ``stem_1.ext``, ``stem_2.ext``...) with ``create(target)``,
+    which must fail with FileExistsError when the name is taken (never overwrite)."""
     stem, suffix = os.path.splitext(name)
-    i = 1
+    i = 0
     while True:
-        target = folder / f"{stem}_{i}{suffix}"
-        if not target.exists() and target not in taken:
+        target = folder / (name if i == 0 else f"{stem}_{i}{suffix}")
+        try:
+            create(target)
             return target
-        i += 1
+        except FileExistsError:
+            i += 1
+
+
+def _copy_new(src: Path, folder: Path) -> Path:
+    """Copy ``src`` (bytes and metadata) to a new file in ``folder``; on failure the partial
+    file is removed and the OSError raised."""
+    with open(src, "rb") as fsrc:
+        handle: list[BinaryIO] = []
+
+        def create(target: Path) -> None:
+            handle.append(open(target, "xb"))  # noqa: SIM115 (closed below)
+
+        target = _claim(folder, src.name, create)
+        try:
+            with handle[0] as fdst:
+                _copy_bytes(fsrc, fdst)
+            shutil.copystat(src, target)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                target.unlink()
+            raise
+    return target
+
+
+def _move_new(src: Path, folder: Path) -> Path:
+    """Move ``src`` to a new name in ``folder``: a hard link then unlink on one filesystem,
+    else an exclusive copy then unlink. Never replaces a file; on failure the source stays
+    and anything created here is removed."""
+    try:
+        target = _claim(folder, src.name, lambda t: os.link(src, t))
+    except OSError as e:
+        if e.errno not in (errno.EXDEV, errno.EPERM, errno.ENOTSUP, errno.EMLINK):
+            raise
+        target = _copy_new(src, folder)  # another filesystem, or no hard links there
+    try:
+        os.unlink(src)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            target.unlink()
+        raise OSError(e.errno, f"cannot remove the original: {e.strerror or e}") from None
+    return target
 
 
 def copy_to_class_folders(predictions: Sequence[Prediction], dest: Path,
-                          move: bool = False) -> Iterator[Progress]:
-    """Copy (or move) each labeled image into ``dest/<label>/``; unknown ones go to
-    ``dest/_unknown/``; error rows are left where they are. Name collisions get ``_1``,
-    ``_2``... before the suffix. Yields Progress per file with ``payload`` = ``(source,
-    destination or None, error reason)``; the last one's ``metrics`` count ``copied``
-    (or ``moved``), ``failed`` and ``skipped``."""
+                          move: bool = False,
+                          classes: Iterable[str] | None = None) -> Iterator[Progress]:
+    """Copy (or move) each labeled image into ``dest/<class folder>/`` (see
+    :func:`class_folders`, computed over ``classes`` and the labels present); unknown
+    ones go to ``dest/_unknown/``; error rows are left where they are. Yields Progress per
+    file with ``payload`` = ``(source, destination or None, error reason)``; the last one's
+    ``metrics`` count ``copied`` (or ``moved``), ``failed`` and ``skipped``. A failure is
+    counted and the next file goes on; nothing is ever overwritten."""
     dest = Path(dest)
     try:
         dest.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f"cannot create {dest}: {e.strerror or e}") from None
-    preds = _sorted(predictions)
+    preds = [checked(p) for p in _sorted(predictions)]
+    folders = class_folders({*(classes or ()), *(p.label for p in preds if p.label)})
     total = len(preds)
     verb = "moved" if move else "copied"
     counts = {verb: 0, "failed": 0, "skipped": 0}
-    taken: set[Path] = set()
     made: set[Path] = set()
     for i, p in enumerate(preds, 1):
         if p.status == Status.ERROR and not p.corrected:
             counts["skipped"] += 1
             yield Progress(i, total, "skipped (error)", dict(counts), (p.path, None, p.error))
             continue
-        folder = dest / (safe_folder_name(p.label) if p.label else UNKNOWN_FOLDER)
+        folder = dest / (folders[p.label] if p.label else UNKNOWN_FOLDER)
         try:
             if folder not in made:
                 folder.mkdir(parents=True, exist_ok=True)
                 made.add(folder)
-            target = _free_name(folder, p.path.name, taken)
-            taken.add(target)
-            if move:
-                shutil.move(os.fspath(p.path), os.fspath(target))
-            else:
-                shutil.copy2(p.path, target)
+            target = _move_new(p.path, folder) if move else _copy_new(p.path, folder)
         except OSError as e:
             counts["failed"] += 1
             yield Progress(i, total, f"failed: {p.path.name}", dict(counts),

@@ -13,7 +13,11 @@ _FP32_BUDGET = 512 * 2**20  # keep query features as float32 up to this many byt
 
 class _QueryStore:
     """Features of the current query set, in sorted-path order. ``feats`` ``(n, d)``
-    (float32, or float16 when large) is allocated when the first feature arrives."""
+    (float32, or float16 when large) is allocated when the first feature arrives.
+
+    The float16 rounding of a large set depends only on the set's size, and applies the same
+    to a feature just computed and to one read from the cache (which keeps the float32
+    values exactly): a cached rerun gives the same predictions as a fresh run."""
 
     def __init__(self, paths: list[Path]) -> None:
         self.paths = paths

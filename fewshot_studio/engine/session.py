@@ -52,6 +52,17 @@ def _abs(p: str | os.PathLike[str]) -> Path:
     return Path(os.path.abspath(os.fspath(p)))
 
 
+class QueryScan(list[Path]):
+    """What :meth:`LabelingSession.scan_queries` found: the image files (this list: absolute
+    paths, sorted); ``unreadable``: ``(folder, reason)`` per sub-folder that could not be
+    listed; ``excluded``: ``{exclude entry: number of image files left out under it}``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.unreadable: list[tuple[Path, str]] = []
+        self.excluded: dict[Path, int] = {}
+
+
 class LabelingSession(EmbeddingPipeline, PredictionHead):
     """Qt-free labeling session; NOT thread-safe: call it from one worker at a time.
 
@@ -94,6 +105,7 @@ class LabelingSession(EmbeddingPipeline, PredictionHead):
         self._prefer = backend
         self._cache = EmbeddingCache(cache_path)
         self.model_id = f"{self._cache.checkpoint_identity(path)}:{FEATURE_FORMAT}"
+        self._note_cache()
         self._backend: EmbedBackend | None = None
         self.backend = self._expected_backend()
         self._pool: ThreadPoolExecutor | None = None
@@ -129,24 +141,57 @@ class LabelingSession(EmbeddingPipeline, PredictionHead):
         return out
 
     @staticmethod
-    def scan_queries(root: Path, recursive: bool = True) -> list[Path]:
-        """Image files under ``root`` (absolute, sorted); hidden files and folders skipped."""
+    def scan_queries(root: Path, recursive: bool = True,
+                     exclude: Sequence[Path] = ()) -> QueryScan:
+        """Image files under ``root`` (absolute, sorted); hidden files and folders skipped.
+
+        ``exclude``: folders (everything under them) and files left out, e.g. a support folder
+        or an output inside ``root``; compared by real path. UserError when ``root`` is missing
+        or cannot be listed; a sub-folder that cannot be listed is reported in the result's
+        ``unreadable`` (see :class:`QueryScan`), never skipped silently."""
         root = _abs(root)
         if not root.exists():
             raise UserError(f"query folder not found: {root}")
         if not root.is_dir():
             raise UserError(f"query folder is not a folder: {root}")
+        result = QueryScan()
+        real_excl = [(os.path.realpath(e), _abs(e)) for e in exclude]
+        for _, e in real_excl:
+            result.excluded[e] = 0
+
+        def excluded_by(real: str) -> Path | None:
+            for r, e in real_excl:
+                if real == r or real.startswith(r.rstrip(os.sep) + os.sep):
+                    return e
+            return None
+
+        def onerror(err: OSError) -> None:
+            where = _abs(err.filename) if err.filename else root
+            reason = err.strerror or str(err)
+            if where == root:
+                raise UserError(f"cannot read folder {root}: {reason}")
+            if excluded_by(os.path.realpath(where)) is None:
+                result.unreadable.append((where, reason))
+
         found: list[Path] = []
-        for dirpath, dirnames, filenames in os.walk(root):
+        for dirpath, dirnames, filenames in os.walk(root, onerror=onerror):
             dirnames[:] = sorted(d for d in dirnames if not d.startswith(".")) if recursive else []
+            real_dir = os.path.realpath(dirpath) if real_excl else ""
+            dir_excl = excluded_by(real_dir) if real_excl else None
             for f in filenames:
                 if f.startswith(".") or os.path.splitext(f)[1].lower() not in IMAGE_EXTENSIONS:
                     continue
                 p = os.path.join(dirpath, f)
                 if os.path.isdir(p):
                     continue
+                hit = dir_excl or (excluded_by(os.path.join(real_dir, f)) if real_excl else None)
+                if hit is not None:
+                    result.excluded[hit] += 1
+                    continue
                 found.append(Path(p))
-        return sorted(found)
+        result.extend(sorted(found))
+        result.unreadable.sort()
+        return result
 
     def _validate_classes(self) -> None:
         if len(self._support) < 2:

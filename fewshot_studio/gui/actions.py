@@ -24,7 +24,15 @@ PROJECT_FILTER = f"FewShot Studio project (*{PROJECT_SUFFIX})"
 SHORTCUTS = """<table cellpadding=3>
 <tr><td><b>Ctrl+L</b></td><td>Label all images</td></tr>
 <tr><td><b>Esc</b></td><td>Cancel labeling</td></tr>
-<tr><td><b>1 – 9</b></td><td>Correct the selected images to class 1–9</td></tr>
+<tr><td colspan=2><i>In the gallery (it has the keyboard from the start)</i></td></tr>
+<tr><td><b>1 – 9</b></td><td>Correct the selected images to class 1–9, go to the next</td></tr>
+<tr><td><b>Enter / Space</b></td><td>Accept the prediction (mark reviewed), go to the next
+</td></tr>
+<tr><td><b>N / Shift+N</b></td><td>Next / previous unreviewed image</td></tr>
+<tr><td><b>Arrows, Home / End, PgUp / PgDn</b></td><td>Move the cursor (Shift: extend the
+selection)</td></tr>
+<tr><td><b>Ctrl+A</b></td><td>Select all shown images</td></tr>
+<tr><td colspan=2><i>Everywhere</i></td></tr>
 <tr><td><b>Ctrl+Z / Ctrl+Shift+Z</b></td><td>Undo / redo</td></tr>
 <tr><td><b>Delete</b></td><td>Remove the selected examples from a class</td></tr>
 <tr><td><b>Ctrl+V</b></td><td>Paste an image as an example of the current class</td></tr>
@@ -57,6 +65,9 @@ class Actions:
     transductive: QAction
     tta: QAction
     int8: QAction
+    accept: QAction
+    next_unreviewed: QAction
+    previous_unreviewed: QAction
     recent_menu: QMenu
 
 
@@ -108,6 +119,15 @@ def build(win: MainWindow) -> Actions:
                   tip="Run a quantised copy of the network on the CPU: 1.5-1.9x faster "
                       "labeling, predictions nearly always the same; applies to the next "
                       "labeling run"),
+        # Review keys are the gallery's own (they act on its selection, and must not fire
+        # while typing a class name): the text after the tab only shows the key in the menu.
+        accept=_act(win, "&Accept prediction\tEnter", lambda: win.reviewing.accept_selected(),
+                    tip="Mark the selected images reviewed and go to the next (Enter or "
+                        "Space in the gallery)"),
+        next_unreviewed=_act(win, "&Next unreviewed\tN",
+                             lambda: win.reviewing.next_unreviewed(1)),
+        previous_unreviewed=_act(win, "&Previous unreviewed\tShift+N",
+                                 lambda: win.reviewing.next_unreviewed(-1)),
         recent_menu=QMenu("Open &recent", win),
     )
     a.cancel.setEnabled(False)
@@ -146,6 +166,9 @@ def build(win: MainWindow) -> Actions:
     lm.addAction(a.transductive)
     lm.addAction(a.tta)
     lm.addAction(a.int8)
+    rm = mb.addMenu("&Review")
+    for x in (a.accept, a.next_unreviewed, a.previous_unreviewed):
+        rm.addAction(x)
     h = mb.addMenu("&Help")
     h.addAction(_act(win, "&Keyboard shortcuts", lambda: QMessageBox.information(
         win, "Keyboard shortcuts", SHORTCUTS)))

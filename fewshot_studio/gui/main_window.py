@@ -7,14 +7,17 @@ from pathlib import Path
 from typing import Any
 
 from PySide6.QtCore import QItemSelection, Qt, QTimer, Signal
-from PySide6.QtGui import QCloseEvent, QUndoStack
+from PySide6.QtGui import QCloseEvent, QShowEvent, QUndoStack
 from PySide6.QtWidgets import (
+    QAbstractSpinBox,
     QLabel,
+    QLineEdit,
     QMainWindow,
     QMessageBox,
     QProgressBar,
     QPushButton,
     QSplitter,
+    QTextEdit,
     QVBoxLayout,
     QWidget,
 )
@@ -26,12 +29,12 @@ from fewshot_studio.gui.controllers.classes import ClassesController
 from fewshot_studio.gui.controllers.export import ExportController
 from fewshot_studio.gui.controllers.labeling import LabelingController, SessionFactory
 from fewshot_studio.gui.controllers.project import ProjectController
+from fewshot_studio.gui.controllers.review import ReviewController
 from fewshot_studio.gui.excepthook import show_error_dialog
 from fewshot_studio.gui.models.classes import ClassListModel
 from fewshot_studio.gui.models.gallery import GalleryModel, GalleryProxy, Role
 from fewshot_studio.gui.settings import UiSettings, restore_window_state, save_window_state
 from fewshot_studio.gui.thumbnails import ThumbnailCache
-from fewshot_studio.gui.undo import CorrectCommand
 from fewshot_studio.gui.views.class_panel import ClassPanel
 from fewshot_studio.gui.views.detail import DetailPane
 from fewshot_studio.gui.views.gallery import THUMB_BOX, GalleryView
@@ -74,6 +77,9 @@ class MainWindow(QMainWindow):
                                       self.correct_paths, self)
         self.gallery = GalleryView()
         self.gallery.setModel(self.proxy)
+        self.reviewing = ReviewController(self.gallery_model, self.proxy,
+                                          self.gallery.selectionModel(), self.labeling,
+                                          self.classes, self.stack, self)
         self.review = ReviewBar()
         self.detail = DetailPane(self.classes.color_of)
         center = QWidget()
@@ -100,6 +106,12 @@ class MainWindow(QMainWindow):
         self._counts_timer.timeout.connect(self._update_counts)
         self.project.new()
         self.labeling.warm_up()
+        self.gallery.setFocus()  # the review keys work from the start
+
+    def showEvent(self, e: QShowEvent) -> None:
+        super().showEvent(e)
+        if not e.spontaneous():  # shown by the app, not restored from minimised
+            self.focus_gallery()
 
     def _build_status_bar(self) -> None:
         sb = self.statusBar()
@@ -108,6 +120,12 @@ class MainWindow(QMainWindow):
         self.progress.setTextVisible(False)
         self.progress_text = QLabel()
         self.progress_text.setObjectName("hintLabel")
+        self.review_count = QLabel()
+        self.review_count.setObjectName("reviewCount")
+        self.review_count.setToolTip("Images you accepted (Enter) or corrected (1-9); "
+                                     "N jumps to the next unreviewed one")
+        sb.addPermanentWidget(self.review_count)
+        self.review_count.hide()
         self.cancel_button = QPushButton("Cancel")
         self.cancel_button.setToolTip("Stop labeling (Esc)")
         self.cancel_button.clicked.connect(self.labeling.cancel)
@@ -119,6 +137,8 @@ class MainWindow(QMainWindow):
         lab, tb = self.labeling, self.toolbar
         tb.checkpoint_chosen.connect(self.set_checkpoint)
         tb.open_checkpoint_requested.connect(self.acts.open_checkpoint.trigger)
+        tb.checkpoint_chosen.connect(self.focus_gallery)
+        tb.open_checkpoint_requested.connect(self.focus_gallery)
         tb.threshold_changed.connect(self._on_threshold)
         lab.busy_changed.connect(self._on_busy)
         lab.progress.connect(self._on_progress)
@@ -141,7 +161,15 @@ class MainWindow(QMainWindow):
         self.classes.dataChanged.connect(lambda *_: self.gallery_model.refresh_colors())
         self.review.filter_changed.connect(self._on_filter)
         self.review.sort_changed.connect(self.proxy.set_sort)
+        self.review.filter_changed.connect(self.focus_gallery)
+        self.review.sort_changed.connect(self.focus_gallery)
+        rv = self.reviewing
         self.gallery.correct_requested.connect(self.correct_selected)
+        self.gallery.accept_requested.connect(rv.accept_selected)
+        self.gallery.next_unreviewed_requested.connect(rv.next_unreviewed)
+        rv.cursor_moved.connect(self.gallery.scrollTo)
+        rv.message.connect(self.statusBar().showMessage)
+        lab.reviewed_changed.connect(self._update_counts)
         self.gallery.folder_dropped.connect(self.set_query_folder)
         self.gallery.selectionModel().selectionChanged.connect(self._on_selection)
         self.gallery_model.dataChanged.connect(lambda *_: self._counts_timer.start())
@@ -164,18 +192,19 @@ class MainWindow(QMainWindow):
         self.labeling.label()
 
     def correct_selected(self, class_row: int) -> None:
-        paths = self.gallery.selected_paths()
-        if paths and 0 <= class_row < self.classes.rowCount():
-            self.correct_paths(paths, class_row)
+        """Keys 1-9: correct the selected tiles; the cursor moves on to the next image."""
+        self.reviewing.correct_selected(class_row)
 
     def correct_paths(self, paths: list[Path], class_row: int) -> None:
-        name = self.classes.names()[class_row]
-        prev = {p: self.labeling.corrections.get(p) for p in paths}
-        if all(v == name for v in prev.values()):
+        """Tiles dropped on a class card (or any other list of images)."""
+        self.reviewing.correct_paths(paths, class_row)
+
+    def focus_gallery(self, *_: object) -> None:
+        """Give the gallery the keyboard, unless the user is typing somewhere."""
+        w = self.focusWidget()
+        if isinstance(w, QLineEdit | QTextEdit | QAbstractSpinBox) and w.isVisible():
             return
-        self.stack.push(CorrectCommand(self.labeling, paths, name, prev))
-        self.statusBar().showMessage(
-            f"Corrected {len(paths)} image{'s' if len(paths) != 1 else ''} to “{name}”", 4000)
+        self.gallery.setFocus(Qt.FocusReason.OtherFocusReason)
 
     def report(self, title: str, message: str, details: str = "") -> None:
         self.statusBar().showMessage(message, 8000)
@@ -202,6 +231,8 @@ class MainWindow(QMainWindow):
     def _on_run_finished(self, s: dict[str, Any]) -> None:
         self.proxy.refresh()
         self._update_counts()
+        self.reviewing.select_first_if_none()
+        self.focus_gallery()
         self.statusBar().showMessage(
             f"Labeled {s['labeled']} · unknown {s['unknown']} · errors {s['errors']} "
             f"in {s['seconds']:.1f} s", 10000)
@@ -209,6 +240,8 @@ class MainWindow(QMainWindow):
     def _on_relabeled(self) -> None:
         if self.proxy.filter != "all" or self.proxy.by_confidence:
             self.proxy.refresh()
+            if (cur := self.gallery.currentIndex()).isValid():
+                self.gallery.scrollTo(cur)  # the re-sort moved the cursor's tile: follow it
         self._update_counts()
         self._on_selection()
 
@@ -241,6 +274,7 @@ class MainWindow(QMainWindow):
         self.acts.tta.setChecked(lab.settings.tta)
         self.acts.int8.setChecked(lab.settings.precision == "int8")
         actions.fill_recent(self)
+        self.focus_gallery()
         if self.classes.rowCount() == 0:
             self.statusBar().showMessage(
                 "Ready: add classes with “+ Class”, then choose a folder of images to label")
@@ -260,6 +294,9 @@ class MainWindow(QMainWindow):
         if self.proxy.filter != "all":
             parts.append(f"showing {self.proxy.rowCount()}")
         self.review.set_counts(" · ".join(parts))
+        reviewed, total = self.reviewing.counts()
+        self.review_count.setText(f"reviewed {reviewed} / {total}")
+        self.review_count.setVisible(bool(preds))
 
     def _update_title(self) -> None:
         self.setWindowTitle(f"{self.project.title}[*] — FewShot Studio")  # [*]: modified mark

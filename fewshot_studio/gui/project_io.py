@@ -12,12 +12,14 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 from fewshot_studio import paths
+from fewshot_studio.data.images import ImageLoadError, check_regular_file
 from fewshot_studio.engine.api import LabelSettings
 from fewshot_studio.errors import UserError
 from fewshot_studio.io.atomic import atomic_write_text
@@ -25,6 +27,9 @@ from fewshot_studio.io.atomic import atomic_write_text
 PROJECT_SUFFIX = ".fsproj"
 FORMAT = "fewshot-studio-project/1"
 CACHE_SUFFIX = ".embeddings.sqlite"
+MAX_PROJECT_BYTES = 200 << 20
+"""Project files larger than this (200 MiB) are refused before reading: a project with a
+million example and correction paths is about 150 MB."""
 # Distinct, readable on white text; class k takes PALETTE[k % len].
 PALETTE = ("#2563eb", "#e11d48", "#16a34a", "#d97706", "#7c3aed", "#0891b2", "#db2777",
            "#65a30d", "#ea580c", "#4f46e5")
@@ -90,18 +95,42 @@ def _rel(p: Path, base: Path) -> str:
         return str(p)
 
 
-def _abs(s: str, base: Path) -> Path:
-    p = Path(s)
-    return p if p.is_absolute() else (base / p).resolve()
+def _abs(s: str, base: str) -> Path:
+    """``s`` (absolute, or relative to the folder ``base``) as an absolute, normalised path.
+    String work only, no system call: loading 300,000 paths must not stat them all."""
+    return Path(os.path.normpath(os.path.join(base, s)))
 
 
 def _settings_to_dict(s: LabelSettings) -> dict[str, Any]:
     return asdict(s)
 
 
-def _settings_from_dict(d: dict[str, Any]) -> LabelSettings:
-    known = {f.name for f in fields(LabelSettings)}
-    return LabelSettings(**{k: v for k, v in d.items() if k in known})
+def _settings_from_dict(d: dict[str, Any], where: str = "project") -> LabelSettings:
+    """The rule: unknown keys are ignored (a newer version's settings); a known key must hold
+    a value of its default's type (an integer is accepted for a number; numbers must be
+    finite), else UserError naming the key. Values are checked by the engine when it runs."""
+    kinds = {f.name: type(f.default) for f in fields(LabelSettings)}
+    known: dict[str, Any] = {}
+    for k, v in d.items():
+        kind = kinds.get(k)
+        if kind is None:
+            continue
+        ok = {bool: isinstance(v, bool), str: isinstance(v, str),
+              int: isinstance(v, int) and not isinstance(v, bool),
+              float: isinstance(v, (int, float)) and not isinstance(v, bool)
+              and math.isfinite(v)}.get(kind, False)
+        if not ok:
+            what = {bool: "true or false", str: "text", int: "an integer",
+                    float: "a finite number"}.get(kind, kind.__name__)
+            raise UserError(f"{where}: setting '{k}' must be {what}, not {_show(v)}")
+        known[k] = float(v) if kind is float else v
+    return LabelSettings(**known)
+
+
+def _show(v: object) -> str:
+    """A short one-line repr of an untrusted value for a message."""
+    text = " ".join(repr(v).split())
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def project_to_dict(project: Project, base: Path) -> dict[str, Any]:
@@ -117,20 +146,70 @@ def project_to_dict(project: Project, base: Path) -> dict[str, Any]:
     }
 
 
-def project_from_dict(doc: dict[str, Any], base: Path) -> Project:
+def _typed(doc: dict[str, Any], key: str, kind: type | tuple[type, ...], what: str,
+           default: Any, where: str) -> Any:
+    """``doc[key]`` (``default`` when absent) checked to be ``kind``: UserError otherwise."""
+    v = doc.get(key, default)
+    if not isinstance(v, kind):
+        raise UserError(f"{where}: '{key}' must be {what}, not {type(v).__name__}")
+    return v
+
+
+def project_from_dict(doc: dict[str, Any], base: Path, where: str = "project") -> Project:
+    """Build a :class:`Project` from a parsed document, checking its structure and types
+    (UserError, one line naming ``where`` and the first bad entry). Relative paths resolve
+    against ``base``."""
+    if not isinstance(doc, dict):
+        raise UserError(f"{where}: not a FewShot Studio project (not a JSON object)")
     if doc.get("format") != FORMAT:
-        raise UserError(f"not a FewShot Studio project (format {doc.get('format')!r})")
-    classes = [ClassSpec(str(c["name"]), str(c.get("color") or PALETTE[i % len(PALETTE)]),
-                         [_abs(e, base) for e in c.get("examples", [])])
-               for i, c in enumerate(doc.get("classes", []))]
-    q = doc.get("query_folder")
+        raise UserError(f"{where}: not a FewShot Studio project "
+                        f"(format {_show(doc.get('format'))})")
+    b = str(base)
+    classes = []
+    for i, c in enumerate(_typed(doc, "classes", list, "a list", [], where)):
+        if not isinstance(c, dict):
+            raise UserError(f"{where}: class {i + 1} must be an object, not {type(c).__name__}")
+        name = c.get("name")
+        if not isinstance(name, str) or not name.strip():
+            raise UserError(f"{where}: class {i + 1} has no name")
+        cw = f"{where}: class {name[:40]!r}"
+        color = _typed(c, "color", (str, type(None)), "text", None, cw)
+        examples = _typed(c, "examples", list, "a list", [], cw)
+        if not all(isinstance(e, str) for e in examples):
+            raise UserError(f"{cw}: 'examples' must be a list of paths")
+        if any(x.name == name for x in classes):
+            raise UserError(f"{where}: class {name[:40]!r} appears twice")
+        classes.append(ClassSpec(name, color or PALETTE[i % len(PALETTE)],
+                                 [_abs(e, b) for e in examples]))
+    q = _typed(doc, "query_folder", (str, type(None)), "a path", None, where)
+    corrections = _typed(doc, "corrections", dict, "an object", {}, where)
+    if not all(isinstance(lab, str) for lab in corrections.values()):
+        raise UserError(f"{where}: 'corrections' must map paths to class names")
     return Project(
         classes=classes,
-        query_folder=_abs(q, base) if q else None,
-        corrections={_abs(p, base): str(lab) for p, lab in doc.get("corrections", {}).items()},
-        checkpoint=str(doc.get("checkpoint", "")),
-        settings=_settings_from_dict(doc.get("settings", {})),
+        query_folder=_abs(q, b) if q else None,
+        corrections={_abs(p, b): lab for p, lab in corrections.items()},
+        checkpoint=_typed(doc, "checkpoint", str, "text", "", where),
+        settings=_settings_from_dict(_typed(doc, "settings", dict, "an object", {}, where),
+                                     where),
     )
+
+
+def _read_document(path: Path) -> Any:
+    """The parsed JSON of a project (or recovery) file: a regular file of at most
+    :data:`MAX_PROJECT_BYTES`, checked before reading. UserError otherwise."""
+    try:
+        check_regular_file(path, MAX_PROJECT_BYTES)
+    except ImageLoadError as e:
+        if str(e) == "file not found":
+            raise UserError(f"no project file {path}") from None
+        raise UserError(f"cannot read the project {path}: {e}") from None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"cannot read the project {path}: {' '.join(str(e).split())}") from e
+    except RecursionError:
+        raise UserError(f"cannot read the project {path}: nested too deeply") from None
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
@@ -154,18 +233,11 @@ def save_project(project: Project, path: Path) -> Project:
 
 
 def load_project(path: Path) -> Project:
-    """Read a project file; relative paths resolve against its folder. UserError if it is
-    missing or not a project."""
+    """Read a project file; relative paths resolve against its folder. UserError (one line
+    naming the file) if it is missing, too large, not a project, or of the wrong structure."""
     path = Path(path).resolve()
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError as e:
-        raise UserError(f"no project file {path}") from e
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"cannot read the project {path}: {e}") from e
-    if not isinstance(doc, dict):
-        raise UserError(f"not a FewShot Studio project: {path}")
-    return replace(project_from_dict(doc, path.parent), path=path)
+    doc = _read_document(path)
+    return replace(project_from_dict(doc, path.parent, f"project {path}"), path=path)
 
 
 def cache_path_for(project_path: Path | None) -> Path | None:
@@ -213,9 +285,11 @@ def find_autosave(project_path: Path | None) -> Path | None:
 
 
 def load_autosave(autosave: Path) -> Project:
-    doc = json.loads(autosave.read_text(encoding="utf-8"))
+    """A recovery file, checked like a project file (UserError)."""
+    doc = _read_document(autosave)
+    project = project_from_dict(doc, Path("/"), f"recovery file {autosave}")
     orig = doc.get("original_path")
-    return replace(project_from_dict(doc, Path("/")), path=Path(orig) if orig else None)
+    return replace(project, path=Path(orig) if isinstance(orig, str) and orig else None)
 
 
 def discard_autosave(project_path: Path | None) -> None:
@@ -232,7 +306,9 @@ class RecentProjects:
     def list(self) -> list[Path]:
         try:
             items = json.loads(self.store.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
+        except (OSError, ValueError, RecursionError):
+            return []
+        if not isinstance(items, list):
             return []
         return [Path(p) for p in items if isinstance(p, str) and Path(p).is_file()]
 

@@ -18,15 +18,17 @@ from PIL import Image, ImageOps
 from PySide6.QtCore import QObject, QRunnable, QThreadPool, Signal
 from PySide6.QtGui import QImage, QPixmap
 
-from fewshot_studio.data.images import MAX_PIXELS
+from fewshot_studio.data.images import MAX_PIXELS, check_regular_file
 from fewshot_studio.gui.workers import lower_thread_priority
 
 
 def load_qimage(path: str | Path, size: int, box: tuple[int, int] | None = None) -> QImage:
     """Decode ``path`` to an RGB(A) ``QImage`` whose longest side is at most ``size``, or,
     with ``box=(w, h)``, cropped to fill exactly that box (centre crop, like CSS "cover"), so
-    that painting it is a plain blit. Raises OSError / ValueError (Pillow's errors) for
-    unreadable files. Thread-safe."""
+    that painting it is a plain blit. Raises ImageLoadError (not a regular file, e.g. a FIFO
+    that would block the decoder forever; empty; too large) before opening, OSError /
+    ValueError (Pillow's errors) for unreadable files. Thread-safe."""
+    check_regular_file(path)
     with Image.open(path) as im:
         if im.width * im.height > MAX_PIXELS:  # decompression-bomb guard (header only)
             raise ValueError(f"image too large ({im.width}x{im.height})")

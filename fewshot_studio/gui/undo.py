@@ -2,12 +2,13 @@
 
 Each command holds the before and after state it needs, so redo/undo are exact inverses.
 Corrections go through a ``CorrectionSink`` (the labeling controller), which relabels in a
-worker; the command itself never calls the engine.
+worker; the command itself never calls the engine. Review marks (accepting a prediction; a
+correction marks its images reviewed too) go through a ``ReviewSink``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from pathlib import Path
 from typing import Protocol
 
@@ -20,6 +21,27 @@ from fewshot_studio.gui.project_io import ClassSpec
 class CorrectionSink(Protocol):
     def apply_corrections(self, changes: Mapping[Path, str | None]) -> None:
         """Set (label) or clear (None) the correction of each path, then relabel."""
+
+
+class ReviewSink(Protocol):
+    def review_marks(self, paths: Iterable[Path] | None = None) -> dict[Path, str | None]:
+        """The review marks (path -> accepted verdict) of those ``paths`` that have one."""
+
+    def update_reviewed(self, marks: Mapping[Path, str | None],
+                        clear: Collection[Path] = ()) -> None:
+        """Set the review marks of ``marks``, remove those of ``clear``."""
+
+
+class _ReviewMemo:
+    """The review marks of some paths before a command, to restore on undo."""
+
+    def __init__(self, sink: ReviewSink, paths: list[Path]) -> None:
+        self.sink = sink
+        self.before = sink.review_marks(paths)
+        self.unmarked = [p for p in paths if p not in self.before]
+
+    def restore(self) -> None:
+        self.sink.update_reviewed(self.before, self.unmarked)
 
 
 class AddClassCommand(QUndoCommand):
@@ -99,17 +121,41 @@ class SetExamplesCommand(QUndoCommand):
 
 class CorrectCommand(QUndoCommand):
     """Correct ``paths`` to ``label``; ``previous`` holds each path's earlier correction
-    (None: it had none), restored on undo."""
+    (None: it had none), restored on undo. With a ``reviewer`` the paths are also marked
+    reviewed (and their earlier review marks come back on undo)."""
 
     def __init__(self, sink: CorrectionSink, paths: list[Path], label: str,
-                 previous: Mapping[Path, str | None]) -> None:
+                 previous: Mapping[Path, str | None],
+                 reviewer: ReviewSink | None = None) -> None:
         n = len(paths)
         super().__init__(f"Correct {n} image{'s' if n != 1 else ''} to “{label}”")
         self.sink, self.paths, self.label = sink, list(paths), label
         self.previous = dict(previous)
+        self.review = _ReviewMemo(reviewer, self.paths) if reviewer is not None else None
 
     def redo(self) -> None:
+        if self.review is not None:
+            self.review.sink.update_reviewed({p: self.label for p in self.paths})
         self.sink.apply_corrections({p: self.label for p in self.paths})
 
     def undo(self) -> None:
+        if self.review is not None:
+            self.review.restore()
         self.sink.apply_corrections(self.previous)
+
+
+class AcceptCommand(QUndoCommand):
+    """Accept the shown verdict of some images: ``marks`` maps each path to its verdict
+    (label; None for unknown / error)."""
+
+    def __init__(self, sink: ReviewSink, marks: Mapping[Path, str | None]) -> None:
+        n = len(marks)
+        super().__init__(f"Accept {n} prediction{'s' if n != 1 else ''}")
+        self.marks = dict(marks)
+        self.memo = _ReviewMemo(sink, list(self.marks))
+
+    def redo(self) -> None:
+        self.memo.sink.update_reviewed(self.marks)
+
+    def undo(self) -> None:
+        self.memo.restore()

@@ -1,7 +1,12 @@
 """Self-describing checkpoints: one ``.safetensors`` file whose header carries the JSON
 metadata (method, backbone, preprocessing, training config, measured accuracy, version).
 
-Loading never unpickles: safetensors holds raw tensors and the metadata is JSON.
+Loading never unpickles: safetensors holds raw tensors and the metadata is JSON. Nothing in
+a file is trusted before it is checked: the metadata's structure and preprocessing values
+first, then the model it describes is built on the ``meta`` device (no memory) and every
+parameter and buffer shape is compared with the tensors the file really holds (read from the
+header, not loaded); only then are the weights loaded (and refused if any is NaN or Inf) and
+the model built for real. So a 6 KB file claiming ``hidden=4096`` fails in milliseconds.
 """
 
 from __future__ import annotations
@@ -62,9 +67,12 @@ class Checkpoint:
         }
 
     def build(self, device: str | torch.device = "cpu") -> torch.nn.Module:
-        """The model with these weights, in eval mode, on ``device``."""
+        """The model with these weights, in eval mode, on ``device``. The shapes are checked
+        on the ``meta`` device first (:class:`CheckpointError` naming the first mismatch), so a
+        spec that does not fit the weights never allocates the model it claims."""
         from fewshot_studio.models import build_model
 
+        check_shapes(self.model, {k: tuple(v.shape) for k, v in self.state_dict.items()})
         model = build_model(self.model)
         model.load_state_dict(self.state_dict)
         return model.to(device).eval()
@@ -106,32 +114,108 @@ def read_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
                               "checkpoint (no metadata)")
     try:
         meta = json.loads(raw)
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):
         raise CheckpointError(f"{path}: checkpoint metadata is damaged") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path}: checkpoint metadata is damaged (not an object)")
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{path}: unsupported checkpoint format {meta.get('format')!r}")
     return meta
 
 
+def _shape_text(shape: tuple[int, ...]) -> str:
+    return "(" + ", ".join(str(n) for n in shape) + ")"
+
+
+def check_shapes(spec: dict[str, Any], shapes: dict[str, tuple[int, ...]]) -> None:
+    """Build the model ``spec`` describes on the ``meta`` device (nothing allocated) and
+    compare its state dict (names and shapes) with ``shapes``. :class:`CheckpointError`
+    naming the first mismatch (a missing, unexpected or differently shaped tensor)."""
+    from fewshot_studio.models import build_model
+
+    try:
+        with torch.device("meta"):
+            model = build_model(spec)
+    except Exception as e:
+        raise CheckpointError(f"cannot build the model it describes "
+                              f"({type(e).__name__}: {_short(e)})") from None
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    for k, shape in expected.items():
+        if k not in shapes:
+            raise CheckpointError(f"the weights do not fit the model it describes "
+                                  f"(tensor {k} is missing)")
+        if tuple(shapes[k]) != shape:
+            raise CheckpointError(f"the weights do not fit the model it describes (tensor {k} "
+                                  f"is {_shape_text(tuple(shapes[k]))} in the file, the model "
+                                  f"needs {_shape_text(shape)})")
+    extra = [k for k in shapes if k not in expected]
+    if extra:
+        raise CheckpointError(f"the weights do not fit the model it describes "
+                              f"(unexpected tensor {extra[0]})")
+
+
+def _short(e: object, limit: int = 160) -> str:
+    text = " ".join(str(e).split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _checked_fields(path: Path, meta: dict[str, Any]) -> dict[str, Any]:
+    """The Checkpoint fields of ``meta``, type-checked; :class:`CheckpointError` naming the
+    first bad one."""
+
+    def bad(what: str) -> CheckpointError:
+        return CheckpointError(f"{path}: checkpoint metadata is damaged ({what})")
+
+    model = meta.get("model")
+    if not isinstance(model, dict):
+        raise bad(f"'model' must be an object, not {type(model).__name__}")
+    for key in ("method", "backbone"):
+        if not isinstance(model.get(key), str):
+            raise bad(f"'model.{key}' must be a name, not {type(model.get(key)).__name__}")
+    for key in ("method_config", "backbone_config"):
+        if not isinstance(model.get(key, {}), dict):
+            raise bad(f"'model.{key}' must be an object, not {type(model[key]).__name__}")
+    try:
+        preprocess = Preprocess.from_dict(meta.get("preprocess"))
+    except UserError as e:
+        raise bad(str(e)) from None
+    out: dict[str, Any] = {"model": model, "preprocess": preprocess}
+    for key, kind, default in (("name", str, ""), ("description", str, ""),
+                               ("training", dict, {}), ("evaluation", dict, {}),
+                               ("package_version", str, "")):
+        value = meta.get(key, default)
+        if not isinstance(value, kind):
+            raise bad(f"'{key}' must be {'text' if kind is str else 'an object'}, "
+                      f"not {type(value).__name__}")
+        out[key] = value
+    return out
+
+
 def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
     """Read a checkpoint; raises :class:`CheckpointError` with a one-line message if the file
-    is missing, not ours or damaged."""
+    is missing, not ours or damaged: metadata of the wrong structure or with preprocessing
+    values out of range, weights whose names or shapes do not fit the model the metadata
+    describes (checked before any weight is loaded), or weights holding NaN or Inf."""
+    from safetensors import safe_open
+
     meta = read_metadata(path)
+    path = Path(path)
+    kw = _checked_fields(path, meta)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: checkpoint weights are damaged ({_short(e)})") from None
+    try:
+        check_shapes(kw["model"], shapes)
+    except CheckpointError as e:
+        raise CheckpointError(f"{path}: {e}") from None
     try:
         tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{path}: checkpoint weights are damaged ({e})") from None
     state = {k: (v.float() if v.dtype == torch.float16 else v) for k, v in tensors.items()}
-    try:
-        return Checkpoint(
-            model=meta["model"],
-            preprocess=Preprocess.from_dict(meta["preprocess"]),
-            state_dict=state,
-            name=meta.get("name", ""),
-            description=meta.get("description", ""),
-            training=meta.get("training", {}),
-            evaluation=meta.get("evaluation", {}),
-            package_version=meta.get("package_version", ""),
-        )
-    except (KeyError, TypeError) as e:
-        raise CheckpointError(f"{path}: checkpoint metadata is incomplete ({e})") from None
+    for k, v in state.items():
+        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            raise CheckpointError(f"{path}: checkpoint weights contain NaN/Inf (tensor {k})")
+    return Checkpoint(state_dict=state, **kw)

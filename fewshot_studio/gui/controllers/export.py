@@ -27,10 +27,16 @@ def _write_job(kind: str, preds: Sequence[Prediction], out: Path,
 
 
 def _copy_job(preds: Sequence[Prediction], dest: Path) -> Iterator[Progress]:
+    """Copies into class folders; returns the status-bar message (failures counted)."""
     from fewshot_studio.engine import export
 
-    yield from export.copy_to_class_folders(preds, dest, move=False)
-    return dest
+    metrics: dict[str, float] = {}
+    for p in export.copy_to_class_folders(preds, dest, move=False):
+        metrics = p.metrics
+        yield p
+    failed = int(metrics.get("failed", 0))
+    return (f"Copied {int(metrics.get('copied', 0))} images into class folders in {dest}"
+            + (f"; {failed} failed (disk full or not writable?)" if failed else ""))
 
 
 class ExportController(QObject):
@@ -53,8 +59,7 @@ class ExportController(QObject):
 
     def copy_to_folders(self, preds: Sequence[Prediction], dest: Path) -> GeneratorWorker:
         w = GeneratorWorker(_copy_job, list(preds), Path(dest))
-        w.signals.finished.connect(
-            lambda d: self.finished.emit(f"Copied {len(preds)} images into class folders in {d}"))
+        w.signals.finished.connect(self.finished.emit)
         return self._start(w)
 
     def _start(self, w: GeneratorWorker) -> GeneratorWorker:

@@ -4,13 +4,17 @@ Every engine call (session creation, ``set_support``, ``run``, ``correct``, ``se
 ``scan_queries``, ``close``) happens inside a job on ``self.pool``, a one-thread pool, so calls
 are serialised (the session is not thread-safe) and the UI thread never waits on a model.
 Results arrive as signals: streamed batches go straight into the gallery model.
+
+The review state (which images the user accepted or corrected) is GUI-side only: review marks
+in the gallery model, read and written through ``review_marks`` / ``set_reviewed`` /
+``update_reviewed`` / ``reviewed_paths`` here (what a project file would save and restore).
 """
 
 from __future__ import annotations
 
 import contextlib
 import traceback
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -55,6 +59,7 @@ class LabelingController(QObject):
     backend_changed = Signal(str)
     failed = Signal(str, str, str)  # title, message, details (traceback; "" for UserError)
     corrections_changed = Signal()
+    reviewed_changed = Signal()  # review marks changed (accept, correction, undo, reset)
 
     def __init__(self, gallery: GalleryModel, classes: ClassListModel,
                  session_factory: SessionFactory | None = None,
@@ -83,6 +88,7 @@ class LabelingController(QObject):
         self._relabel_timer = QTimer(self, singleShot=True, interval=250)
         self._relabel_timer.timeout.connect(self._relabel)
         classes.support_changed.connect(self._on_support_changed)
+        gallery.reviewed_changed.connect(self.reviewed_changed)
 
     def warm_up(self) -> GeneratorWorker:
         """Import the engine and its runtimes in the engine thread now: loading C extensions
@@ -126,9 +132,30 @@ class LabelingController(QObject):
         self.set_settings(replace(self.settings, unknown_threshold=value))
 
     def set_corrections(self, corrections: Mapping[Path, str]) -> None:
-        """Replace all corrections (opening a project); applied by the next run."""
+        """Replace all corrections (opening a project, a new query folder); applied by the
+        next run. Clears the review marks too: call ``set_reviewed`` after it to restore."""
         self.corrections = dict(corrections)
         self._labeled = False
+        self.gallery.set_review_marks({})
+
+    # -- review state (GUI-side) --------------------------------------------------------------
+    def review_marks(self, paths: Iterable[Path] | None = None) -> dict[Path, str | None]:
+        """Path -> the verdict the user accepted (label; None: unknown / error), for ``paths``
+        that have a mark (all if None). This is the state to persist."""
+        return self.gallery.review_marks(paths)
+
+    def set_reviewed(self, marks: Mapping[Path, str | None]) -> None:
+        """Replace all review marks (restoring a saved review state)."""
+        self.gallery.set_review_marks(marks)
+
+    def update_reviewed(self, marks: Mapping[Path, str | None],
+                        clear: Collection[Path] = ()) -> None:
+        """Set some review marks and remove others (the undo commands call this)."""
+        self.gallery.update_review_marks(marks, clear)
+
+    def reviewed_paths(self) -> set[Path]:
+        """Images whose prediction still shows the verdict the user accepted or corrected."""
+        return self.gallery.reviewed_paths()
 
     def rename_class(self, old: str, new: str) -> None:
         """Carry corrections and shown labels over to a renamed class (instant; the
@@ -141,6 +168,7 @@ class LabelingController(QObject):
             if p.label == old or top != p.top:
                 preds.append(replace(p, label=new if p.label == old else p.label, top=top))
         self.gallery.apply_predictions(preds)
+        self.gallery.rename_review_marks(old, new)  # after: the marks agree with the labels
         if changed:
             self.corrections_changed.emit()
 

@@ -1,16 +1,19 @@
 """The query gallery: one row per query image, with its latest prediction (if any).
 
 ``GalleryModel`` is a flat ``QAbstractListModel`` with named roles (also exposed through
-``roleNames`` for QML/debugging); ``GalleryProxy`` is the review layer on top: filter by class
-/ unknown / corrected / error, sort by confidence (least confident first). Sorting and
-filtering are explicit (``dynamicSortFilter`` off) so that streaming results never trigger a
-20,000-row re-sort on the UI thread.
+``roleNames`` for QML/debugging). It also holds the review state: each image the user accepted
+(Enter) or corrected carries a *review mark*, the verdict (label, or None for unknown / error)
+that was accepted. An image counts as reviewed while its prediction still shows that verdict; a
+relabel that changes it makes the image unreviewed again. ``GalleryProxy`` is the review layer
+on top: filter by class / unknown / corrected / error / unreviewed, sort by confidence (least
+confident first). Sorting and filtering are explicit (``dynamicSortFilter`` off) so that
+streaming results never trigger a 20,000-row re-sort on the UI thread.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from enum import IntEnum
 from pathlib import Path
 from typing import Any
@@ -23,6 +26,7 @@ from PySide6.QtCore import (
     QPersistentModelIndex,
     QSortFilterProxyModel,
     Qt,
+    Signal,
 )
 from PySide6.QtGui import QColor
 
@@ -43,8 +47,11 @@ class Role(IntEnum):
     COLOR = PATH + 7  # QColor of the label's class (None if no label)
     PREDICTION = PATH + 8
     GUESS = PATH + 9  # best guess even when unknown
-    TILE = PATH + 11  # (path str, Prediction | None, QPixmap | None, error, QColor | None)
-    FILTER_KEY = PATH + 10  # "\tok\tlabel=cat\t" (+ "corrected\t"): what the filters match
+    TILE = PATH + 11  # (path str, Prediction | None, QPixmap | None, error, QColor | None,
+    #                    reviewed)
+    FILTER_KEY = PATH + 10  # "\tok\tlabel=cat\t" (+ "corrected\t") + "reviewed\t" or
+    #                         "unreviewed\t": what the filters match
+    REVIEWED = PATH + 12  # bool: accepted or corrected, and the prediction still agrees
 
 
 ROLE_NAMES = {
@@ -52,11 +59,14 @@ ROLE_NAMES = {
     Role.STATUS: b"status", Role.CORRECTED: b"corrected", Role.ERROR: b"error",
     Role.TOP: b"top", Role.COLOR: b"color", Role.PREDICTION: b"prediction",
     Role.GUESS: b"guess", Role.FILTER_KEY: b"filterKey", Role.TILE: b"tile",
+    Role.REVIEWED: b"reviewed",
 }
 
 
 class GalleryModel(QAbstractListModel):
-    """Query images in scan order (sorted path) and their predictions."""
+    """Query images in scan order (sorted path), their predictions and review marks."""
+
+    reviewed_changed = Signal()  # review marks set, changed or cleared
 
     def __init__(self, thumbs: ThumbnailCache, color_of: Callable[[str], QColor | None],
                  parent: Any = None) -> None:
@@ -67,6 +77,9 @@ class GalleryModel(QAbstractListModel):
         self._keys: list[str] = []
         self._row: dict[str, int] = {}
         self._pred: list[Prediction | None] = []
+        # path str -> the verdict the user accepted (label; None: unknown or error). Kept
+        # across set_paths (marks may arrive before the folder scan); cleared by the owner.
+        self._reviewed: dict[str, str | None] = {}
         thumbs.ready.connect(self._on_thumb)
 
     # -- content ------------------------------------------------------------------------
@@ -116,6 +129,60 @@ class GalleryModel(QAbstractListModel):
 
     def row_of(self, path: Path | str) -> int | None:
         return self._row.get(str(path))
+
+    # -- review marks --------------------------------------------------------------------
+    def is_reviewed(self, row: int) -> bool:
+        """The row has a prediction and it shows the verdict the user accepted."""
+        p = self._pred[row]
+        k = self._keys[row]
+        return p is not None and k in self._reviewed and self._reviewed[k] == p.label
+
+    def review_marks(self, paths: Iterable[Path] | None = None) -> dict[Path, str | None]:
+        """Review marks (path -> accepted verdict) of ``paths`` that have one (all if None),
+        whether or not the prediction still agrees; what a project would save."""
+        if paths is None:
+            return {Path(k): v for k, v in self._reviewed.items()}
+        return {p: self._reviewed[str(p)] for p in paths if str(p) in self._reviewed}
+
+    def set_review_marks(self, marks: Mapping[Path, str | None]) -> None:
+        """Replace every review mark (opening a project; ``{}`` clears them)."""
+        if not marks and not self._reviewed:
+            return
+        self._reviewed = {str(p): v for p, v in marks.items()}
+        if self._pred:
+            self.dataChanged.emit(self.index(0), self.index(len(self._pred) - 1))
+        self.reviewed_changed.emit()
+
+    def update_review_marks(self, marks: Mapping[Path, str | None],
+                            clear: Collection[Path] = ()) -> None:
+        """Set the marks of ``marks`` and remove those of ``clear``; repaint those rows."""
+        rows = []
+        for p, v in marks.items():
+            self._reviewed[str(p)] = v
+            rows.append(self._row.get(str(p)))
+        for p in clear:
+            self._reviewed.pop(str(p), None)
+            rows.append(self._row.get(str(p)))
+        known = [r for r in rows if r is not None]
+        if known:
+            self.dataChanged.emit(self.index(min(known)), self.index(max(known)))
+        if rows:
+            self.reviewed_changed.emit()
+
+    def rename_review_marks(self, old: str, new: str) -> None:
+        """A class was renamed: marks that accepted ``old`` now accept ``new``."""
+        keys = [k for k, v in self._reviewed.items() if v == old]
+        if keys:
+            self.update_review_marks({Path(k): new for k in keys})
+
+    def reviewed_paths(self) -> set[Path]:
+        """Images whose prediction shows the verdict the user accepted or corrected."""
+        return {self._paths[r] for r in range(len(self._paths)) if self.is_reviewed(r)}
+
+    def reviewed_count(self) -> int:
+        if not self._reviewed:
+            return 0
+        return sum(self.is_reviewed(r) for r in range(len(self._paths)))
 
     def refresh_colors(self) -> None:
         if self._pred:
@@ -173,7 +240,7 @@ class GalleryModel(QAbstractListModel):
             k = self._keys[r]
             err = (p.error if p and p.error else "") or self.thumbs.error(k) or ""
             return (k, p, self.thumbs.get(k), err,
-                    self.color_of(p.label) if p and p.label else None)
+                    self.color_of(p.label) if p and p.label else None, self.is_reviewed(r))
         if role == Qt.ItemDataRole.DecorationRole:
             return self.thumbs.get(self._keys[r])
         if role in (Qt.ItemDataRole.DisplayRole, Role.LABEL):
@@ -198,10 +265,13 @@ class GalleryModel(QAbstractListModel):
             return self.color_of(p.label) if p and p.label else None
         if role == Role.PREDICTION:
             return p
+        if role == Role.REVIEWED:
+            return self.is_reviewed(r)
         if role == Role.FILTER_KEY:
             if p is None:
                 return "\tunlabeled\t"
-            return f"\t{p.status}\tlabel={p.label}\t" + ("corrected\t" if p.corrected else "")
+            return (f"\t{p.status}\tlabel={p.label}\t" + ("corrected\t" if p.corrected else "")
+                    + ("reviewed\t" if self.is_reviewed(r) else "unreviewed\t"))
         return None
 
     def _tooltip(self, r: int, p: Prediction | None) -> str:
@@ -212,12 +282,15 @@ class GalleryModel(QAbstractListModel):
             return f"{name}\nerror: {p.error}"
         tops = "\n".join(f"  {lab}: {prob:.0%}" for lab, prob in p.top)
         head = f"{p.label} (corrected)" if p.corrected else (p.label or "unknown")
+        if not p.corrected and self.is_reviewed(r):
+            head += " (reviewed)"
         return f"{name}\n{head}\n{tops}"
 
 
 class GalleryProxy(QSortFilterProxyModel):
     """Filter (``set_filter``) and sort (``set_sort``) for review. Filters: ``"all"``,
-    ``"unknown"``, ``"corrected"``, ``"error"``, ``"unlabeled"`` or ``"class:<name>"``."""
+    ``"unknown"``, ``"corrected"``, ``"error"``, ``"unlabeled"``, ``"unreviewed"`` (labeled,
+    not yet accepted or corrected) or ``"class:<name>"``."""
 
     def __init__(self, parent: Any = None) -> None:
         super().__init__(parent)

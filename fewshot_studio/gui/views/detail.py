@@ -107,7 +107,8 @@ class DetailPane(QWidget):
         self.bars = [ProbBar() for _ in range(3)]
         for b in self.bars:
             lay.addWidget(b)
-        self.hint = QLabel("Keys 1–9 or drag onto a class card to correct.")
+        self.hint = QLabel("Enter accepts, keys 1–9 (or a drag onto a class card) correct; "
+                           "N: next unreviewed.")
         self.hint.setObjectName("hintLabel")
         self.hint.setWordWrap(True)
         lay.addWidget(self.hint)

@@ -1,7 +1,8 @@
 """The query gallery: a virtualised ``QListView`` (icon mode, uniform item sizes, batched
 layout) with a tile delegate. Tiles show the thumbnail, the predicted label as a coloured
 badge and the confidence, and distinct marks for unknown (grey dashed badge + best guess),
-corrected (green check) and error (red badge, reason in the tooltip)."""
+corrected (green check), reviewed (slate check: the user accepted the prediction) and error
+(red badge, reason in the tooltip). Review keys (1-9, Enter/Space, N) become signals."""
 
 from __future__ import annotations
 
@@ -53,6 +54,7 @@ ACCENT = QColor("#2563eb")
 MUTED = QColor("#6b7280")
 ERROR = QColor("#dc2626")
 OK_GREEN = QColor("#16a34a")
+REVIEWED = QColor("#475569")
 
 
 def _pill(p: QPainter, rect: QRectF, fill: QColor | None, text: str, fg: QColor,
@@ -102,12 +104,12 @@ class TileDelegate(QStyledItemDelegate):
         state = index.data(Role.TILE)
         if state is None:
             return
-        path, pred, pm, error, color = state
+        path, pred, pm, error, color, reviewed = state
         selected = bool(option.state & QStyle.StateFlag.State_Selected)
         hover = bool(option.state & QStyle.StateFlag.State_MouseOver)
         dpr = p.device().devicePixelRatioF() if p.device() else 1.0
         key = (path, pred, pm.cacheKey() if pm is not None else 0, error,
-               color.rgba() if color is not None else 0, selected, hover, dpr)
+               color.rgba() if color is not None else 0, reviewed, selected, hover, dpr)
         tile = self._cache.get(key)
         cell = QRectF(option.rect)
         r = QRectF(0, 0, TILE.width(), TILE.height())
@@ -124,7 +126,7 @@ class TileDelegate(QStyledItemDelegate):
             tile.setDevicePixelRatio(dpr)
             tile.fill(Qt.GlobalColor.transparent)
             tp = QPainter(tile)
-            self._render(tp, path, pred, pm, error, color, selected, hover)
+            self._render(tp, path, pred, pm, error, color, selected, hover, reviewed)
             tp.end()
             self.rendered += 1
             self._cache[key] = tile
@@ -135,7 +137,8 @@ class TileDelegate(QStyledItemDelegate):
         p.drawPixmap(r.topLeft(), tile)
 
     def _render(self, p: QPainter, path: str, pred: Prediction | None, pm: QPixmap | None,
-                error: str, color: QColor | None, selected: bool, hover: bool) -> None:
+                error: str, color: QColor | None, selected: bool, hover: bool,
+                reviewed: bool = False) -> None:
         p.setRenderHint(QPainter.RenderHint.Antialiasing)
         p.setRenderHint(QPainter.RenderHint.SmoothPixmapTransform)
         r = QRectF(4, 4, TILE.width() - 8, TILE.height() - 8)
@@ -176,15 +179,16 @@ class TileDelegate(QStyledItemDelegate):
                        | Qt.TextFlag.TextWordWrap, "cannot open image")
 
         corrected = bool(pred is not None and pred.corrected)
-        if corrected:  # green check in the thumbnail's top-right corner
-            c = QRectF(thumb.right() - 24, thumb.top() + 4, 20, 20)
-            p.setBrush(OK_GREEN)
+        if corrected or reviewed:  # check in the thumbnail's top-right corner: green when
+            c = QRectF(thumb.right() - 24, thumb.top() + 4, 20, 20)  # corrected, else slate
+            p.setBrush(OK_GREEN if corrected else REVIEWED)
             p.setPen(QPen(QColor("white"), 1.5))
             p.drawEllipse(c)
             p.setPen(QPen(QColor("white"), 2.2))
             p.drawPolyline([QPoint(int(c.left() + 5), int(c.top() + 10)),
                             QPoint(int(c.left() + 9), int(c.top() + 14)),
                             QPoint(int(c.left() + 15), int(c.top() + 6))])
+            p.setBrush(Qt.BrushStyle.NoBrush)  # the badges below fill their own shapes
         if status == "error" or error:
             c = QRectF(thumb.left() + 4, thumb.top() + 4, 20, 20)
             p.setBrush(ERROR)
@@ -242,9 +246,13 @@ class TileDelegate(QStyledItemDelegate):
 
 
 class GalleryView(QListView):
-    """Emits ``correct_requested(class_row)`` for keys 1-9 and ``folder_dropped(path)``."""
+    """The review keys become signals: ``correct_requested(class_row)`` for 1-9,
+    ``accept_requested`` for Enter / Space, ``next_unreviewed_requested(step)`` for N (+1) and
+    Shift+N (-1). Also ``folder_dropped(path)``."""
 
     correct_requested = Signal(int)
+    accept_requested = Signal()
+    next_unreviewed_requested = Signal(int)
     folder_dropped = Signal(Path)
 
     def __init__(self, parent: QWidget | None = None) -> None:
@@ -287,13 +295,22 @@ class GalleryView(QListView):
 
     def keyPressEvent(self, e) -> None:
         k = e.key()
-        if Qt.Key.Key_1 <= k <= Qt.Key.Key_9 and not (
-                e.modifiers() & (Qt.KeyboardModifier.ControlModifier
-                                 | Qt.KeyboardModifier.AltModifier)):
+        mods = e.modifiers() & ~Qt.KeyboardModifier.KeypadModifier
+        plain = not (mods & (Qt.KeyboardModifier.ControlModifier
+                             | Qt.KeyboardModifier.AltModifier
+                             | Qt.KeyboardModifier.MetaModifier))
+        if plain and Qt.Key.Key_1 <= k <= Qt.Key.Key_9:
             self.correct_requested.emit(k - Qt.Key.Key_1)
-            e.accept()
+        elif plain and k in (Qt.Key.Key_Return, Qt.Key.Key_Enter, Qt.Key.Key_Space) \
+                and self.state() != QAbstractItemView.State.EditingState:
+            self.accept_requested.emit()  # (Ctrl+Space keeps toggling the selection)
+        elif plain and k == Qt.Key.Key_N:
+            shift = bool(mods & Qt.KeyboardModifier.ShiftModifier)
+            self.next_unreviewed_requested.emit(-1 if shift else 1)
+        else:
+            super().keyPressEvent(e)
             return
-        super().keyPressEvent(e)
+        e.accept()
 
     def startDrag(self, actions) -> None:
         paths = self.selected_paths()

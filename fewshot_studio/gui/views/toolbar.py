@@ -1,12 +1,17 @@
 """The main toolbar (checkpoint picker, backend indicator, Label, unknown threshold) and the
-review bar above the gallery (filter, sort, counts)."""
+review bar above the gallery (filter, sort, counts).
+
+None of these take the keyboard unless clicked (``ClickFocus``): the gallery keeps it for the
+review keys. The checkpoint picker never switches model on arrow / Home / End / PageUp /
+PageDown keys or the mouse wheel (a closed combo box would, and End would pick "Open
+checkpoint…"); it switches only through its popup."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from PySide6.QtCore import QSize, Qt, QTimer, Signal
-from PySide6.QtGui import QAction
+from PySide6.QtGui import QAction, QKeyEvent, QWheelEvent
 from PySide6.QtWidgets import (
     QComboBox,
     QHBoxLayout,
@@ -18,6 +23,28 @@ from PySide6.QtWidgets import (
 )
 
 OPEN_CHECKPOINT = "__open__"
+_POPUP_KEYS = {Qt.Key.Key_Space, Qt.Key.Key_F4, Qt.Key.Key_Select}
+
+
+class PopupOnlyComboBox(QComboBox):
+    """A combo box that changes its choice only through its popup (click, Space, F4 or
+    Alt+Down open it). Keys that would silently switch a closed combo box (arrows, Home,
+    End, PageUp, PageDown, typing a name) and the wheel are passed on instead. Takes the
+    keyboard only when clicked."""
+
+    def __init__(self, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.setFocusPolicy(Qt.FocusPolicy.ClickFocus)
+
+    def keyPressEvent(self, e: QKeyEvent) -> None:
+        alt = bool(e.modifiers() & Qt.KeyboardModifier.AltModifier)
+        if e.key() in _POPUP_KEYS or (alt and e.key() in (Qt.Key.Key_Down, Qt.Key.Key_Up)):
+            super().keyPressEvent(e)
+        else:
+            e.ignore()
+
+    def wheelEvent(self, e: QWheelEvent) -> None:
+        e.ignore()
 
 
 class MainToolBar(QToolBar):
@@ -35,7 +62,7 @@ class MainToolBar(QToolBar):
         self.setIconSize(QSize(18, 18))
         self.setToolButtonStyle(Qt.ToolButtonStyle.ToolButtonTextBesideIcon)
         self.addWidget(_caption("Model"))
-        self.checkpoint = QComboBox()
+        self.checkpoint = PopupOnlyComboBox()
         self.checkpoint.setObjectName("checkpointCombo")
         self.checkpoint.setMinimumWidth(190)
         self.checkpoint.setToolTip("The few-shot model that labels your images")
@@ -51,6 +78,7 @@ class MainToolBar(QToolBar):
         btn = self.widgetForAction(label_action)
         if btn is not None:
             btn.setObjectName("labelButton")
+            btn.setFocusPolicy(Qt.FocusPolicy.NoFocus)  # Ctrl+L; the keys stay in the gallery
         self.addSeparator()
         self.addWidget(_caption("Unknown below"))
         self.threshold = QSlider(Qt.Orientation.Horizontal)
@@ -58,6 +86,7 @@ class MainToolBar(QToolBar):
         self.threshold.setRange(0, 100)
         self.threshold.setFixedWidth(140)
         self.threshold.setToolTip("Predictions less confident than this are marked unknown")
+        self.threshold.setFocusPolicy(Qt.FocusPolicy.ClickFocus)
         self.threshold_value = QLabel()
         self.threshold_value.setObjectName("thresholdValue")
         self.threshold_value.setMinimumWidth(36)
@@ -179,6 +208,7 @@ class ReviewBar(QWidget):
         self.sort.setToolTip("Sort order: review the least confident images first")
         self.filter.setToolTip("Show only some images")
         for combo in (self.filter, self.sort):
+            combo.setFocusPolicy(Qt.FocusPolicy.ClickFocus)
             combo.setSizeAdjustPolicy(
                 QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
             combo.setMinimumContentsLength(13)
@@ -197,7 +227,8 @@ class ReviewBar(QWidget):
         cur = self.filter.currentData() or "all"
         self.filter.blockSignals(True)
         self.filter.clear()
-        for text, key in [("All images", "all"), ("Unknown", "unknown"),
+        for text, key in [("All images", "all"), ("Unreviewed", "unreviewed"),
+                          ("Unknown", "unknown"),
                           ("Corrected", "corrected"), ("Errors", "error"),
                           ("Not labeled", "unlabeled")]:
             self.filter.addItem(text, key)
