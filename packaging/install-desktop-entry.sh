@@ -1,6 +1,8 @@
 #!/usr/bin/env sh
 # Add FewShot Studio to the Linux desktop menu for the current user (XDG): the .desktop entry
-# and the app icon (resources/icons: SVG + PNG sizes) in the hicolor icon theme.
+# (it opens a project file given as %f), the project file type (*.fsproj, see
+# fewshot-studio-mime.xml) and the app icon (resources/icons: SVG + PNG sizes) in the hicolor
+# icon theme.
 #
 #   packaging/install-desktop-entry.sh [EXECUTABLE]
 #
@@ -24,10 +26,12 @@ for png in "$icons"/fewshot-studio-*.png; do
     mkdir -p "$data/icons/hicolor/${size}x${size}/apps"
     cp "$png" "$data/icons/hicolor/${size}x${size}/apps/fewshot-studio.png"
 done
-mkdir -p "$data/icons/hicolor/scalable/apps" "$data/applications"
+mkdir -p "$data/icons/hicolor/scalable/apps" "$data/applications" "$data/mime/packages"
 cp "$icons/fewshot-studio.svg" "$data/icons/hicolor/scalable/apps/fewshot-studio.svg"
-sed "s|^Exec=.*|Exec=\"$exe\"|" "$here/fewshot-studio.desktop" \
+cp "$here/fewshot-studio-mime.xml" "$data/mime/packages/fewshot-studio.xml"
+sed "s|^Exec=.*|Exec=\"$exe\" %f|" "$here/fewshot-studio.desktop" \
     > "$data/applications/fewshot-studio.desktop"
+command -v update-mime-database >/dev/null 2>&1 && update-mime-database "$data/mime" || true
 command -v update-desktop-database >/dev/null 2>&1 && update-desktop-database -q "$data/applications" || true
 command -v gtk-update-icon-cache >/dev/null 2>&1 && gtk-update-icon-cache -q -t "$data/icons/hicolor" || true
 echo "installed $data/applications/fewshot-studio.desktop (Exec=$exe)"

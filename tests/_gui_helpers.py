@@ -55,3 +55,18 @@ def make_dataset(root: Path, n_support: int = 3, n_query: int = 4,
             seed += 1
             make_image(root / "query" / f"{name}_{i:04d}.png", c, seed)
     return support, root / "query"
+
+
+def shown_window(qtbot, **kwargs):
+    """A shown ``MainWindow(restore_state=False, **kwargs)`` whose error dialogs fail the test
+    and which discards unsaved work without asking; close it when done."""
+    import pytest
+
+    from fewshot_studio.gui.main_window import MainWindow
+
+    w = MainWindow(restore_state=False, **kwargs)
+    w.show_error = lambda *a: pytest.fail(f"unexpected error dialog: {a}")
+    w.ask_unsaved = lambda: "discard"
+    qtbot.addWidget(w)
+    w.show()
+    return w

@@ -731,19 +731,24 @@ def _aged_file(path: Path, data: bytes, seconds: float) -> Path:
 
 
 def test_tempfiles_stale_temps_are_removed_on_the_next_label_run(
-        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """Stale temp files of ours in the onnx folder beside the --cache file (a killed export's,
+        tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Stale temp files of ours in the user cache directory's onnx folder (a killed export's,
     0 bytes, of another checkpoint too) and beside the --out file are gone after a ``label``
     run; a fresh one (a concurrent run's) and the user's own hidden files stay, unchanged."""
+    from fewshot_studio.paths import user_cache_dir
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg-cache"))  # a fresh onnx folder
+    onnx = user_cache_dir() / "onnx"
     env = LabelEnv.make(tmp_path / "env")
     work = tmp_path / "work"
     cache, out = work / "cache.sqlite", work / "labels.csv"
     old = STALE_TEMP_AGE_S + 120
-    stale = [_aged_file(work / "onnx" / ".0123abcd.onnx.x7k2_q9z.tmp", b"", old),
-             _aged_file(work / "onnx" / ".0123abcd.int8.onnx.ab12cd34.tmp", b"", old),
+    stale = [_aged_file(onnx / ".0123abcd.onnx.x7k2_q9z.tmp", b"", old),
+             _aged_file(onnx / ".0123abcd.int8.onnx.ab12cd34.tmp", b"", old),
              _aged_file(work / ".labels.csv.m3n4b5v6.tmp", b"path,label\n", old)]
-    fresh = _aged_file(work / "onnx" / ".feedbeef.onnx.qwertyui.tmp", b"", 1)
-    users = [_aged_file(work / "onnx" / ".notes.tmp", b"my notes", old),
+    fresh = _aged_file(onnx / ".feedbeef.onnx.qwertyui.tmp", b"", 1)
+    users = [_aged_file(onnx / ".notes.tmp", b"my notes", old),
              _aged_file(work / ".labels.csv.tmp", b"mine", old),
              _aged_file(work / ".other.csv.m3n4b5v6.tmp", b"not beside --out", old)]
     before = snapshot(env.support, env.query, env.ckpt, *users)
@@ -751,7 +756,7 @@ def test_tempfiles_stale_temps_are_removed_on_the_next_label_run(
     r = run_cli(capsys, *env.label_args(out, "--backend", "onnxruntime", cache=cache))
 
     assert r.code == 0, r.err
-    assert out.is_file() and list((work / "onnx").glob("*.onnx"))
+    assert out.is_file() and list(onnx.glob("*.onnx")) and not (work / "onnx").exists()
     assert [p for p in stale if p.exists()] == []
     assert fresh.exists()
     assert snapshot(env.support, env.query, env.ckpt, *users) == before

@@ -56,6 +56,38 @@ def test_label_writes_one_row_per_file(env: dict, tmp_path: Path,
     assert [r["path"] for r in doc["rows"]] == [str(env["query"] / p) for p in paths]
 
 
+def test_save_project_holds_every_prediction(env: dict, tmp_path: Path,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """``--save-project``: the classes with their examples, the query folder, the checkpoint,
+    the settings and one prediction per CSV row, the checkpoint's identity with them; written
+    by the app's own writer (``project_io.save_project``); only the project file is created
+    in its folder."""
+    import hashlib
+
+    from fewshot_studio.gui import project_io as pio
+
+    out, proj = tmp_path / "l.csv", tmp_path / "review" / "batch.fsproj"
+    (tmp_path / "review").mkdir()
+    assert _label(env, out, "--save-project", str(proj), "--copy-to", str(tmp_path / "c")) == 0
+    assert f"project {proj}" in capsys.readouterr().out
+    assert os.listdir(tmp_path / "review") == ["batch.fsproj"]
+    p = pio.load_project(proj)
+    assert [c.name for c in p.classes] == sorted(os.listdir(env["support"]))
+    assert p.classes[0].examples and all(e.is_file() for c in p.classes for e in c.examples)
+    assert p.query_folder == env["query"].resolve()
+    assert p.checkpoint == str(env["ckpt"].resolve())
+    assert p.settings.unknown_threshold == 0.0
+    saved = p.predictions
+    assert saved is not None
+    assert saved.checkpoint_id == hashlib.sha256(env["ckpt"].read_bytes()).hexdigest()
+    rows = {r["path"]: r for r in read_csv(out)}
+    got = {pr.path.relative_to(env["query"].resolve()).as_posix(): pr for pr in saved.predictions}
+    assert set(got) == set(rows)
+    for rel, r in rows.items():
+        assert (got[rel].label or "", str(got[rel].status)) == (r["label"], r["status"])
+    assert saved.stamps[0] == pio.file_stamp(saved.predictions[0].path)
+
+
 def test_threshold_and_no_recursive(env: dict, tmp_path: Path) -> None:
     out = tmp_path / "l.csv"
     assert _label(env, out, "--no-recursive", "--unknown-threshold", "0.99",
@@ -67,7 +99,8 @@ def test_threshold_and_no_recursive(env: dict, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("case", ["one_class", "empty_class", "missing_query",
                                   "missing_support", "unwritable_out", "out_is_dir",
-                                  "bad_checkpoint", "unreadable_class", "no_cuda"])
+                                  "bad_checkpoint", "unreadable_class", "no_cuda",
+                                  "project_with_move", "project_over_other_file"])
 def test_bad_input_is_one_line_exit_2(env: dict, tmp_path: Path, case: str,
                                       capsys: pytest.CaptureFixture[str]) -> None:
     support, query, out = env["support"], env["query"], tmp_path / "l.csv"
@@ -111,6 +144,13 @@ def test_bad_input_is_one_line_exit_2(env: dict, tmp_path: Path, case: str,
             pytest.skip("CUDA works here")
         extra = ["--device", "cuda"]
         match = "no working CUDA"
+    elif case == "project_with_move":
+        extra = ["--save-project", str(tmp_path / "p.fsproj"), "--move-to", str(tmp_path / "m")]
+        match = "--save-project cannot be used with --move-to"
+    elif case == "project_over_other_file":
+        (tmp_path / "notes.fsproj").write_text("my notes")
+        extra = ["--save-project", str(tmp_path / "notes")]
+        match = "notes.fsproj exists and is not a FewShot Studio project"
     else:
         ckpt = str(tmp_path / "model.safetensors")
         Path(ckpt).write_bytes(b"garbage")

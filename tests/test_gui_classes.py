@@ -8,7 +8,7 @@ import pytest
 
 pytest.importorskip("pytestqt")
 
-from _gui_helpers import make_dataset, make_image
+from _gui_helpers import make_dataset, make_image, shown_window
 from PySide6.QtCore import QMimeData, QPoint, QPointF, Qt, QUrl
 from PySide6.QtGui import (
     QDragEnterEvent,
@@ -28,11 +28,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 @pytest.fixture
 def win(qtbot):
-    w = MainWindow(restore_state=False)
-    w.show_error = lambda *a: pytest.fail(f"unexpected error dialog: {a}")
-    w.ask_unsaved = lambda: "discard"
-    qtbot.addWidget(w)
-    w.show()
+    w = shown_window(qtbot)
     yield w
     w.close()
 

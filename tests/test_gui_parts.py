@@ -147,7 +147,7 @@ def test_project_file_round_trip_relative_paths(tmp_path: Path) -> None:
     assert back.query_folder == moved / "queries"
     assert back.corrections == {moved / "queries" / "x.png": "B"}
     assert back.settings == p.settings and back.checkpoint == "tiny"
-    assert pio.cache_path_for(back.path) == moved / "mine.embeddings.sqlite"
+    assert pio.cache_path_for(back.path) is None  # the user cache dir's: none beside it
     with pytest.raises(pio.UserError):
         pio.load_project(tmp_path / "nope.fsproj")
     (tmp_path / "junk.fsproj").write_text("[1, 2]")

@@ -16,7 +16,7 @@ import pytest
 
 pytest.importorskip("pytestqt")
 
-from _gui_helpers import make_image
+from _gui_helpers import make_image, shown_window
 from PySide6.QtCore import QItemSelectionModel, QPoint, QPointF, Qt
 from PySide6.QtGui import QImage, QPainter, QWheelEvent
 from PySide6.QtWidgets import QApplication, QLineEdit
@@ -113,11 +113,7 @@ def _open(qtbot, w: MainWindow, images: dict) -> None:
 @pytest.fixture
 def raw_win(qtbot):
     """The window, shown, nothing loaded."""
-    w = MainWindow(session_factory=FakeSession, restore_state=False)
-    w.show_error = lambda *a: pytest.fail(f"unexpected error dialog: {a}")
-    w.ask_unsaved = lambda: "discard"
-    qtbot.addWidget(w)
-    w.show()
+    w = shown_window(qtbot, session_factory=FakeSession)
     yield w
     w.close()
 

@@ -35,6 +35,13 @@ def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_checkpoint(tmp_path_factory.mktemp("onnx") / "tiny.safetensors")
 
 
+@pytest.fixture(autouse=True)
+def _own_onnx_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test its own user cache directory, where sessions build their ONNX files: every
+    test starts without them."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg-cache"))
+
+
 def test_export_matches_torch(ckpt: Path, tmp_path: Path) -> None:
     c = load_checkpoint(ckpt)
     model = c.build()
@@ -85,6 +92,10 @@ def test_sessions_on_both_backends_agree(ckpt: Path, tmp_path: Path) -> None:
 
 
 def test_onnx_file_is_cached_per_checkpoint(ckpt: Path, tmp_path: Path) -> None:
+    """Built once per checkpoint, in the user cache directory's onnx folder wherever the
+    embedding cache is (never in the user's folders)."""
+    from fewshot_studio.paths import user_cache_dir
+
     cache = tmp_path / "c.sqlite"
     with LabelingSession(ckpt, cache_path=cache, backend="onnxruntime") as s:
         assert s.backend.detail == "not started"
@@ -95,7 +106,7 @@ def test_onnx_file_is_cached_per_checkpoint(ckpt: Path, tmp_path: Path) -> None:
     with LabelingSession(ckpt, cache_path=cache, backend="onnxruntime") as s:
         s.prepare()
         assert s.counters.extra.get("onnx_exports", 0) == 0 and s.onnx_path() == path
-    assert path.parent == tmp_path / "onnx"
+    assert path.parent == user_cache_dir() / "onnx" and not (tmp_path / "onnx").exists()
 
 
 def test_select_backend(ckpt: Path, tmp_path: Path) -> None:
@@ -284,7 +295,7 @@ def test_int8_falls_back_to_fp32(ckpt: Path, tmp_path: Path,
         assert s.backend.name == "onnxruntime" and "int8" not in s.backend.detail
         assert all(p.label in COLOURS for p in s.predictions())
     assert "quantiser exploded" in caplog.text and "using fp32" in caplog.text
-    assert not list((tmp_path / "onnx").glob("*.int8*.onnx"))
+    assert not list((tmp_path / "xdg-cache").rglob("*.int8*.onnx"))
     with pytest.raises(UserError, match="unknown precision"):
         select_backend(torch.nn.Conv2d(3, 3, 1), load_checkpoint(ckpt).preprocess,
                        lambda: tmp_path / "x.onnx", device="cpu", precision="fp16")

@@ -1,4 +1,5 @@
-"""``fewshot-studio`` command line. Without a subcommand it opens the desktop app.
+"""``fewshot-studio`` command line. Without a subcommand it opens the desktop app
+(``fewshot-studio PROJECT.fsproj`` opens that project, like ``--open PROJECT``).
 
 Each subcommand lives in its own module here with a ``register(subparsers)`` function that adds
 its parser and sets ``func`` (``args -> exit code``)."""
@@ -7,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Sequence
 
@@ -20,14 +22,15 @@ SUBCOMMAND_MODULES = ("train", "evaluate", "label", "checkpoints", "export_onnx"
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fewshot-studio",
-        description="Label folders of images from a few examples per class.",
+        description="Label folders of images from a few examples per class. Without a "
+                    "COMMAND it opens the app; `fewshot-studio PROJECT.fsproj` opens a project.",
     )
     parser.add_argument("--version", action="version", version=f"fewshot-studio {__version__}")
     parser.add_argument("--demo", action="store_true", help="open the bundled demo project")
     parser.add_argument("--screenshot", metavar="PNG",
                         help="with --demo: label the demo, save a window screenshot, exit")
     parser.add_argument("--open", dest="project", metavar="PROJECT",
-                        help="a project file to open")
+                        help="a project file to open (or give it as the only argument)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in SUBCOMMAND_MODULES:
         try:
@@ -52,11 +55,36 @@ def _open_app(args: argparse.Namespace) -> int:
     return run_app(args)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    # Subcommand names may not collide with the optional project path.
+_VALUED = frozenset({"--screenshot", "--open"})  # top-level options that take a value
+
+
+def _project_argument(argv: list[str], commands: Sequence[str]) -> list[str]:
+    """``fewshot-studio P.fsproj`` -> ``fewshot-studio --open P.fsproj``: the first positional
+    argument, when it is not a subcommand and names a project file (``.fsproj`` or an existing
+    file), is the project to open. Anything else is left for argparse to judge."""
+    i = 0
+    while i < len(argv) and argv[i].startswith("-"):
+        i += 2 if argv[i] in _VALUED else 1
+    if i >= len(argv) or argv[i] in commands:
+        return argv
+    from fewshot_studio.gui.project_io import PROJECT_SUFFIX  # only here: keeps --help fast
+
+    if argv[i].endswith(PROJECT_SUFFIX) or os.path.isfile(argv[i]):
+        return [*argv[:i], "--open", argv[i], *argv[i + 1:]]
+    return argv
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The parsed command line (a project file may be the only positional argument)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    args = parser.parse_args(argv)
+    commands = [name for a in parser._actions if isinstance(a, argparse._SubParsersAction)
+                for name in a.choices]
+    return parser.parse_args(_project_argument(argv, commands))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
     try:
         if args.command is None:
             return _open_app(args)

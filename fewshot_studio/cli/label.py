@@ -56,6 +56,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--cache", type=Path, metavar="PATH",
                    help="embedding cache file (default: the user cache directory)")
     p.add_argument("--batch-size", type=int, default=LabelSettings().batch_size)
+    p.add_argument("--save-project", type=Path, metavar="P.fsproj",
+                   help="also write a project with the classes and their examples, the query "
+                        "folder, the checkpoint and every prediction, to review in the app: "
+                        "fewshot-studio P.fsproj")
     p.set_defaults(func=run)
 
 
@@ -124,6 +128,52 @@ def _exclusions(args: argparse.Namespace, dest: Path | None,
     return out
 
 
+def _project_checkpoint(checkpoint: str) -> str:
+    """How a project names the checkpoint: a bundled name as it is, a file as an absolute
+    path (a project is opened from elsewhere)."""
+    from fewshot_studio.paths import bundled_checkpoints
+
+    if checkpoint in bundled_checkpoints() and not Path(checkpoint).is_file():
+        return checkpoint
+    return os.path.abspath(Path(checkpoint).expanduser())
+
+
+def _check_project_target(args: argparse.Namespace) -> None:
+    """``--save-project`` can be written: not with ``--move-to`` (the project would point at
+    images that moved), a writable folder, and an existing file there must be a project."""
+    from fewshot_studio.gui import project_io as pio
+
+    if args.move_to is not None:
+        raise UserError("--save-project cannot be used with --move-to (the project would "
+                        "point at the images' old places); use --copy-to")
+    target = args.save_project
+    if target.suffix != pio.PROJECT_SUFFIX:
+        target = target.with_name(target.name + pio.PROJECT_SUFFIX)
+    _check_dest(target.parent)
+    if target.exists():
+        try:
+            pio.load_project(target)
+        except UserError:
+            raise UserError(f"--save-project: {target} exists and is not a FewShot Studio "
+                            "project; not overwriting it") from None
+
+
+def _save_project(path: Path, args: argparse.Namespace, classes: dict[str, list[Path]],
+                  settings: LabelSettings, predictions: list[Prediction],
+                  checkpoint_id: str) -> Path:
+    """``--save-project``: the same file the app saves (``project_io.save_project``)."""
+    from fewshot_studio.gui import project_io as pio
+
+    specs = [pio.ClassSpec(name, pio.PALETTE[i % len(pio.PALETTE)], list(paths))
+             for i, (name, paths) in enumerate(classes.items())]
+    saved = pio.SavedPredictions(checkpoint_id, predictions,
+                                 [pio.file_stamp(p.path) for p in predictions])
+    project = pio.Project(classes=specs, query_folder=_abs(args.query),
+                          checkpoint=_project_checkpoint(args.checkpoint), settings=settings,
+                          predictions=saved)
+    return pio.save_project(project, path).path or path
+
+
 def _list_failures(what: str, failures: list[tuple[Path, str]], show: int = 5) -> None:
     for path, reason in failures[:show]:
         print(f"{what} {path}: {reason}", file=sys.stderr)
@@ -154,6 +204,8 @@ def run(args: argparse.Namespace) -> int:
                                    *out_scanned])
     if dest is not None:
         _check_dest(dest)
+    if args.save_project is not None:
+        _check_project_target(args)
     if args.device == "cuda":
         from fewshot_studio.engine.backends import onnxruntime_providers, torch_cuda_works
 
@@ -191,6 +243,9 @@ def run(args: argparse.Namespace) -> int:
                        for folder, reason in queries.unreadable]
         writer = export.write_json if fmt == "json" else export.write_csv
         writer([*preds, *folder_rows], args.out, args.query, absolute_paths=args.absolute_paths)
+        if args.save_project is not None:
+            project_file = _save_project(args.save_project, args, classes, settings, preds,
+                                         session.model_id.split(":")[0])
         if dest is not None:
             bar = ProgressBar("moving" if args.move_to else "copying", unit="file")
             for p in export.copy_to_class_folders(preds, dest, move=args.move_to is not None,
@@ -217,6 +272,8 @@ def run(args: argparse.Namespace) -> int:
           f"in {seconds:.1f} s ({rate:.1f} images/s); embedded {counters.embedded}, "
           f"from cache {counters.cache_hits}; backend {backend_s}{cache_s}")
     parts = [f"wrote {args.out}"]
+    if args.save_project is not None:
+        parts.append(f"project {project_file} (open it with: fewshot-studio {project_file})")
     if dest is not None:
         done = "moved" if args.move_to else "copied"
         parts.append(f"{done} {copied} files into {dest}"

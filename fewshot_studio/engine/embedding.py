@@ -59,10 +59,13 @@ class EmbeddingPipeline:
         return BackendInfo("onnxruntime", "cuda" if ort_cuda else "cpu", "not started")
 
     def onnx_path(self) -> Path:
-        """The exported ``model.embed`` for this checkpoint (built once, cached by identity)."""
+        """The exported ``model.embed`` for this checkpoint (built once, cached by identity)
+        in the user cache directory's ``onnx`` folder, wherever the embedding cache is: a
+        derived file never goes into the user's folders."""
         from fewshot_studio.engine.onnx_export import export_embed_onnx
+        from fewshot_studio.paths import user_cache_dir
 
-        out = self._cache.path.parent / "onnx" / f"{self.model_id.split(':')[0][:40]}.onnx"
+        out = user_cache_dir() / "onnx" / f"{self.model_id.split(':')[0][:40]}.onnx"
         remove_stale_temps(out.parent)  # a killed export's or quantisation's temp files
         if not out.is_file():
             export_embed_onnx(copy.deepcopy(self.model), self.preprocess, out,

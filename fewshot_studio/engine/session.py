@@ -69,7 +69,8 @@ class LabelingSession(EmbeddingPipeline, PredictionHead):
     ``checkpoint``: a bundled name or a path. ``settings``: see
     :class:`~fewshot_studio.engine.api.LabelSettings`. ``cache_path``: the SQLite embedding
     cache (default ``paths.user_cache_dir()/embeddings.sqlite``); exported ONNX models are
-    cached in an ``onnx`` folder beside it. ``backend``: "auto" | "onnxruntime" | "torch".
+    cached in ``paths.user_cache_dir()/onnx`` wherever the cache is. ``backend``: "auto" |
+    "onnxruntime" | "torch".
 
     The backend (ONNX export on first use of a checkpoint, session creation) is built lazily
     on the first call that embeds (:meth:`run`, :meth:`relabel`) or by :meth:`prepare`;

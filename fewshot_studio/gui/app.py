@@ -1,5 +1,6 @@
-"""Application entry point: ``fewshot-studio`` (optionally ``--demo``, ``--open PROJECT``,
-``--demo --screenshot out.png``)."""
+"""Application entry point: ``fewshot-studio`` (optionally ``--demo``, ``PROJECT.fsproj`` or
+``--open PROJECT``: the project opens with its saved labels shown, ``--demo --screenshot
+out.png``)."""
 
 from __future__ import annotations
 

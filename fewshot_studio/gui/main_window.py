@@ -146,6 +146,7 @@ class MainWindow(QMainWindow):
         lab.run_cancelled.connect(lambda: self.statusBar().showMessage("Labeling cancelled", 5000))
         lab.relabeled.connect(self._on_relabeled)
         lab.scanned.connect(self._on_scanned)
+        lab.restored.connect(self._on_restored)
         lab.backend_changed.connect(tb.set_backend)
         lab.failed.connect(self.report)
         self.classes_ctl.message.connect(lambda m: self.statusBar().showMessage(m, 5000))
@@ -248,6 +249,11 @@ class MainWindow(QMainWindow):
     def _on_scanned(self, n: int) -> None:
         self.statusBar().showMessage(f"{n} images in {self.labeling.query_folder}", 5000)
         self.proxy.refresh()
+
+    def _on_restored(self, n: int, message: str) -> None:
+        self.statusBar().showMessage(message, 10000)
+        if n:
+            self.reviewing.select_first_if_none()
 
     def _on_filter(self, mode: str) -> None:
         self.proxy.set_filter(mode)

@@ -7,7 +7,14 @@ Results arrive as signals: streamed batches go straight into the gallery model.
 
 The review state (which images the user accepted or corrected) is GUI-side only: review marks
 in the gallery model, read and written through ``review_marks`` / ``set_reviewed`` /
-``update_reviewed`` / ``reviewed_paths`` here (what a project file would save and restore).
+``update_reviewed`` / ``reviewed_paths`` here (what a project file saves and restores).
+
+Saved predictions (a project's) come back through ``set_query_folder(folder, saved)``: the
+background scan also checks them (the checkpoint's identity, each file's size and time, see
+``project_io.stamp_matches``) and the gallery fills with the paths and the labels still
+current at once, without the engine. The first change that needs the engine (a correction,
+an example, a setting) then starts a run in the background, which reads every feature from the
+embedding cache. ``saved_predictions`` is what a project saves.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from PySide6.QtCore import QObject, QThreadPool, QTimer, Signal
 
 from fewshot_studio.engine.api import LabelSettings, Prediction, Status
 from fewshot_studio.errors import UserError
+from fewshot_studio.gui import project_io as pio
 from fewshot_studio.gui.models.classes import ClassListModel
 from fewshot_studio.gui.models.gallery import GalleryModel
 from fewshot_studio.gui.workers import GeneratorWorker
@@ -43,6 +51,40 @@ def _scan(root: Path, recursive: bool) -> list[Path]:
     return LabelingSession.scan_queries(root, recursive=recursive)
 
 
+def _checkpoint_id(checkpoint: str, cache_path: Path | None) -> str:
+    """The checkpoint's identity as the embedding cache computes it (SHA-256 of the file,
+    remembered in the cache); "" if it cannot be read. Pool threads only."""
+    from fewshot_studio.engine.cache import EmbeddingCache
+    from fewshot_studio.paths import resolve_checkpoint
+
+    try:
+        path = resolve_checkpoint(checkpoint)
+        with EmbeddingCache(cache_path) as cache:
+            return cache.checkpoint_identity(path)
+    except (UserError, OSError):
+        return ""
+
+
+def _current(saved: pio.SavedPredictions, on_disk: set[str], checkpoint_id: str
+             ) -> tuple[list[Prediction], dict[Path, pio.Stamp], str]:
+    """The saved predictions that still hold (same checkpoint, file unchanged), their stamps,
+    and a one-line account for the status bar. Pool threads only (one stat per image)."""
+    n = len(saved.predictions)
+    if not checkpoint_id or checkpoint_id != saved.checkpoint_id:
+        return [], {}, (f"{n} saved labels not shown: they were made with another checkpoint "
+                        "(press Label)")
+    keep: list[Prediction] = []
+    stamps: dict[Path, pio.Stamp] = {}
+    for p, stamp in zip(saved.predictions, saved.stamps, strict=True):
+        if str(p.path) in on_disk and pio.stamp_matches(stamp, pio.file_stamp(p.path)):
+            keep.append(p)
+            stamps[p.path] = stamp
+    note = f"Restored {len(keep)} saved labels"
+    if len(keep) < n:
+        note += f"; {n - len(keep)} not shown: the images changed or are gone (press Label)"
+    return keep, stamps, note
+
+
 def describe_error(e: BaseException) -> str:
     if isinstance(e, UserError):
         return str(e)
@@ -60,6 +102,7 @@ class LabelingController(QObject):
     failed = Signal(str, str, str)  # title, message, details (traceback; "" for UserError)
     corrections_changed = Signal()
     reviewed_changed = Signal()  # review marks changed (accept, correction, undo, reset)
+    restored = Signal(int, str)  # saved predictions shown after a scan: count, status line
 
     def __init__(self, gallery: GalleryModel, classes: ClassListModel,
                  session_factory: SessionFactory | None = None,
@@ -82,6 +125,11 @@ class LabelingController(QObject):
         self._session: Any = None  # touched only inside jobs (pool thread)
         self._session_key: tuple[str, Path | None] | None = None
         self._labeled = False  # a complete run with the current support/session
+        self._restored = False  # the gallery shows a project's saved predictions, no run yet
+        self._pending: pio.SavedPredictions | None = None  # saved ones awaiting their scan
+        self._pred_id = ""  # checkpoint identity of the predictions shown
+        self._stamps: dict[Path, pio.Stamp] = {}  # file stamps of the predictions shown
+        self._scan_gen = 0  # only the latest scan's result is applied
         self._stale = False  # edits arrived during a run: relabel when it ends
         self._run: GeneratorWorker | None = None
         self._eta = EtaEstimator()
@@ -118,7 +166,7 @@ class LabelingController(QObject):
     def set_checkpoint(self, name: str) -> None:
         if name != self.checkpoint:
             self.checkpoint = name
-            self._labeled = False
+            self._labeled = self._restored = False
 
     def set_cache_path(self, path: Path | None) -> None:
         self.cache_path = path
@@ -127,6 +175,8 @@ class LabelingController(QObject):
         old, self.settings = self.settings, settings
         if settings != old and self._labeled:
             self._job(self._settings_job, settings, on_done=self._apply_all)
+        elif settings != old:
+            self._resume()
 
     def set_threshold(self, value: float) -> None:
         self.set_settings(replace(self.settings, unknown_threshold=value))
@@ -135,7 +185,8 @@ class LabelingController(QObject):
         """Replace all corrections (opening a project, a new query folder); applied by the
         next run. Clears the review marks too: call ``set_reviewed`` after it to restore."""
         self.corrections = dict(corrections)
-        self._labeled = False
+        self._labeled = self._restored = False
+        self._pending = None
         self.gallery.set_review_marks({})
 
     # -- review state (GUI-side) --------------------------------------------------------------
@@ -172,27 +223,70 @@ class LabelingController(QObject):
         if changed:
             self.corrections_changed.emit()
 
+    def saved_predictions(self) -> pio.SavedPredictions | None:
+        """The predictions shown (or a project's, while its folder is being scanned) with
+        their checkpoint identity and file stamps: what a project saves. None: none."""
+        if self._pending is not None:
+            return self._pending
+        preds = self.gallery.predictions()
+        if not preds:
+            return None
+        return pio.SavedPredictions(self._pred_id, preds,
+                                    [self._stamps.get(p.path, pio.NO_STAMP) for p in preds])
+
     # -- query folder -----------------------------------------------------------------------
-    def set_query_folder(self, folder: Path | None) -> GeneratorWorker | None:
-        """Scan ``folder`` in the background; the gallery fills when it is done."""
+    def set_query_folder(self, folder: Path | None,
+                         saved: pio.SavedPredictions | None = None) -> GeneratorWorker | None:
+        """Scan ``folder`` in the background; the gallery fills when it is done, with those of
+        ``saved`` (a project's predictions) that still hold."""
         self.query_folder = folder
-        self._labeled = False
+        self._labeled = self._restored = False
+        self._pending = saved if folder is not None else None
+        self._pred_id, self._stamps = "", {}
+        self._scan_gen += 1
         if folder is None:
             self.gallery.set_paths([])
             return None
-        return self._job(self._scan_job, folder, self.settings.recursive,
-                         on_done=self._on_scanned, pool=QThreadPool.globalInstance())
+        gen = self._scan_gen
+        return self._job(self._scan_job, folder, self.settings.recursive, saved,
+                         self.checkpoint, self.cache_path,
+                         on_done=lambda r: self._on_scanned(gen, r),
+                         pool=QThreadPool.globalInstance())
 
-    def _scan_job(self, folder: Path, recursive: bool) -> Iterator[Progress]:
+    def _scan_job(self, folder: Path, recursive: bool, saved: pio.SavedPredictions | None,
+                  checkpoint: str, cache_path: Path | None) -> Iterator[Progress]:
         yield Progress(0, None, f"Scanning {folder.name}…")
         paths = self.scan_fn(folder, recursive)
-        for p in paths:
-            str(p)  # pathlib caches the string: the UI thread's set_paths then costs ~nothing
-        return paths
+        on_disk = {str(p) for p in paths}  # pathlib caches the string: set_paths is cheap
+        if not saved or not saved.predictions:
+            return paths, None
+        ident = _checkpoint_id(checkpoint, cache_path)
+        return paths, (ident, *_current(saved, on_disk, ident))
 
-    def _on_scanned(self, paths: list[Path]) -> None:
+    def _on_scanned(self, gen: int, result: tuple[list[Path], Any]) -> None:
+        if gen != self._scan_gen:
+            return  # a later folder (or project) replaced this one
+        paths, restored = result
         self.gallery.set_paths(paths)
+        self._pending = None
+        note, fixed = "", []
+        if restored is not None:
+            ident, preds, stamps, note = restored
+            corr = self.corrections  # corrections may have changed during the scan
+            fixed = [p if p.corrected == (p.path in corr) else
+                     replace(p, corrected=not p.corrected) for p in preds]
+            self.gallery.apply_predictions(fixed)
+            self._pred_id, self._stamps = ident, stamps
+            self._restored = bool(fixed)
         self.scanned.emit(len(paths))
+        if note:
+            self.restored.emit(len(fixed), note)
+
+    def _resume(self) -> None:
+        """After restoring saved predictions: the first change that needs the engine runs it
+        (in the background; the embedding cache has every feature)."""
+        if self._restored and self._run is None and not self._labeled:
+            self.label()
 
     # -- labeling ---------------------------------------------------------------------------
     def label(self) -> GeneratorWorker | None:
@@ -208,6 +302,7 @@ class LabelingController(QObject):
                              "Choose a query folder (File > Open query folder…) first.", "")
             return None
         self._eta = EtaEstimator()
+        self._restored = False
         w = self._job(self._label_job, self.checkpoint, self.cache_path, self.settings,
                       self.classes.support(), paths, dict(self.corrections),
                       on_done=self._on_label_done, on_item=self._on_label_progress,
@@ -248,7 +343,9 @@ class LabelingController(QObject):
         s.set_support(support)
         yield from s.run(paths)
         self.backend_changed.emit(str(s.backend))
-        return self._reconcile(s, corrections, support) or s.predictions()
+        preds = self._reconcile(s, corrections, support) or s.predictions()
+        ident = str(getattr(s, "model_id", "")).split(":")[0]
+        return preds, ident, {p: pio.file_stamp(p) for p in paths}
 
     @staticmethod
     def _reconcile(s: Any, wanted: dict[Path, str],
@@ -281,7 +378,9 @@ class LabelingController(QObject):
             parts.append(p.message)
         self.progress.emit(p.done, p.total or 0, " · ".join(parts))
 
-    def _on_label_done(self, preds: list[Prediction]) -> None:
+    def _on_label_done(self, result: tuple[list[Prediction], str, dict[Path, pio.Stamp]]
+                       ) -> None:
+        preds, self._pred_id, self._stamps = result
         self._labeled = True
         self._apply_all(preds)
         if self._stale:  # classes or corrections changed while the run was going
@@ -324,6 +423,7 @@ class LabelingController(QObject):
             self._show_local(changes)  # instant feedback; the worker's result follows
         else:
             self._show_local(changes)
+            self._resume()
 
     def _show_local(self, changes: Mapping[Path, str | None]) -> None:
         preds = []
@@ -358,6 +458,8 @@ class LabelingController(QObject):
             self._stale = True
         elif self._labeled:
             self._relabel_timer.start()
+        else:
+            self._resume()
 
     def _relabel(self) -> None:
         if self._labeled and self._run is None:

@@ -1,8 +1,10 @@
 """Project lifecycle: new / open / save, dirty tracking, autosave and recent projects.
 
-The live state is spread over the class model, the labeling controller and the undo stack;
-``snapshot()`` gathers it into a :class:`~fewshot_studio.gui.project_io.Project` and
-``apply()`` spreads a loaded one back. File I/O is in the Qt-free ``project_io``."""
+The live state is spread over the class model, the labeling controller (corrections, review
+marks, predictions) and the undo stack; ``snapshot()`` gathers it into a
+:class:`~fewshot_studio.gui.project_io.Project` and ``apply()`` spreads a loaded one back (the
+saved labels show when the folder scan ends, no Label press). Saving writes the project file
+only: the embedding cache stays where it is. File I/O is in the Qt-free ``project_io``."""
 
 from __future__ import annotations
 
@@ -46,6 +48,8 @@ class ProjectController(QObject):
         self._dirty_extra = False
         stack.cleanChanged.connect(lambda _c: self.changed.emit())
         labeling.corrections_changed.connect(self.mark_dirty)
+        labeling.reviewed_changed.connect(self.mark_dirty)
+        labeling.run_finished.connect(self.mark_dirty)  # new predictions to save
         self.autosave_timer = QTimer(self)
         self.autosave_timer.timeout.connect(self.autosave)
         if ui.autosave_seconds > 0:
@@ -65,24 +69,29 @@ class ProjectController(QObject):
     def title(self) -> str:
         return self.path.stem if self.path else "Untitled"
 
-    def snapshot(self) -> pio.Project:
+    def snapshot(self, predictions: bool = True) -> pio.Project:
+        """The live state as a project; ``predictions=False`` leaves them out (autosave: a
+        recovered project's labels come back from the cache with one Label press)."""
         lab = self.labeling
         return pio.Project(classes=self.classes.specs(), query_folder=lab.query_folder,
                            corrections=dict(lab.corrections), checkpoint=lab.checkpoint,
-                           settings=lab.settings, path=self.path)
+                           settings=lab.settings, path=self.path,
+                           reviewed=lab.review_marks(),
+                           predictions=lab.saved_predictions() if predictions else None)
 
     def apply(self, project: pio.Project) -> None:
         """Make ``project`` the live state (clears undo history)."""
         self.labeling.cancel()
         self.path = project.path
         self.stack.clear()
-        self.classes.set_specs(project.classes)
         lab = self.labeling
         lab.set_corrections(project.corrections)  # first: marks the session stale
+        self.classes.set_specs(project.classes)
+        lab.set_reviewed(project.reviewed)
         lab.set_checkpoint(project.checkpoint or default_checkpoint())
         lab.set_settings(project.settings)
         lab.set_cache_path(pio.cache_path_for(project.path))
-        lab.set_query_folder(project.query_folder)
+        lab.set_query_folder(project.query_folder, project.predictions)
         self.stack.setClean()
         self._dirty_extra = False
         self.opened.emit()
@@ -111,9 +120,7 @@ class ProjectController(QObject):
             raise ValueError("save() needs a path for an untitled project")
         old_path = self.path
         saved = pio.save_project(self.snapshot(), target)
-        self.path = saved.path
-        if self.path != old_path:
-            self.labeling.set_cache_path(pio.cache_path_for(self.path))
+        self.path = saved.path  # the cache stays: saving never moves or rebuilds it
         pio.discard_autosave(old_path)
         pio.discard_autosave(self.path)
         self.stack.setClean()
@@ -128,7 +135,7 @@ class ProjectController(QObject):
         if not self.dirty:
             return None
         try:
-            return pio.write_autosave(self.snapshot())
+            return pio.write_autosave(self.snapshot(predictions=False))
         except OSError as e:
             log.warning("autosave failed: %s", e)
             return None
