@@ -164,28 +164,115 @@ def test_bad_input_is_one_line_exit_2(env: dict, tmp_path: Path, case: str,
     assert not (out.is_file())
 
 
+def test_label_loading_line_comes_first(env: dict, tmp_path: Path,
+                                         capsys: pytest.CaptureFixture[str],
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a terminal, ``label`` names the checkpoint on stderr before it imports the engine
+    or loads the model (both take seconds): the line is out when the session is being built.
+    Not when stderr is a file or a pipe (a refusal there stays one ``error:`` line)."""
+    from fewshot_studio.engine import session
+
+    assert _label(env, tmp_path / "l.csv") == 0
+    assert "loading" not in capsys.readouterr().err
+    monkeypatch.setattr("fewshot_studio.cli.label._interactive", lambda: True)
+
+    seen: list[str] = []
+    real = session.LabelingSession.__init__
+
+    def spy(self: object, *a: object, **k: object) -> None:
+        seen.append(capsys.readouterr().err)
+        real(self, *a, **k)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(session.LabelingSession, "__init__", spy)
+    assert _label(env, tmp_path / "l.csv") == 0
+    assert seen and seen[0].startswith("loading tiny.safetensors\u2026\n")
+
+
+@pytest.mark.parametrize("fmt", ["csv", "json"])
+def test_empty_query_folder_warns_and_exits_1(env: dict, tmp_path: Path, fmt: str,
+                                              capsys: pytest.CaptureFixture[str],
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """No images under --query: "warning: no images in QUERY", exit 1, the output written with
+    no rows (a CSV of the header only), a project without predictions; no model loaded."""
+    from fewshot_studio.engine import session
+    from fewshot_studio.gui import project_io as pio
+
+    def no_model(*a: object, **k: object) -> None:
+        raise AssertionError("the model was loaded for an empty query folder")
+
+    monkeypatch.setattr(session.LabelingSession, "__init__", no_model)
+    query = tmp_path / "empty"
+    (query / "sub").mkdir(parents=True)
+    (query / "notes.txt").write_text("not an image")
+    out, proj = tmp_path / f"l.{fmt}", tmp_path / "p.fsproj"
+    rc = main(["label", "--checkpoint", str(env["ckpt"]), "--support", str(env["support"]),
+               "--query", str(query), "--out", str(out), "--save-project", str(proj)])
+    captured = capsys.readouterr()
+    assert rc == 1
+    assert f"warning: no images in {query}" in captured.err.splitlines()
+    assert "labeled 0 images" in captured.out
+    if fmt == "csv":
+        assert out.read_text(encoding="utf-8") == ",".join(CSV_COLUMNS) + "\n"
+        assert read_csv(out) == []
+    else:
+        assert json.loads(out.read_text(encoding="utf-8"))["rows"] == []
+    project = pio.load_project(proj)
+    assert project.predictions is None and project.query_folder == query.resolve()
+    assert [c.name for c in project.classes] == sorted(os.listdir(env["support"]))
+
+
 def test_checkpoints_command(env: dict, capsys: pytest.CaptureFixture[str],
                              monkeypatch: pytest.MonkeyPatch) -> None:
-    assert main(["checkpoints", str(env["ckpt"])]) == 0
-    out = capsys.readouterr().out
-    assert "tiny" in out and "protonet" in out and "conv4" in out and "32px RGB" in out
-    assert "test 5w1s 50.0±1.0%" in out
+    """A table: name, what it suits (photos / characters), method, backbone, 5-way 1-shot and
+    5-shot accuracy from the metadata ('-' when not recorded); results with test-time
+    options, validation and calibration never fill those columns; ``--long`` lists all."""
     from fewshot_studio.cli.evaluate import record_result
 
+    assert main(["checkpoints", str(env["ckpt"])]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["NAME", "FOR", "METHOD", "BACKBONE", "1-SHOT", "5-SHOT"]
+    assert lines[1].split() == ["tiny", "photos", "protonet", "(euclidean)", "conv4",
+                        "50.0%", "-"]
     copy = env["root"] / "with-options.safetensors"
-    make_checkpoint(copy)
-    record_result(copy, "test TTA x2 5w1s", {"accuracy": 0.6, "ci95": 0.01, "tta": 2})
-    record_result(copy, "test transductive x2 5w1s", {"accuracy": 0.7, "transductive": 2})
+    make_checkpoint(copy, channels=1)
+    record_result(copy, "test TTA x2 5w5s", {"accuracy": 0.6, "ci95": 0.01, "tta": 2})
+    record_result(copy, "test transductive x2 5w5s", {"accuracy": 0.7, "transductive": 2})
+    record_result(copy, "validation 5w5s", {"accuracy": 0.8, "way": 5, "shot": 5})
     assert main(["checkpoints", str(copy)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].split() == ["with-options", "characters", "protonet", "(euclidean)",
+                        "conv4", "50.0%", "-"]
+    record_result(copy, "cross-domain 5w5s", {"accuracy": 0.55, "way": 5, "shot": 5})
+    record_result(copy, "held-out test 5w5s", {"accuracy": 0.65, "way": 5, "shot": 5})
+    assert main(["checkpoints", "--long", str(copy)]) == 0
     out = capsys.readouterr().out
-    assert "test 5w1s 50.0±1.0%" in out and "TTA" not in out and "transductive x2" not in out
-    assert "(+2 with test-time options" in out
+    assert out.splitlines()[1].split()[-2:] == ["50.0%", "65.0%"]  # the test set first
+    assert "input: 32px gray" in out and "test 5w1s" in out and "50.0±1.0%" in out
+    assert "test TTA x2 5w5s" in out and "validation 5w5s" in out
     folder = env["root"] / "bundled"
     folder.mkdir(exist_ok=True)
     make_checkpoint(folder / "demo-net.safetensors")
     monkeypatch.setattr("fewshot_studio.paths.checkpoints_dir", lambda: folder)
     assert main(["checkpoints"]) == 0
     assert "demo-net" in capsys.readouterr().out
+
+
+def test_checkpoints_bundled_table(capsys: pytest.CaptureFixture[str]) -> None:
+    """The bundled checkpoints: photos for natural-*, characters for omniglot-*, both
+    accuracies recorded, and no line longer than 100 characters."""
+    from fewshot_studio.paths import bundled_checkpoints
+
+    bundled = bundled_checkpoints()
+    if not bundled:
+        pytest.skip("no bundled checkpoints")
+    assert main(["checkpoints"]) == 0
+    out = capsys.readouterr().out
+    assert max(len(line) for line in out.splitlines()) <= 100
+    rows = {line.split()[0]: line.split() for line in out.splitlines()[1:len(bundled) + 1]}
+    assert set(rows) == set(bundled)
+    for name, cells in rows.items():
+        assert cells[1] == ("photos" if name.startswith("natural") else "characters")
+        assert all(c.endswith("%") and 50 < float(c[:-1]) <= 100 for c in cells[-2:]), cells
 
 
 def test_export_onnx_command(env: dict, tmp_path: Path,

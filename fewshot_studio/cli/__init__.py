@@ -2,7 +2,11 @@
 (``fewshot-studio PROJECT.fsproj`` opens that project, like ``--open PROJECT``).
 
 Each subcommand lives in its own module here with a ``register(subparsers)`` function that adds
-its parser and sets ``func`` (``args -> exit code``)."""
+its parser and sets ``func`` (``args -> exit code``).
+
+``--help`` must stay fast: importing this package and every subcommand module, and building the
+parser, imports neither torch, ONNX, ONNX Runtime, PIL nor PySide6 (``tests/test_cli_help.py``);
+each ``run`` imports the engine it needs."""
 
 from __future__ import annotations
 
@@ -10,7 +14,9 @@ import argparse
 import importlib
 import os
 import sys
+import textwrap
 from collections.abc import Sequence
+from typing import Any
 
 from fewshot_studio import __version__
 from fewshot_studio.errors import UserError
@@ -19,11 +25,29 @@ from fewshot_studio.errors import UserError
 SUBCOMMAND_MODULES = ("train", "evaluate", "label", "checkpoints", "export_onnx", "calibrate")
 
 
+def help_texts(description: str, *examples: str) -> dict[str, Any]:
+    """Keyword arguments for ``add_parser`` / ``ArgumentParser``: the ``description`` wrapped
+    to 79 columns and an epilog of example command lines (each kept as written), shown by
+    ``--help`` with :class:`argparse.RawDescriptionHelpFormatter`."""
+    epilog = "example" + ("s" if len(examples) > 1 else "") + ":\n" + "\n".join(
+        textwrap.indent(e, "  ") for e in examples)
+    return {"description": textwrap.fill(description, 79), "epilog": epilog,
+            "formatter_class": argparse.RawDescriptionHelpFormatter}
+
+
 def build_parser() -> argparse.ArgumentParser:
+    """The ``fewshot-studio`` parser with every subcommand registered."""
     parser = argparse.ArgumentParser(
         prog="fewshot-studio",
-        description="Label folders of images from a few examples per class. Without a "
-                    "COMMAND it opens the app; `fewshot-studio PROJECT.fsproj` opens a project.",
+        **help_texts(
+            "Label folders of images from a few examples per class. Without a COMMAND it "
+            "opens the app; `fewshot-studio PROJECT.fsproj` opens a project. "
+            "`fewshot-studio COMMAND --help` describes a command.",
+            "fewshot-studio                     # the app",
+            "fewshot-studio batch.fsproj        # open a project",
+            "fewshot-studio checkpoints         # which model for photos, which for characters",
+            "fewshot-studio label --checkpoint natural-protonet --support examples/ \\\n"
+            "    --query photos/ --out labels.csv"),
     )
     parser.add_argument("--version", action="version", version=f"fewshot-studio {__version__}")
     parser.add_argument("--demo", action="store_true", help="open the bundled demo project")
@@ -31,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="with --demo: label the demo, save a window screenshot, exit")
     parser.add_argument("--open", dest="project", metavar="PROJECT",
                         help="a project file to open (or give it as the only argument)")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND",
+                                help="a command to run instead of opening the app")
     for name in SUBCOMMAND_MODULES:
         try:
             module = importlib.import_module(f"fewshot_studio.cli.{name}")
@@ -84,6 +109,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit code (2 and a one-line ``error:`` for a
+    :class:`UserError`, 130 when interrupted)."""
     args = parse_args(argv)
     try:
         if args.command is None:

@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from fewshot_studio.cli import help_texts
 from fewshot_studio.cli.evaluate import add_episode_args, data_paths, load_for_episodes
 from fewshot_studio.progress import ProgressBar, run_with_bar
 
@@ -27,13 +28,33 @@ if TYPE_CHECKING:
     from fewshot_studio.training.calibrate import CalibrationResult
 
 
+# Help for the episode options that add_episode_args (cli/evaluate.py) adds without any.
+_EPISODE_HELP = {
+    "way": "classes per episode (default %(default)s)",
+    "shot": "examples per class in each episode (default %(default)s)",
+    "episodes": "number of fixed episodes (default %(default)s)",
+    "seed": "seed of the episode sampler: the same seed, the same episodes "
+            "(default %(default)s)",
+    "device": "where the model runs (default %(default)s: CUDA when available)",
+}
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``calibrate``."""
     p = subparsers.add_parser(
         "calibrate", help="fit a softmax temperature so confidences are calibrated",
-        description="Fit one temperature T (logits / T) minimising the NLL of the query "
-                    "labels over fixed episodes of held-out classes; prints T, NLL and "
-                    "15-bin ECE before/after. --write stores T in the checkpoint.")
+        **help_texts(
+            "Fit one temperature T (logits / T) minimising the NLL of the query labels over "
+            "fixed episodes of held-out classes; prints T, NLL and 15-bin ECE before/after. "
+            "--write stores T in the checkpoint. Fit it on validation classes, never on the "
+            "classes you report on.",
+            "fewshot-studio calibrate --checkpoint omniglot-protonet \\\n"
+            "    --data images_background.zip --classes val_classes.txt \\\n"
+            "    --way 5 --shot 1 --episodes 200 --write"))
     add_episode_args(p, classes_help="fit on these (validation) classes only", episodes=200)
+    for action in p._actions:
+        if not action.help and action.dest in _EPISODE_HELP:
+            action.help = _EPISODE_HELP[action.dest]
     p.add_argument("--write", action="store_true",
                    help="record T in the checkpoint file (atomic rewrite, same weight dtype)")
     p.add_argument("--check", action="store_true",
@@ -72,6 +93,7 @@ def write_calibration(path: Path, record: dict[str, Any]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Fit (or with ``--check`` measure) the temperature; ``--write`` records it."""
     from fewshot_studio.errors import UserError
 
     if args.episodes < 1:

@@ -7,24 +7,33 @@ import argparse
 import sys
 from pathlib import Path
 
-from fewshot_studio.engine.onnx_export import PARITY_TOLERANCE
+from fewshot_studio.cli import help_texts
 from fewshot_studio.errors import UserError
+
+# engine.onnx_export.PARITY_TOLERANCE, repeated here so that --help does not import torch
+# (tests/test_cli_help.py checks that the two agree).
+DEFAULT_TOLERANCE = 1e-4
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``export-onnx``."""
     p = subparsers.add_parser(
         "export-onnx", help="export a checkpoint's embedding network to ONNX",
-        description="Export model.embed (images (n, C, H, W) preprocessed as the checkpoint "
-                    "says -> features) to ONNX with a dynamic batch axis, and compare it with "
-                    "torch on random inputs.")
+        **help_texts(
+            "Export model.embed (images (n, C, H, W) preprocessed as the checkpoint says -> "
+            "features) to ONNX with a dynamic batch axis, and compare it with torch on random "
+            "inputs; a file that differs by more than --tolerance is removed (exit 1).",
+            "fewshot-studio export-onnx --checkpoint natural-protonet --out model.onnx"))
     p.add_argument("--checkpoint", required=True, help="bundled checkpoint name or a path")
-    p.add_argument("--out", required=True, type=Path, help="the .onnx file to write")
-    p.add_argument("--tolerance", type=float, default=PARITY_TOLERANCE,
-                   help=f"largest allowed max abs difference (default {PARITY_TOLERANCE:g})")
+    p.add_argument("--out", required=True, type=Path,
+                   help="the .onnx file to write (an existing file must be one of our exports)")
+    p.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
+                   help=f"largest allowed max abs difference (default {DEFAULT_TOLERANCE:g})")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    """Export, check against torch; exit code 0, or 1 when the check failed."""
     from fewshot_studio.engine.export import ensure_writable
     from fewshot_studio.engine.onnx_export import (
         export_embed_onnx,

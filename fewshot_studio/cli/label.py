@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+from fewshot_studio.cli import help_texts
 from fewshot_studio.engine.api import LabelSettings, Prediction, Status
 from fewshot_studio.errors import UserError
 from fewshot_studio.progress import ProgressBar
@@ -16,11 +17,21 @@ DEFAULT_THRESHOLD = LabelSettings().unknown_threshold
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``label``."""
     p = subparsers.add_parser(
         "label", help="label a folder of images from example images per class",
-        description="Label every image under --query using the examples in --support "
-                    "(one sub-folder per class) and write a CSV or JSON.")
-    p.add_argument("--checkpoint", required=True, help="bundled checkpoint name or a path")
+        **help_texts(
+            "Label every image under --query using the examples in --support (one sub-folder "
+            "per class) and write a CSV or JSON. Exit code 0: all went well; 1: finished with "
+            "failures, or no images in the query folder (the file is still written, with no "
+            "rows); 2: refused to start (nothing written).",
+            "fewshot-studio label --checkpoint natural-protonet --support examples/ \\\n"
+            "    --query photos/ --out labels.csv --copy-to sorted/",
+            "fewshot-studio label --checkpoint omniglot-protonet --support glyphs/ \\\n"
+            "    --query scans/ --out labels.json --transductive --save-project scans.fsproj"))
+    p.add_argument("--checkpoint", required=True,
+                   help="a bundled checkpoint's name (see: fewshot-studio checkpoints) or a "
+                        ".safetensors file")
     p.add_argument("--support", required=True, type=Path,
                    help="folder with one sub-folder of example images per class")
     p.add_argument("--query", required=True, type=Path, help="folder of images to label")
@@ -41,7 +52,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                       help="also copy the images into DIR/<label>/")
     dest.add_argument("--move-to", type=Path, metavar="DIR",
                       help="also move the images into DIR/<label>/")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="where the network runs (default auto: CUDA when it works, else "
+                        "the CPU)")
     p.add_argument("--backend", choices=("auto", "onnxruntime", "torch"), default="auto",
                    help="embedding backend (default: torch on CUDA, else ONNX Runtime)")
     p.add_argument("--precision", choices=("fp32", "int8"), default=LabelSettings().precision,
@@ -55,7 +68,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="only images directly in --query, not in its sub-folders")
     p.add_argument("--cache", type=Path, metavar="PATH",
                    help="embedding cache file (default: the user cache directory)")
-    p.add_argument("--batch-size", type=int, default=LabelSettings().batch_size)
+    p.add_argument("--batch-size", type=int, default=LabelSettings().batch_size, metavar="N",
+                   help="images embedded at a time (default %(default)s); lower it if memory "
+                        "runs out")
     p.add_argument("--save-project", type=Path, metavar="P.fsproj",
                    help="also write a project with the classes and their examples, the query "
                         "folder, the checkpoint and every prediction, to review in the app: "
@@ -159,15 +174,16 @@ def _check_project_target(args: argparse.Namespace) -> None:
 
 
 def _save_project(path: Path, args: argparse.Namespace, classes: dict[str, list[Path]],
-                  settings: LabelSettings, predictions: list[Prediction],
+                  settings: LabelSettings, predictions: list[Prediction] | None,
                   checkpoint_id: str) -> Path:
-    """``--save-project``: the same file the app saves (``project_io.save_project``)."""
+    """``--save-project``: the same file the app saves (``project_io.save_project``);
+    ``predictions`` None: never labeled (an empty query folder)."""
     from fewshot_studio.gui import project_io as pio
 
     specs = [pio.ClassSpec(name, pio.PALETTE[i % len(pio.PALETTE)], list(paths))
              for i, (name, paths) in enumerate(classes.items())]
-    saved = pio.SavedPredictions(checkpoint_id, predictions,
-                                 [pio.file_stamp(p.path) for p in predictions])
+    saved = None if predictions is None else pio.SavedPredictions(
+        checkpoint_id, predictions, [pio.file_stamp(p.path) for p in predictions])
     project = pio.Project(classes=specs, query_folder=_abs(args.query),
                           checkpoint=_project_checkpoint(args.checkpoint), settings=settings,
                           predictions=saved)
@@ -181,10 +197,51 @@ def _list_failures(what: str, failures: list[tuple[Path, str]], show: int = 5) -
         print(f"... and {len(failures) - show} more", file=sys.stderr)
 
 
+def _nothing_to_label(args: argparse.Namespace, fmt: str, classes: dict[str, list[Path]],
+                      settings: LabelSettings, unreadable: list[tuple[Path, str]],
+                      n_excluded: int) -> int:
+    """No image to label: the output with no image rows (a CSV of the header only; an
+    unreadable sub-folder still gets its error row) and the project without predictions when
+    asked for; the model is never loaded. An empty query folder (nothing left out either)
+    gets "warning: no images in QUERY" and exit code 1; a folder whose images were all left
+    out (sorted in place by an earlier run) is nothing to do: exit 0, or 1 for unreadable
+    sub-folders."""
+    from fewshot_studio.engine import export
+
+    empty = n_excluded == 0
+    if empty:
+        print(f"warning: no images in {args.query}", file=sys.stderr)
+    rows = [Prediction(folder, None, 0.0, 0.0, Status.ERROR, (),
+                       f"cannot read folder: {reason}") for folder, reason in unreadable]
+    writer = export.write_json if fmt == "json" else export.write_csv
+    writer(rows, args.out, args.query, absolute_paths=args.absolute_paths)
+    parts = [f"labeled 0 images; wrote {args.out}"]
+    if args.save_project is not None:
+        project_file = _save_project(args.save_project, args, classes, settings, None, "")
+        parts.append(f"project {project_file} (open it with: fewshot-studio {project_file})")
+    if unreadable:
+        parts.append(f"unreadable folders {len(unreadable)}")
+    if n_excluded:
+        parts.append(f"left out {n_excluded}")
+    print("; ".join(parts))
+    sys.stdout.flush()
+    return 1 if empty or unreadable else 0
+
+
+def _interactive() -> bool:
+    """Whether stderr is a terminal (someone is watching)."""
+    return hasattr(sys.stderr, "isatty") and sys.stderr.isatty()
+
+
 def run(args: argparse.Namespace) -> int:
     """Label, write the CSV/JSON, then copy or move. Exit code: 0 all fine; 1 finished with
-    failures (copies or moves, unreadable folders, the cache); 2 (UserError) refused before
-    any work."""
+    failures (copies or moves, unreadable folders, the cache) or found no images to label (the
+    output is written with no rows, the model is not loaded); 2 (UserError) refused before
+    any work. On a terminal, "loading CHECKPOINT…" comes first."""
+    # On a terminal, a first line at once: importing the engine (torch) and loading the model
+    # take seconds. Not for scripts and logs: there a refusal stays one "error:" line.
+    if _interactive():
+        print(f"loading {Path(args.checkpoint).name}\u2026", file=sys.stderr, flush=True)
     from fewshot_studio.engine import export
     from fewshot_studio.engine.session import LabelingSession
 
@@ -226,6 +283,8 @@ def run(args: argparse.Namespace) -> int:
                              transductive=args.transductive, recursive=not args.no_recursive,
                              device=args.device, batch_size=args.batch_size,
                              precision=args.precision, tta=args.tta)
+    if not queries:
+        return _nothing_to_label(args, fmt, classes, settings, queries.unreadable, n_excluded)
     t0 = time.perf_counter()
     failures: list[tuple[Path, str]] = []
     copied = 0
