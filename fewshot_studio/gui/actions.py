@@ -16,6 +16,7 @@ from fewshot_studio import __version__
 from fewshot_studio import paths as app_paths
 from fewshot_studio.errors import UserError
 from fewshot_studio.gui.project_io import PROJECT_SUFFIX
+from fewshot_studio.gui.settings import last_dir, remember_dir
 
 if TYPE_CHECKING:
     from fewshot_studio.gui.main_window import MainWindow
@@ -51,6 +52,7 @@ class Actions:
     save_as: QAction
     demo: QAction
     query_folder: QAction
+    import_classes: QAction
     open_checkpoint: QAction
     export_csv: QAction
     export_json: QAction
@@ -97,13 +99,17 @@ def build(win: MainWindow) -> Actions:
         demo=_act(win, "Open the &demo project", lambda: open_demo(win)),
         query_folder=_act(win, "Choose &query folder…", lambda: choose_query_folder(win),
                           "Ctrl+Shift+O", "The folder of images to label"),
+        import_classes=_act(win, "&Import class folders…", lambda: import_class_folders(win),
+                            tip="A folder whose sub-folders are the classes: one class per "
+                                "sub-folder, its images the examples"),
         open_checkpoint=_act(win, "Open &checkpoint…", lambda: open_checkpoint(win)),
         export_csv=_act(win, "&Export CSV…", lambda: export(win, "csv"), "Ctrl+E"),
         export_json=_act(win, "Export &JSON…", lambda: export(win, "json")),
         export_copy=_act(win, "&Copy images into class folders…",
                          lambda: export(win, "copy")),
         undo=undo, redo=redo,
-        add_class=_act(win, "Add &class", lambda: win.classes_ctl.add_class(), "Ctrl+Shift+N"),
+        add_class=_act(win, "Add &class", lambda: win.class_panel.add_class_and_edit(),
+                       "Ctrl+Shift+N"),
         paste=_act(win, "&Paste image as example", lambda: paste(win), K.Paste),
         label=_act(win, "Label", win.label, "Ctrl+L", "Label every image (Ctrl+L)"),
         cancel=_act(win, "Cancel labeling", win.labeling.cancel, "Esc"),
@@ -144,6 +150,7 @@ def build(win: MainWindow) -> Actions:
         f.addAction(x)
     f.addSeparator()
     f.addAction(a.query_folder)
+    f.addAction(a.import_classes)
     f.addAction(a.open_checkpoint)
     f.addSeparator()
     ex = f.addMenu("E&xport")
@@ -186,6 +193,8 @@ def _toggle(win: MainWindow, field: str) -> None:
     s = win.labeling.settings
     win.labeling.set_settings(replace(s, **{field: not getattr(s, field)}))
     win.project.mark_dirty()
+    if field == "corrections_join_support":
+        win.update_corrected_counts()
 
 
 def _toggle_int8(win: MainWindow) -> None:
@@ -194,9 +203,49 @@ def _toggle_int8(win: MainWindow) -> None:
     win.project.mark_dirty()
 
 
-def _start_dir(win: MainWindow) -> str:
-    p = win.project.path
-    return str(p.parent) if p else os.path.expanduser("~")
+def _in_package(folder: Path) -> bool:
+    """Inside the installed program (the bundled demo, checkpoints): no place for output."""
+    roots = (app_paths.resources_dir(), app_paths.checkpoints_dir(),
+             Path(__file__).resolve().parents[1])
+    folder = folder.resolve()
+    return any(folder == r.resolve() or r.resolve() in folder.parents for r in roots)
+
+
+def _start_dir(win: MainWindow, kind: str = "project",
+               order: tuple[str, ...] = ("last", "project", "query")) -> str:
+    """Where a file dialog of ``kind`` opens: the first existing folder in ``order`` of
+    "last" (the folder last chosen in a dialog of that kind, kept in QSettings), "project"
+    (the project file's folder) and "query" (the query folder), else home; never a folder
+    inside the program itself (the bundled demo's)."""
+    folders = {"last": last_dir(kind), "query": win.labeling.query_folder,
+               "project": win.project.path.parent if win.project.path is not None else None}
+    for c in (folders[k] for k in order):
+        if c is not None and c.is_dir() and not _in_package(c):
+            return str(c)
+    return os.path.expanduser("~")
+
+
+def menu_text(action: QAction) -> str:
+    """An action's text as the menu shows it ("Choose query folder…")."""
+    return action.text().replace("&", "").split("\t")[0]
+
+
+def setup_guidance(win: MainWindow, missing: list[str]) -> str:
+    """The steps still to do before Label can run, naming the real menu entries (HTML)."""
+    a = win.acts
+    steps = {
+        "classes": ("Add at least two classes, each with example images: "
+                    f"<b>+ Class</b> (Edit > {menu_text(a.add_class)}, Ctrl+Shift+N), then "
+                    "drop images on its card; or <b>File > "
+                    f"{menu_text(a.import_classes)}</b> for a folder of class folders."),
+        "images": (f"Choose the images to label: <b>File > {menu_text(a.query_folder)}</b> "
+                   "(Ctrl+Shift+O), or drop their folder on the gallery."),
+        "model": ("Pick a model in the toolbar's <b>Model</b> box (or "
+                  f"<b>File > {menu_text(a.open_checkpoint)}</b>)."),
+    }
+    items = "".join(f"<li>{steps[m]}</li>" for m in missing if m in steps)
+    return (f"Before labeling:<ol>{items}</ol>Then press <b>Label</b> (Ctrl+L). "
+            f"Or try <b>File > {menu_text(a.demo)}</b>.")
 
 
 def fill_recent(win: MainWindow) -> None:
@@ -224,6 +273,7 @@ def open_project(win: MainWindow, path: Path | None = None) -> None:
         if not f:
             return
         path = Path(f)
+        remember_dir("project", path)
     try:
         rec = win.project.recoverable(path)
         win.project.open(path)
@@ -250,6 +300,7 @@ def save(win: MainWindow, ask: bool = False) -> bool:
         if not f:
             return False
         target = Path(f)
+        remember_dir("project", target)
     try:
         saved = win.project.save(target)
     except UserError as e:
@@ -261,16 +312,29 @@ def save(win: MainWindow, ask: bool = False) -> bool:
 
 
 def choose_query_folder(win: MainWindow) -> None:
-    start = str(win.labeling.query_folder or _start_dir(win))
+    start = _start_dir(win, "query", ("query", "last", "project"))
     d = QFileDialog.getExistingDirectory(win, "Choose the folder of images to label", start)
     if d:
+        remember_dir("query", Path(d))
         win.set_query_folder(Path(d))
 
 
+def import_class_folders(win: MainWindow) -> None:
+    """File > Import class folders…: one class per sub-folder of the chosen folder (the same
+    code path as a folder dropped on the class panel)."""
+    d = QFileDialog.getExistingDirectory(
+        win, "Import class folders: choose the folder whose sub-folders are the classes",
+        _start_dir(win, "classes"))
+    if d:
+        remember_dir("classes", Path(d))
+        win.classes_ctl.import_class_folders([Path(d)])
+
+
 def open_checkpoint(win: MainWindow) -> None:
-    f, _ = QFileDialog.getOpenFileName(win, "Open checkpoint", _start_dir(win),
+    f, _ = QFileDialog.getOpenFileName(win, "Open checkpoint", _start_dir(win, "checkpoint"),
                                        "Checkpoints (*.safetensors)")
     if f:
+        remember_dir("checkpoint", Path(f))
         win.set_checkpoint(f)
     else:
         win.toolbar.set_checkpoints(app_paths.bundled_checkpoints(), win.labeling.checkpoint)
@@ -282,16 +346,19 @@ def export(win: MainWindow, kind: str) -> None:
     if not preds or root is None:
         win.report("Nothing to export", "Label the images first (Ctrl+L).")
         return
+    start = _start_dir(win, f"export-{kind}", ("last", "query", "project"))
     if kind == "copy":
         d = QFileDialog.getExistingDirectory(win, "Copy images into class folders under…",
-                                             str(root.parent))
+                                             start)
         if d:
+            remember_dir("export-copy", Path(d))
             win.export.copy_to_folders(preds, Path(d))
         return
     filt = "CSV (*.csv)" if kind == "csv" else "JSON (*.json)"
     f, _ = QFileDialog.getSaveFileName(win, f"Export {kind.upper()}",
-                                       str(root.parent / f"labels.{kind}"), filt)
+                                       str(Path(start) / f"labels.{kind}"), filt)
     if f:
+        remember_dir(f"export-{kind}", Path(f))
         win.export.export_file(kind, preds, Path(f), root)
 
 

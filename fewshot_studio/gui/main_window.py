@@ -51,8 +51,9 @@ class MainWindow(QMainWindow):
         self.setWindowTitle("FewShot Studio")
         self.resize(1360, 820)
         self.ui = ui = ui or UiSettings()
-        # Dialog hooks (tests replace them): errors, and the unsaved-changes question.
+        # Dialog hooks (tests replace them): errors, guidance, the unsaved-changes question.
         self.show_error = show_error_dialog
+        self.show_info = lambda title, text: QMessageBox.information(self, title, text)
         self.ask_unsaved = self._ask_unsaved
         # -- models and controllers ----------------------------------------------------
         self.thumbs = ThumbnailCache(ui.thumbnail_px, ui.thumbnail_cache, ui.thumbnail_threads,
@@ -120,6 +121,12 @@ class MainWindow(QMainWindow):
         self.progress.setTextVisible(False)
         self.progress_text = QLabel()
         self.progress_text.setObjectName("hintLabel")
+        # The last run's summary stays until the next run or project (a permanent widget: a
+        # temporary status message would be gone after a few seconds, or at the next hover).
+        self.run_summary = QLabel()
+        self.run_summary.setObjectName("runSummary")
+        sb.addPermanentWidget(self.run_summary)
+        self.run_summary.hide()
         self.review_count = QLabel()
         self.review_count.setObjectName("reviewCount")
         self.review_count.setToolTip("Images you accepted (Enter) or corrected (1-9); "
@@ -147,8 +154,11 @@ class MainWindow(QMainWindow):
         lab.relabeled.connect(self._on_relabeled)
         lab.scanned.connect(self._on_scanned)
         lab.restored.connect(self._on_restored)
+        lab.checkpoint_checked.connect(self._on_checkpoint_checked)
         lab.backend_changed.connect(tb.set_backend)
         lab.failed.connect(self.report)
+        lab.setup_needed.connect(self._on_setup_needed)
+        lab.corrections_changed.connect(self.update_corrected_counts)
         self.classes_ctl.message.connect(lambda m: self.statusBar().showMessage(m, 5000))
         self.classes_ctl.failed.connect(self.report)
         self.export.failed.connect(self.report)
@@ -173,14 +183,22 @@ class MainWindow(QMainWindow):
         lab.reviewed_changed.connect(self._update_counts)
         self.gallery.folder_dropped.connect(self.set_query_folder)
         self.gallery.selectionModel().selectionChanged.connect(self._on_selection)
+        self.proxy.modelReset.connect(self._on_selection)  # a reset drops the selection
         self.gallery_model.dataChanged.connect(lambda *_: self._counts_timer.start())
         self.gallery_model.modelReset.connect(self._update_counts)
 
     # -- actions ------------------------------------------------------------------------------
     def set_checkpoint(self, name: str) -> None:
-        self.labeling.set_checkpoint(name)
+        """The user chose a checkpoint: use it, and check it in the background (a broken
+        file is reported now, not at the next Label)."""
+        changed = name != self.labeling.checkpoint
+        if self.labeling.set_checkpoint(name):
+            self.statusBar().showMessage("Model changed: the labels were cleared; press Label "
+                                         "(Ctrl+L) to label with the new one")
         self.toolbar.set_checkpoints(app_paths.bundled_checkpoints(), name)
         self.toolbar.set_backend("not loaded")
+        if changed:
+            self.labeling.check_checkpoint(name)
         self.project.mark_dirty()
 
     def set_query_folder(self, folder: Path) -> None:
@@ -212,6 +230,20 @@ class MainWindow(QMainWindow):
         self.show_error(title, message, details)
 
     # -- slots ----------------------------------------------------------------------------------
+    def _on_setup_needed(self, missing: list[str]) -> None:
+        """Label pressed before the job is set up: the steps to take (not an error)."""
+        self.statusBar().showMessage("Set up the job first: see the steps", 8000)
+        self.show_info("Set up labeling", actions.setup_guidance(self, missing))
+
+    def update_corrected_counts(self) -> None:
+        """Class cards count the corrected images that join the examples."""
+        self.class_panel.set_corrected_counts(self.labeling.corrected_counts())
+
+    def _on_checkpoint_checked(self, name: str, error: str) -> None:
+        if error and name == self.labeling.checkpoint:
+            self.toolbar.set_backend_error(error)
+            self.report("Cannot use this checkpoint", error)
+
     def _on_threshold(self, value: float) -> None:
         self.labeling.set_threshold(value)
         self.project.mark_dirty()
@@ -221,12 +253,18 @@ class MainWindow(QMainWindow):
             w.setVisible(busy)
         self.acts.label.setEnabled(not busy)
         self.acts.cancel.setEnabled(busy)
-        self.progress.setRange(0, 0)
+        self.progress.setRange(0, 0)  # busy (moving) until the first image is done
+        if busy:
+            self.run_summary.hide()
+            self.progress_text.setText("Starting…")
 
     def _on_progress(self, done: int, total: int, text: str) -> None:
+        """``total`` 0: the model is loading (a busy bar), else a determinate bar."""
         if total:
             self.progress.setRange(0, total)
             self.progress.setValue(done)
+        else:
+            self.progress.setRange(0, 0)
         self.progress_text.setText(text)
 
     def _on_run_finished(self, s: dict[str, Any]) -> None:
@@ -234,9 +272,14 @@ class MainWindow(QMainWindow):
         self._update_counts()
         self.reviewing.select_first_if_none()
         self.focus_gallery()
-        self.statusBar().showMessage(
-            f"Labeled {s['labeled']} · unknown {s['unknown']} · errors {s['errors']} "
-            f"in {s['seconds']:.1f} s", 10000)
+        text = (f"Labeled {s['labeled']} · unknown {s['unknown']} · errors {s['errors']} "
+                f"in {s['seconds']:.1f} s")
+        if s.get("load_seconds", 0) >= 0.5:
+            text += f" (model load {s['load_seconds']:.1f} s)"
+        self.statusBar().clearMessage()
+        self.run_summary.setText(text)
+        self.run_summary.setToolTip("The last labeling run")
+        self.run_summary.show()
 
     def _on_relabeled(self) -> None:
         if self.proxy.filter != "all" or self.proxy.by_confidence:
@@ -280,6 +323,8 @@ class MainWindow(QMainWindow):
         self.acts.tta.setChecked(lab.settings.tta)
         self.acts.int8.setChecked(lab.settings.precision == "int8")
         actions.fill_recent(self)
+        self.update_corrected_counts()
+        self.run_summary.hide()  # it was about the previous project
         self.focus_gallery()
         if self.classes.rowCount() == 0:
             self.statusBar().showMessage(

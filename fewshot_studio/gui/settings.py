@@ -4,6 +4,7 @@ dock state kept in ``QSettings`` (per user, per machine)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from PySide6.QtCore import QByteArray, QSettings
 from PySide6.QtWidgets import QMainWindow
@@ -46,3 +47,19 @@ def restore_window_state(win: QMainWindow) -> QByteArray | None:
         win.restoreState(st)
     sp = s.value("window/splitter")
     return sp if isinstance(sp, QByteArray) and not sp.isEmpty() else None
+
+
+def last_dir(kind: str) -> Path | None:
+    """The folder the user last chose in a file dialog of ``kind`` ("export-csv",
+    "project", ...), if it still exists."""
+    value = qsettings().value(f"dialogs/{kind}")
+    if isinstance(value, str) and value and Path(value).is_dir():
+        return Path(value)
+    return None
+
+
+def remember_dir(kind: str, chosen: Path) -> None:
+    """Remember the folder of ``chosen`` (a folder, or a file's folder) for dialogs of
+    ``kind``."""
+    folder = chosen if chosen.is_dir() else chosen.parent
+    qsettings().setValue(f"dialogs/{kind}", str(folder))

@@ -4,6 +4,9 @@ Every engine call (session creation, ``set_support``, ``run``, ``correct``, ``se
 ``scan_queries``, ``close``) happens inside a job on ``self.pool``, a one-thread pool, so calls
 are serialised (the session is not thread-safe) and the UI thread never waits on a model.
 Results arrive as signals: streamed batches go straight into the gallery model.
+Folder scans and checkpoint checks (``check_checkpoint``: a broken file is named when chosen)
+run in the global pool. A run's progress reports a busy phase (model load, class examples)
+before the first image, and its rate and ETA start at the first embedded batch.
 
 The review state (which images the user accepted or corrected) is GUI-side only: review marks
 in the gallery model, read and written through ``review_marks`` / ``set_reviewed`` /
@@ -20,6 +23,7 @@ embedding cache. ``saved_predictions`` is what a project saves.
 from __future__ import annotations
 
 import contextlib
+import time
 import traceback
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from dataclasses import replace
@@ -37,6 +41,8 @@ from fewshot_studio.gui.workers import GeneratorWorker
 from fewshot_studio.progress import EtaEstimator, Progress, format_seconds
 
 SessionFactory = Callable[..., Any]
+# The engine's messages before the first image is done, as the status bar says them.
+PHASES = {"embedding examples": "Reading the class examples…"}
 
 
 def _default_factory(checkpoint: str, settings: LabelSettings, cache_path: Path | None) -> Any:
@@ -93,8 +99,11 @@ def describe_error(e: BaseException) -> str:
 
 class LabelingController(QObject):
     busy_changed = Signal(bool)  # a labeling run started / ended
-    progress = Signal(int, int, str)  # done, total, text ("123/2000 · 45 img/s · ETA 00:31")
-    run_finished = Signal(dict)  # summary: labeled, unknown, errors, corrected, seconds
+    # done, total (0: not known yet, a busy bar), text ("123/2000 · 45 img/s · ETA 00:31")
+    progress = Signal(int, int, str)
+    # summary: labeled, unknown, errors, corrected, seconds, load_seconds (model load and
+    # class examples, before the first image; not part of the rate)
+    run_finished = Signal(dict)
     run_cancelled = Signal()
     relabeled = Signal()  # predictions changed after a correction / threshold / support edit
     scanned = Signal(int)  # query folder scanned: number of images
@@ -103,6 +112,10 @@ class LabelingController(QObject):
     corrections_changed = Signal()
     reviewed_changed = Signal()  # review marks changed (accept, correction, undo, reset)
     restored = Signal(int, str)  # saved predictions shown after a scan: count, status line
+    # Label pressed before the job is set up: what is missing, of "classes" (at least two,
+    # each with an example), "images" (a query folder with images), "model" (a checkpoint)
+    setup_needed = Signal(list)
+    checkpoint_checked = Signal(str, str)  # checkpoint, "" if usable, else a one-line error
 
     def __init__(self, gallery: GalleryModel, classes: ClassListModel,
                  session_factory: SessionFactory | None = None,
@@ -130,9 +143,11 @@ class LabelingController(QObject):
         self._pred_id = ""  # checkpoint identity of the predictions shown
         self._stamps: dict[Path, pio.Stamp] = {}  # file stamps of the predictions shown
         self._scan_gen = 0  # only the latest scan's result is applied
+        self._label_on_scan = False  # label as soon as the current scan ends (the demo)
         self._stale = False  # edits arrived during a run: relabel when it ends
         self._run: GeneratorWorker | None = None
         self._eta = EtaEstimator()
+        self._run_start = self._first_batch = 0.0  # perf_counter times of the current run
         self._relabel_timer = QTimer(self, singleShot=True, interval=250)
         self._relabel_timer.timeout.connect(self._relabel)
         classes.support_changed.connect(self._on_support_changed)
@@ -163,10 +178,46 @@ class LabelingController(QObject):
     def labeled(self) -> bool:
         return self._labeled
 
-    def set_checkpoint(self, name: str) -> None:
-        if name != self.checkpoint:
-            self.checkpoint = name
-            self._labeled = self._restored = False
+    def set_checkpoint(self, name: str) -> bool:
+        """Use another checkpoint from the next run on. Labels another model made are not
+        left on screen as if current: a running run is cancelled and the shown predictions
+        are cleared (corrections stay, shown as such). True if labels were cleared."""
+        if name == self.checkpoint:
+            return False
+        had_model = bool(self.checkpoint)
+        self.checkpoint = name
+        self._labeled = self._restored = False
+        self._pending = None  # saved predictions of the old model: not current any more
+        if self._run is not None:
+            self._run.cancel()
+        if had_model and self.gallery.labeled_count():
+            self.gallery.clear_predictions()
+            self._pred_id, self._stamps = "", {}
+            self._show_local(dict(self.corrections))
+            return True
+        return False
+
+    def check_checkpoint(self, name: str) -> GeneratorWorker:
+        """Read and verify checkpoint ``name`` in the background (metadata, the weights' names
+        and shapes, finite values): ``checkpoint_checked(name, error)`` reports it, so a broken
+        file is named when it is chosen, not at the next Label."""
+        w = self._job(self._check_job, name, pool=QThreadPool.globalInstance())
+        w.signals.finished.connect(lambda err: self.checkpoint_checked.emit(name, err or ""))
+        return w
+
+    @staticmethod
+    def _check_job(name: str) -> Iterator[Progress]:
+        from fewshot_studio.io.checkpoint import load_checkpoint
+        from fewshot_studio.paths import resolve_checkpoint
+
+        try:
+            load_checkpoint(resolve_checkpoint(name))
+        except UserError as e:
+            return str(e)
+        except Exception as e:  # an unreadable file, whatever the reason: name it
+            return describe_error(e)
+        return ""
+        yield
 
     def set_cache_path(self, path: Path | None) -> None:
         self.cache_path = path
@@ -208,6 +259,15 @@ class LabelingController(QObject):
         """Images whose prediction still shows the verdict the user accepted or corrected."""
         return self.gallery.reviewed_paths()
 
+    def corrected_counts(self) -> dict[str, int]:
+        """Class name -> corrected images that join its examples (none when corrections do
+        not join the examples)."""
+        counts: dict[str, int] = {}
+        if self.settings.corrections_join_support:
+            for name in self.corrections.values():
+                counts[name] = counts.get(name, 0) + 1
+        return counts
+
     def rename_class(self, old: str, new: str) -> None:
         """Carry corrections and shown labels over to a renamed class (instant; the
         relabel that follows the support change confirms it)."""
@@ -240,17 +300,17 @@ class LabelingController(QObject):
         """Scan ``folder`` in the background; the gallery fills when it is done, with those of
         ``saved`` (a project's predictions) that still hold."""
         self.query_folder = folder
-        self._labeled = self._restored = False
+        self._labeled = self._restored = self._label_on_scan = False
         self._pending = saved if folder is not None else None
         self._pred_id, self._stamps = "", {}
         self._scan_gen += 1
         if folder is None:
             self.gallery.set_paths([])
             return None
-        gen = self._scan_gen
+        gen, checkpoint = self._scan_gen, self.checkpoint
         return self._job(self._scan_job, folder, self.settings.recursive, saved,
                          self.checkpoint, self.cache_path,
-                         on_done=lambda r: self._on_scanned(gen, r),
+                         on_done=lambda r: self._on_scanned(gen, r, checkpoint),
                          pool=QThreadPool.globalInstance())
 
     def _scan_job(self, folder: Path, recursive: bool, saved: pio.SavedPredictions | None,
@@ -263,10 +323,13 @@ class LabelingController(QObject):
         ident = _checkpoint_id(checkpoint, cache_path)
         return paths, (ident, *_current(saved, on_disk, ident))
 
-    def _on_scanned(self, gen: int, result: tuple[list[Path], Any]) -> None:
+    def _on_scanned(self, gen: int, result: tuple[list[Path], Any],
+                    checkpoint: str | None = None) -> None:
         if gen != self._scan_gen:
             return  # a later folder (or project) replaced this one
         paths, restored = result
+        if checkpoint is not None and checkpoint != self.checkpoint:
+            restored = None  # the model changed during the scan: its labels are not current
         self.gallery.set_paths(paths)
         self._pending = None
         note, fixed = "", []
@@ -281,11 +344,21 @@ class LabelingController(QObject):
         self.scanned.emit(len(paths))
         if note:
             self.restored.emit(len(fixed), note)
+        if self._label_on_scan:
+            self._label_on_scan = False
+            if paths and not self.missing_setup() and not self._restored:
+                self.label()
+
+    def label_when_scanned(self) -> None:
+        """Label (in the background, as Label does) as soon as the folder being scanned is in
+        the gallery: the demo opens labeled."""
+        self._label_on_scan = True
 
     def _resume(self) -> None:
         """After restoring saved predictions: the first change that needs the engine runs it
         (in the background; the embedding cache has every feature)."""
-        if self._restored and self._run is None and not self._labeled:
+        if self._restored and self._run is None and not self._labeled \
+                and not self.missing_setup():
             self.label()
 
     # -- labeling ---------------------------------------------------------------------------
@@ -294,14 +367,11 @@ class LabelingController(QObject):
         if self._run is not None:
             return None
         paths = self.gallery.paths()
-        if not self.checkpoint:
-            self.failed.emit("No checkpoint", "Choose a checkpoint in the toolbar first.", "")
-            return None
-        if not paths:
-            self.failed.emit("Nothing to label",
-                             "Choose a query folder (File > Open query folder…) first.", "")
+        if missing := self.missing_setup():
+            self.setup_needed.emit(missing)  # guidance, not an error
             return None
         self._eta = EtaEstimator()
+        self._run_start, self._first_batch = time.perf_counter(), 0.0
         self._restored = False
         w = self._job(self._label_job, self.checkpoint, self.cache_path, self.settings,
                       self.classes.support(), paths, dict(self.corrections),
@@ -314,6 +384,19 @@ class LabelingController(QObject):
         w.start(self.pool)
         self.busy_changed.emit(True)
         return w
+
+    def missing_setup(self) -> list[str]:
+        """What a run still needs, of "classes", "images", "model" (in setup order); [] when
+        Label can run."""
+        support = self.classes.support()
+        missing = []
+        if len(support) < 2 or not all(support.values()):
+            missing.append("classes")
+        if not self.gallery.rowCount():
+            missing.append("images")
+        if not self.checkpoint:
+            missing.append("model")
+        return missing
 
     def cancel(self) -> None:
         if self._run is not None:
@@ -338,7 +421,8 @@ class LabelingController(QObject):
     def _label_job(self, checkpoint: str, cache_path: Path | None, settings: LabelSettings,
                    support: dict[str, list[Path]], paths: list[Path],
                    corrections: dict[Path, str]) -> Iterator[Progress]:
-        yield Progress(0, len(paths), "Loading model…")
+        if self._session is None or self._session_key != (checkpoint, cache_path):
+            yield Progress(0, None, f"Loading model {Path(checkpoint).stem}…")
         s = self._session_for(checkpoint, cache_path, settings)
         s.set_support(support)
         yield from s.run(paths)
@@ -365,17 +449,25 @@ class LabelingController(QObject):
         return preds
 
     def _on_label_progress(self, p: Progress) -> None:
+        """Stream a batch into the gallery and report progress. Before the first image is done
+        (loading the model, embedding the class examples) the total is reported as 0 (a busy
+        bar) with what is happening; the rate clock starts at the first embedded batch, so
+        neither the rate nor the ETA counts the load."""
         if isinstance(p.payload, list):
             self.gallery.apply_predictions(p.payload)
-        self._eta.update(p.done)
+        if not p.done:
+            text = PHASES.get(p.message, p.message) or "Starting…"
+            self.progress.emit(0, 0, text)
+            return
+        if not self._first_batch:
+            self._first_batch = time.perf_counter()
+        self._eta.update(p.done)  # the first call only sets the starting point
         parts = [f"{p.done}/{p.total}" if p.total else str(p.done)]
         if self._eta.rate:
             parts.append(f"{self._eta.rate:.0f} img/s")
         eta = self._eta.eta(p.done, p.total)
-        if eta is not None and p.done:
+        if eta is not None:
             parts.append(f"ETA {format_seconds(eta)}")
-        if p.message and not p.done:
-            parts.append(p.message)
         self.progress.emit(p.done, p.total or 0, " · ".join(parts))
 
     def _on_label_done(self, result: tuple[list[Prediction], str, dict[Path, pio.Stamp]]
@@ -391,7 +483,8 @@ class LabelingController(QObject):
             "unknown": sum(p.status == Status.UNKNOWN for p in preds),
             "errors": sum(p.status == Status.ERROR for p in preds),
             "corrected": sum(p.corrected for p in preds),
-            "seconds": self._eta.elapsed,
+            "seconds": time.perf_counter() - self._run_start,
+            "load_seconds": (self._first_batch or time.perf_counter()) - self._run_start,
         }
         self.run_finished.emit(summary)
 

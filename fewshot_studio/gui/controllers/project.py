@@ -108,10 +108,14 @@ class ProjectController(QObject):
         self.apply(project)
         self.recent.add(project.path or path)
 
-    def open_demo(self) -> None:
+    def open_demo(self, label: bool = True) -> None:
+        """Open the bundled demo; ``label``: label it as soon as its folder is scanned (in the
+        background), so it opens labeled without a Label press."""
         demo = pio.load_demo_project()
         self.apply(replace(demo, checkpoint=demo.checkpoint if demo.checkpoint in
                            app_paths.bundled_checkpoints() else default_checkpoint()))
+        if label and self.labeling.checkpoint:
+            self.labeling.label_when_scanned()
 
     def save(self, path: Path | None = None) -> Path:
         """Save to ``path`` (or the current file). UserError if it cannot be written."""

@@ -1,7 +1,8 @@
 """The class panel: a card per class (key number, colour, editable name, example count and
 example thumbnails). Image files / folders dropped on a card become its examples; gallery
 tiles dropped on a card are corrected to it; a folder of class sub-folders dropped on the
-panel becomes one card per sub-folder."""
+panel becomes one card per sub-folder. A new class opens with its name in edit mode; a card's
+count includes the corrected images that join its examples ("5 examples + 2 corrected")."""
 
 from __future__ import annotations
 
@@ -188,8 +189,13 @@ class ClassCard(QFrame):
         self.swatch.setStyleSheet(f"background:{spec.color}; border-radius:9px; border:none;")
         self.setStyleSheet(f"#classCard {{ border-left: 4px solid {spec.color}; }}")
         n = len(spec.examples)
-        self.count.setText(f"{n} example{'s' if n != 1 else ''}"
-                           + (" · drop images to add more" if n else ""))
+        corrected = self.panel.corrected.get(spec.name, 0)
+        text = f"{n} example{'s' if n != 1 else ''}"
+        if corrected:
+            text += f" + {corrected} corrected"
+        self.count.setText(text + (" · drop images to add more" if n else ""))
+        self.count.setToolTip("Corrected images join the examples (Label > Corrected images "
+                              "join the examples)" if corrected else "")
         keys = [str(p) for p in spec.examples]
         if list(self._items) != keys:
             self.examples.clear()
@@ -285,6 +291,7 @@ class ClassPanel(QWidget):
         super().__init__(parent)
         self.model, self.ctl, self.thumbs, self._correct_to = model, ctl, thumbs, correct_to
         self.cards: list[ClassCard] = []
+        self.corrected: dict[str, int] = {}  # class name -> corrected images joining it
         self.current_row = 0
         self.setObjectName("classPanel")
         self.setAcceptDrops(True)
@@ -298,7 +305,7 @@ class ClassPanel(QWidget):
         self.add_button.setObjectName("addClassButton")
         self.add_button.setToolTip("Add a class (Ctrl+Shift+N). Tip: drop a folder of class "
                                    "folders here to make one class per folder.")
-        self.add_button.clicked.connect(lambda: self.ctl.add_class())
+        self.add_button.clicked.connect(lambda: self.add_class_and_edit())
         head.addWidget(title)
         head.addStretch(1)
         head.addWidget(self.add_button)
@@ -337,6 +344,25 @@ class ClassPanel(QWidget):
             self.cards_layout.insertWidget(i, c)
         self.hint.setVisible(not self.cards)
         self.current_row = min(self.current_row, max(0, len(self.cards) - 1))
+
+    def add_class_and_edit(self) -> int:
+        """Add "Class N" and put its name in edit mode (selected: typing replaces it, Enter
+        keeps it). Returns the new row."""
+        row = self.ctl.add_class()
+        self.set_current(row)
+        if row < len(self.cards):
+            card = self.cards[row]
+            self.scroll.ensureWidgetVisible(card)
+            card.name.setFocus(Qt.FocusReason.OtherFocusReason)
+            card.name.selectAll()
+        return row
+
+    def set_corrected_counts(self, counts: dict[str, int]) -> None:
+        """Corrected images per class name (those that join the examples) for the counts."""
+        if counts != self.corrected:
+            self.corrected = dict(counts)
+            for c in self.cards:
+                c.refresh()
 
     def _on_changed(self, top, bottom, roles=()) -> None:
         for r in range(top.row(), bottom.row() + 1):

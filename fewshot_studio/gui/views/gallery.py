@@ -2,7 +2,9 @@
 layout) with a tile delegate. Tiles show the thumbnail, the predicted label as a coloured
 badge and the confidence, and distinct marks for unknown (grey dashed badge + best guess),
 corrected (green check), reviewed (slate check: the user accepted the prediction) and error
-(red badge, reason in the tooltip). Review keys (1-9, Enter/Space, N) become signals."""
+(red badge, reason in the tooltip). Review keys (1-9, Enter/Space, N) become signals, and a
+folder dropped on the gallery becomes the query folder (image files: the folder holding the
+first one)."""
 
 from __future__ import annotations
 
@@ -43,6 +45,7 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
+from fewshot_studio.data.images import is_image_path
 from fewshot_studio.engine.api import Prediction
 from fewshot_studio.gui.models.gallery import Role
 from fewshot_studio.gui.views.class_panel import QUERY_MIME, local_paths
@@ -263,7 +266,7 @@ class GalleryView(QListView):
         self.setLayoutMode(QListView.LayoutMode.Batched)
         self.setBatchSize(500)
         self.setResizeMode(QListView.ResizeMode.Adjust)
-        self.setMovement(QListView.Movement.Static)
+        self.setMovement(QListView.Movement.Static)  # (this turns the viewport's drops off)
         self.setSpacing(2)
         self.setSelectionMode(QAbstractItemView.SelectionMode.ExtendedSelection)
         self.setSelectionRectVisible(True)
@@ -271,6 +274,7 @@ class GalleryView(QListView):
         self.setAcceptDrops(True)
         self.setDragDropMode(QAbstractItemView.DragDropMode.DragDrop)
         self.setDefaultDropAction(Qt.DropAction.CopyAction)
+        self.viewport().setAcceptDrops(True)  # after setMovement: folders can be dropped
         self.setMouseTracking(True)
         self.setVerticalScrollMode(QAbstractItemView.ScrollMode.ScrollPerPixel)
         self.verticalScrollBar().setSingleStep(24)
@@ -327,11 +331,25 @@ class GalleryView(QListView):
             drag.setPixmap(pm.scaled(72, 72, Qt.AspectRatioMode.KeepAspectRatio))
         drag.exec(Qt.DropAction.CopyAction)
 
+    @staticmethod
+    def dropped_folder(mime: QMimeData) -> Path | None:
+        """The query folder a drop means: the first dropped folder, else the folder holding
+        the first dropped image file; None for anything else (and for our own tiles)."""
+        if mime.hasFormat(QUERY_MIME):
+            return None
+        paths = local_paths(mime)
+        for p in paths:
+            if p.is_dir():
+                return p
+        for p in paths:
+            if p.is_file() and is_image_path(p.name):
+                return p.parent
+        return None
+
     def dragEnterEvent(self, e) -> None:
-        if e.mimeData().hasFormat(QUERY_MIME):
-            e.ignore()  # our own tiles: nothing to do here
-        elif any(p.is_dir() for p in local_paths(e.mimeData())):
-            e.acceptProposedAction()
+        if self.dropped_folder(e.mimeData()) is not None:
+            e.setDropAction(Qt.DropAction.CopyAction)
+            e.accept()
         else:
             e.ignore()
 
@@ -339,10 +357,13 @@ class GalleryView(QListView):
         self.dragEnterEvent(e)
 
     def dropEvent(self, e) -> None:
-        dirs = [p for p in local_paths(e.mimeData()) if p.is_dir()]
-        if dirs:
-            self.folder_dropped.emit(dirs[0])
-            e.acceptProposedAction()
+        folder = self.dropped_folder(e.mimeData())
+        if folder is None:
+            e.ignore()
+            return
+        e.setDropAction(Qt.DropAction.CopyAction)
+        e.accept()
+        self.folder_dropped.emit(folder)
 
     def paintEvent(self, e) -> None:
         d = self.itemDelegate()

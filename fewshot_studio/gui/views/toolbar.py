@@ -150,6 +150,12 @@ class MainToolBar(QToolBar):
         self.backend.setText(head.replace(" (", " · ").replace(")", ""))
         self.backend.setToolTip(f"Runs on: {text}")
 
+    def set_backend_error(self, message: str) -> None:
+        """The chosen checkpoint cannot be used: say so in the chip (the reason in its
+        tooltip)."""
+        self.backend.setText("cannot load")
+        self.backend.setToolTip(message)
+
 
 def _caption(text: str) -> QLabel:
     lab = QLabel(text)
