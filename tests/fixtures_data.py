@@ -162,3 +162,27 @@ def write_odd_files(folder: Path) -> list[str]:
     for name, data in files.items():
         (folder / name).write_bytes(data)
     return sorted(files)
+
+
+def make_alphabet_folder(
+    root: Path,
+    chars_per_alphabet: tuple[int, ...] = (4, 3, 2),
+    n_drawers: int = 5,
+    size: int = 28,
+    mode: str = "L",
+) -> list[str]:
+    """Write an Omniglot-like nested layout ``root/alphaK/charNN/<cid>_<drawer>.png``: alphabet
+    K has ``chars_per_alphabet[K]`` characters, each drawn once by drawers 01..``n_drawers``
+    (the file-name suffix ``_NN``, as in ``0965_17.png``). Returns the class names, sorted."""
+    names = []
+    cid = 0
+    for k, n_chars in enumerate(chars_per_alphabet):
+        for c in range(n_chars):
+            name = f"alpha{k}/char{c:02d}"
+            d = root / name
+            d.mkdir(parents=True, exist_ok=True)
+            for drawer in range(1, n_drawers + 1):
+                pattern_image(cid, drawer, size, mode).save(d / f"{cid:04d}_{drawer:02d}.png")
+            names.append(name)
+            cid += 1
+    return sorted(names)

@@ -14,7 +14,7 @@ from fewshot_studio import cli
 HEAVY = ("torch", "onnx", "onnxruntime", "PySide6", "PIL", "numpy", "safetensors")
 # The parsers this test holds to "every option has help, an example in the epilog"; train and
 # eval are meant to follow.
-OWNED = ("label", "checkpoints", "export-onnx", "calibrate")
+OWNED = ("label", "checkpoints", "export-onnx", "calibrate", "duplicates", "eval", "train")
 
 
 def _imported_modules(code: str) -> set[str]:
@@ -35,7 +35,8 @@ def test_help_imports_nothing_heavy() -> None:
     ``label`` imports neither torch nor ONNX, ONNX Runtime, PySide6, PIL or numpy."""
     code = ("import contextlib, io, fewshot_studio.cli as c\n"
             "p = c.build_parser()\n"
-            "for argv in ([], ['label'], ['checkpoints'], ['export-onnx'], ['calibrate']):\n"
+            "for argv in ([], ['label'], ['checkpoints'], ['export-onnx'], ['calibrate'],"
+            "             ['duplicates']):\n"
             "    with contextlib.suppress(SystemExit), contextlib.redirect_stdout(io.StringIO()):\n"
             "        c.main([*argv, '--help'])\n")
     imported = _imported_modules(code)
@@ -67,7 +68,8 @@ def test_every_option_has_help_and_every_command_an_example() -> None:
 
 
 @pytest.mark.parametrize("argv", [["--help"], ["label", "--help"], ["checkpoints", "--help"],
-                                  ["export-onnx", "--help"], ["calibrate", "--help"]])
+                                  ["export-onnx", "--help"], ["calibrate", "--help"],
+                                  ["duplicates", "--help"]])
 def test_help_shows_the_example(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     """The epilog's command lines print as written (not re-wrapped) and lines stay short."""
     with pytest.raises(SystemExit) as e:
@@ -85,3 +87,12 @@ def test_export_tolerance_matches_the_engine() -> None:
     from fewshot_studio.engine.onnx_export import PARITY_TOLERANCE
 
     assert DEFAULT_TOLERANCE == PARITY_TOLERANCE
+
+
+def test_duplicates_threshold_matches_the_engine() -> None:
+    """``duplicates --threshold`` defaults to the engine's, repeated in the CLI so that
+    ``--help`` does not import numpy."""
+    from fewshot_studio.cli.duplicates import DEFAULT_THRESHOLD
+    from fewshot_studio.engine.duplicates import DEFAULT_THRESHOLD as ENGINE_THRESHOLD
+
+    assert DEFAULT_THRESHOLD == ENGINE_THRESHOLD

@@ -298,3 +298,67 @@ def test_move_to(env: dict, tmp_path: Path) -> None:
     assert sorted(os.listdir(src)) == ["fake.jpg"]
     assert (tmp_path / "m" / "red" / "red_0.jpg").is_file()
     assert (tmp_path / "m" / "blue" / "blue_0.jpg").is_file()
+
+
+# -- issue 14 ------------------------------------------------------------------------------
+def test_labels_csv_and_folder_are_corrections_or_examples(
+        env: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``--labels``: a query image listed is a correction (its row says so, with that label,
+    even against the colour); an image outside the query folder becomes a support example;
+    a missing file is noted and ignored. A class folder tree works the same way."""
+    extra = tmp_path / "extra" / "blue"
+    extra.mkdir(parents=True)
+    (extra / "b.jpg").write_bytes((env["query"] / "blue_0.jpg").read_bytes())
+    labels = tmp_path / "mine.csv"
+    labels.write_text(f"path,label\nred_0.jpg,green\nsub/blue_3.jpg,blue\n"
+                      f"{extra / 'b.jpg'},blue\ngone.jpg,red\n,red\n", encoding="utf-8")
+    out = tmp_path / "l.csv"
+    assert _label(env, out, "--labels", str(labels)) == 0
+    assert ("--labels: 2 corrections, 1 support examples, 1 missing files ignored"
+            in capsys.readouterr().err)
+    by = {r["path"]: r for r in read_csv(out)}
+    assert by["red_0.jpg"]["label"] == "green" and by["red_0.jpg"]["corrected"] == "true"
+    assert by["sub/blue_3.jpg"]["corrected"] == "true"
+    assert sum(r["corrected"] == "true" for r in by.values()) == 2
+    tree = tmp_path / "tree"
+    (tree / "red").mkdir(parents=True)
+    (tree / "red" / "x.png").write_bytes((env["query"] / "green_1.png").read_bytes())
+    assert _label(env, out, "--labels", str(tree)) == 0
+    assert "--labels: 0 corrections, 1 support examples" in capsys.readouterr().err
+    (tree / "purple").mkdir()
+    (tree / "purple" / "y.png").write_bytes((tree / "red" / "x.png").read_bytes())
+    assert _label(env, out, "--labels", str(tree)) == 2
+    assert "classes not in --support: 'purple'" in capsys.readouterr().err
+    assert _label(env, out, "--labels", str(env["query"] / "sub")) == 2  # no class folders
+    assert "no class sub-folders with images" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("case", ["unknown_class", "missing", "skip_unknown_alone"])
+def test_labels_and_skip_unknown_refusals(env: dict, tmp_path: Path, case: str,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """Refused before any work (exit 2, no output): a --labels class that --support lacks, a
+    missing --labels, --skip-unknown without --copy-to / --move-to."""
+    labels = tmp_path / "l.csv"
+    labels.write_text("path,label\nred_0.jpg,purple\n", encoding="utf-8")
+    extra = {"unknown_class": ["--labels", str(labels)],
+             "missing": ["--labels", str(tmp_path / "nope.csv")],
+             "skip_unknown_alone": ["--skip-unknown"]}[case]
+    out = tmp_path / "out.csv"
+    assert _label(env, out, *extra) == 2
+    err = capsys.readouterr().err
+    assert {"unknown_class": "'purple'", "missing": "not found",
+            "skip_unknown_alone": "needs --copy-to"}[case] in err
+    assert not out.exists()
+
+
+def test_copy_to_skip_unknown(env: dict, tmp_path: Path) -> None:
+    """``--skip-unknown``: exactly the images with a label are copied; no ``_unknown``."""
+    out, dest = tmp_path / "l.csv", tmp_path / "sorted"
+    assert main(["label", "--checkpoint", str(env["ckpt"]), "--support", str(env["support"]),
+                 "--query", str(env["query"]), "--out", str(out), "--cache", str(env["cache"]),
+                 "--unknown-threshold", "0.99", "--copy-to", str(dest),
+                 "--skip-unknown"]) == 0
+    rows = read_csv(out)
+    copied = sorted(p.relative_to(dest).parts[0] for p in dest.rglob("*") if p.is_file())
+    assert copied == sorted(r["label"] for r in rows if r["label"])
+    assert not (dest / "_unknown").exists()

@@ -19,7 +19,7 @@ from fewshot_studio.engine.api import LabelSettings, Status
 from fewshot_studio.engine.session import LabelingSession
 from fewshot_studio.errors import UserError
 
-LABEL_ALL = LabelSettings(unknown_threshold=0.0, batch_size=8)
+LABEL_ALL = LabelSettings(unknown_rule="threshold", unknown_threshold=0.0, batch_size=8)
 
 
 @pytest.fixture(scope="module")
@@ -303,6 +303,9 @@ def test_fast_protonet_scorer_equals_the_model(env: dict, tmp_path: Path, scale:
         assert fast.__name__ == "fast"
         expected = torch.softmax(predictor(query), dim=-1)
         torch.testing.assert_close(fast(query), expected, atol=1e-5, rtol=1e-4)
+        _, top_logit = s._scorer(predictor)(query)  # the top logit keeps -s |q|^2
+        torch.testing.assert_close(top_logit, predictor(query).max(-1).values,
+                                   atol=1e-3, rtol=1e-4)
 
 
 def test_settings_change_after_new_support_relabels(env: dict, tmp_path: Path) -> None:

@@ -325,3 +325,61 @@ def test_two_copy_runs_into_one_folder_keep_every_file(tmp_path: Path,
                     for p in (dest / "cat").iterdir())
     want = sorted(hashlib.sha256(p.path.read_bytes()).hexdigest() for ps in runs for p in ps)
     assert digest == want
+
+
+# -- issue 14 ------------------------------------------------------------------------------
+def test_copy_skip_unknown_leaves_unknown_images(tmp_path: Path) -> None:
+    """``skip_unknown``: unknown images stay where they are (no ``_unknown`` folder) and count
+    as skipped; labeled and corrected ones are copied as before."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("x.jpg", "u.jpg", "bad.jpg"):
+        (src / name).write_bytes(name.encode())
+    top = (("cat", 0.9),)
+    preds = [Prediction(src / "x.jpg", "cat", 0.9, 0.8, Status.OK, top),
+             Prediction(src / "u.jpg", None, 0.3, 0.0, Status.UNKNOWN, top),
+             Prediction(src / "bad.jpg", None, 0.0, 0.0, Status.ERROR, (), "not an image")]
+    steps = list(export.copy_to_class_folders(preds, tmp_path / "out", move=True,
+                                              skip_unknown=True))
+    assert steps[-1].metrics == {"moved": 1, "failed": 0, "skipped": 2}
+    assert [s.message for s in steps] == ["skipped (error)", "skipped (unknown)", "x.jpg"]
+    assert sorted(p.relative_to(tmp_path / "out").as_posix()
+                  for p in (tmp_path / "out").rglob("*")) == ["cat", "cat/x.jpg"]
+    assert (src / "u.jpg").exists() and not (src / "x.jpg").exists()
+
+
+def test_read_labels_csv(tmp_path: Path) -> None:
+    """``label --labels``: a header naming path and label (any order, other columns
+    ignored) or plain path,label rows; relative paths from the query root; empty labels left
+    out; our own CSV reads back with its escapes undone; bad files are a UserError."""
+    root = tmp_path / "q"
+    f = tmp_path / "l.csv"
+    f.write_text("\ufeffLabel,notes,Path\ncat,x,a/1.jpg\n,,b.jpg\ndog,,/abs/2.jpg\n",
+                 encoding="utf-8")
+    assert export.read_labels_csv(f, root) == [(root / "a" / "1.jpg", "cat"),
+                                               (Path("/abs/2.jpg"), "dog")]
+    f.write_text("a/1.jpg,cat\n\nc.jpg,dog\n", encoding="utf-8")
+    assert export.read_labels_csv(f, root) == [(root / "a" / "1.jpg", "cat"),
+                                               (root / "c.jpg", "dog")]
+    ours = export.write_csv([Prediction(root / "=x.jpg", "@odd", 0.9, 0.5, Status.OK, ()),
+                             *_preds(root)], tmp_path / "ours.csv", root)
+    assert export.read_labels_csv(ours, root) == [
+        (root / "=x.jpg", "@odd"), (root / "c.jpg", "dog"), (root / "z.jpg", "cat")]
+    f.write_text("just-a-path\n", encoding="utf-8")
+    with pytest.raises(UserError, match="line 1: expected path and label"):
+        export.read_labels_csv(f, root)
+    f.write_bytes(b"path,label\n\xff\xfe,cat\n")
+    with pytest.raises(UserError, match="cannot read --labels file"):
+        export.read_labels_csv(f, root)
+    with pytest.raises(UserError, match="not found"):
+        export.read_labels_csv(tmp_path / "missing.csv", root)
+
+
+def test_format_table() -> None:
+    """One table of label file formats; ``format_for`` picks by name or by suffix."""
+    assert list(export.EXPORT_FORMATS) == ["csv", "json", "labelstudio", "fiftyone"]
+    assert export.format_for(Path("x.JSON")).name == "json"
+    assert export.format_for(Path("x.txt")).name == "csv"
+    assert export.format_for(Path("x.csv"), "fiftyone").name == "fiftyone"
+    with pytest.raises(UserError, match="unknown format"):
+        export.format_for(Path("x.csv"), "xml")

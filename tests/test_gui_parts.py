@@ -404,3 +404,31 @@ def test_item_views_keep_the_reference_count_of_none(qtbot) -> None:
         w.addItem(item)
     assert w.count() == 2000
     assert sys.getrefcount(None) - before > -100  # 6.12.0: -4000
+
+
+def test_export_menu_and_writer_come_from_the_format_table(qtbot, tmp_path: Path) -> None:
+    """File > Export lists every format of ``EXPORT_FORMATS`` (then the class-folder copy),
+    and the controller writes each through the table: a FiftyOne export names the classes."""
+    import json
+
+    from fewshot_studio.engine.api import Prediction, Status
+    from fewshot_studio.engine.export import EXPORT_FORMATS
+    from fewshot_studio.gui.controllers.export import ExportController
+    from fewshot_studio.gui.main_window import MainWindow
+
+    w = MainWindow(restore_state=False)
+    qtbot.addWidget(w)
+    menu = next(a.menu() for a in w.menuBar().actions() if a.text() == "&File")
+    export_menu = next(a.menu() for a in menu.actions() if a.menu() and "xport" in a.text())
+    titles = [a.text() for a in export_menu.actions()]
+    assert len(titles) == len(EXPORT_FORMATS) + 1
+    assert [t.split("…")[0] for t in titles[:-1]] == [
+        f"Export {f.title.split(' (')[0]}" for f in EXPORT_FORMATS.values()]
+    root = tmp_path / "q"
+    preds = [Prediction(root / "a.jpg", "dog", 0.9, 0.5, Status.OK, (("dog", 0.9),))]
+    ctl = ExportController()
+    out = tmp_path / "labels.json"
+    with qtbot.waitSignal(ctl.finished, timeout=10_000):
+        ctl.export_file("fiftyone", preds, out, root, ["cat", "dog"])
+    doc = json.loads(out.read_text(encoding="utf-8"))
+    assert doc["classes"] == ["cat", "dog"]

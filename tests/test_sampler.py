@@ -109,3 +109,74 @@ def test_stack_episodes() -> None:
     eps = EpisodeSampler(_targets([10] * 6), 5, 1, 2, seed=0).sample_batch(4)
     st = stack_episodes(eps)
     assert st.support.shape == (4, 5) and st.query.shape == (4, 10) and st.classes.shape == (4, 5)
+
+
+def _alphabets(chars: list[int], n_drawers: int = 6, per_drawer: int = 1
+               ) -> tuple[np.ndarray, list[str], np.ndarray]:
+    """Targets (N,), each class's group (alphabet K has chars[K] classes) and each item's
+    drawer (N,): every class has ``per_drawer`` images by each of ``n_drawers`` drawers."""
+    groups = [f"a{k}" for k, n in enumerate(chars) for _ in range(n)]
+    per_class = n_drawers * per_drawer
+    targets = np.repeat(np.arange(len(groups)), per_class)
+    drawers = np.tile(np.repeat(np.arange(1, n_drawers + 1), per_drawer), len(groups))
+    return targets, groups, drawers
+
+
+@pytest.mark.parametrize("per_drawer", [1, 2])
+def test_within_group_episodes_share_a_group_and_split_drawers(per_drawer: int) -> None:
+    t, groups, drawers = _alphabets([5, 4, 2], per_drawer=per_drawer)
+    sampler = EpisodeSampler(t, 4, 1, 3, seed=0, groups=groups, drawers=drawers)
+    assert sampler.groups_used == ["a0", "a1"] and sampler.groups_skipped == ["a2"]
+    assert sampler.within_groups and sampler.by_drawers
+    seen = set()
+    for ep in sampler.episodes(200):
+        _check(ep, t, 4, 1, 3)
+        assert len({groups[c] for c in ep.classes.tolist()}) == 1
+        seen.add(groups[int(ep.classes[0])])
+        s_dr, q_dr = set(drawers[ep.support.numpy()]), set(drawers[ep.query.numpy()])
+        assert len(s_dr) == 1 and len(q_dr) == 3 and not s_dr & q_dr  # episode-wide drawers
+    assert seen == {"a0", "a1"}
+    again = EpisodeSampler(t, 4, 1, 3, seed=0, groups=groups, drawers=drawers).episodes(200)
+    assert all(torch.equal(a.query, b.query) for a, b in zip(again, sampler.episodes(200),
+                                                             strict=True))
+
+
+def test_within_group_without_drawers_and_with_a_missing_drawer() -> None:
+    t, groups, drawers = _alphabets([3, 3])
+    ep = EpisodeSampler(t, 3, 2, 2, seed=1, groups=groups).sample()
+    assert len({groups[c] for c in ep.classes.tolist()}) == 1
+    _check(ep, t, 3, 2, 2)
+    # class 0 lacks drawer 1: its alphabet keeps the 5 drawers that drew every class
+    t, groups, drawers = _alphabets([3, 3], per_drawer=2)
+    keep = ~((t == 0) & (drawers == 1))
+    s = EpisodeSampler(t[keep], 3, 1, 4, seed=0, groups=groups, drawers=drawers[keep])
+    assert s.groups_used == ["a0", "a1"]
+    for e in s.episodes(50):
+        if groups[int(e.classes[0])] == "a0":
+            assert 1 not in set(drawers[keep][torch.cat([e.support, e.query]).numpy()])
+    s = EpisodeSampler(t[keep], 3, 1, 5, groups=groups, drawers=drawers[keep])  # 6 drawers
+    assert s.groups_used == ["a1"] and s.groups_skipped == ["a0"]
+    with pytest.raises(UserError, match="at least shot\\+query = 7 drawers"):
+        EpisodeSampler(t, 3, 1, 6, groups=groups, drawers=drawers)  # 12 images, 6 drawers
+
+
+def test_no_group_with_enough_classes_is_a_user_error() -> None:
+    t, groups, drawers = _alphabets([3, 2])
+    with pytest.raises(UserError, match=r"no group \(alphabet\) has 4 classes.*'a0', has 3"):
+        EpisodeSampler(t, 4, 1, 1, groups=groups, drawers=drawers)
+
+
+def test_group_fraction_mixes_hard_episodes_into_the_stream() -> None:
+    t, groups, drawers = _alphabets([6, 6, 6, 6])
+    plain = EpisodeSampler(t, 5, 1, 2, seed=4)
+    off = EpisodeSampler(t, 5, 1, 2, seed=4, groups=groups, drawers=drawers, group_fraction=0)
+    assert not off.within_groups
+    assert all(torch.equal(a.query, b.query) for a, b in zip(plain.episodes(20),
+                                                             off.episodes(20), strict=True))
+    half = EpisodeSampler(t, 5, 1, 2, seed=4, groups=groups, drawers=drawers,
+                          group_fraction=0.5)
+    one_group = [len({groups[c] for c in e.classes.tolist()}) == 1 for e in half.sample_batch(400)]
+    # a random 5-of-24 draw lies in one group with probability 4 * C(6,5) / C(24,5) < 0.1%
+    assert 0.4 < np.mean(one_group) < 0.6
+    with pytest.raises(UserError, match="fraction"):
+        EpisodeSampler(t, 5, 1, 2, groups=groups, group_fraction=1.5)

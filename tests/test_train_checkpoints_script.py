@@ -187,3 +187,39 @@ def test_omniglot_eval_runs_each_test_time_variant_once(
     per_protocol = len(tc.OMNIGLOT_PROTOCOLS)
     assert variants == [v for v in expected for _ in range(per_protocol)
                         if not (v == "--tta" and _ == 0)]
+
+
+def test_within_alphabet_protocol_is_evaluated_and_carded_only_when_recorded(
+        tc: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 16: the Omniglot steps also run `eval --within-alphabet` (once); the card gets
+    its section only from recorded results, so a card without them is unchanged."""
+    from fewshot_studio.cli.evaluate import record_result
+
+    path = tiny_checkpoint(tmp_path / "m.safetensors", "runs/x", step=1)
+    calls: list[list[str]] = []
+    monkeypatch.setattr(tc, "sh", lambda log, name, cmd, **k: calls.append(cmd))
+    tc.within_alphabet_eval(ctx_for(tc, tmp_path / "runs"), "m", path)
+    assert len(calls) == 1
+    assert {"--within-alphabet", "--unknown-threshold", "--write-results"} <= set(calls[0])
+    assert calls[0][calls[0].index("--way") + 1] == "20"
+
+    lines: list[str] = []
+    metas = {"omniglot-protonet": tc.load_checkpoint(path)}
+    tc.within_alphabet_section(lines.append, metas)
+    assert lines == []  # nothing recorded: the card stays as it was
+    record_result(path, "omniglot-evaluation within-alphabet 20w1s", {
+        "accuracy": 0.96, "ci95": 0.004, "episodes": 1000, "unknown": 0.012,
+        "unknown_threshold": 0.55})
+    record_result(path, "omniglot-evaluation 20w1s", {"accuracy": 0.97, "ci95": 0.002,
+                                                      "episodes": 1000})
+    calls.clear()
+    tc.within_alphabet_eval(ctx_for(tc, tmp_path / "runs"), "m", path)
+    assert calls == []  # recorded already
+    metas = {"omniglot-protonet": tc.load_checkpoint(path)}
+    tc.within_alphabet_section(lines.append, metas)
+    text = "\n".join(lines)
+    assert "## Omniglot, within one alphabet (Lake et al. 2015)" in text
+    assert ("| omniglot-protonet | 96.00 +- 0.40 | 4.00 % | 1.20 % at 0.55 | 97.00 +- 0.20 |"
+            in text)
+    assert "every checkpoint <= 6.0 % error: met; the best <= 4.5 % (better than people): met" \
+        in text

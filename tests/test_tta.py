@@ -103,7 +103,8 @@ def test_engine_caches_averaged_features_under_their_own_key(tmp_path: Path) -> 
     support = {c: sorted((support_root / c).glob("*.png")) for c in COLOURS}
     queries = [query_root / rel for rel in sorted(truth)]
     cache = tmp_path / "cache.sqlite"
-    settings = LabelSettings(unknown_threshold=0.0, batch_size=4, tta=True)
+    settings = LabelSettings(unknown_rule="threshold", unknown_threshold=0.0, batch_size=4,
+                             tta=True)
     with LabelingSession(ckpt, settings, cache_path=cache) as s:
         s.set_support(support)
         list(s.run(queries))

@@ -22,7 +22,8 @@ from fewshot_studio import __version__
 from fewshot_studio.errors import UserError
 
 # Modules under fewshot_studio.cli, each registering one or more subcommands.
-SUBCOMMAND_MODULES = ("train", "evaluate", "label", "checkpoints", "export_onnx", "calibrate")
+SUBCOMMAND_MODULES = ("train", "evaluate", "label", "checkpoints", "export_onnx", "calibrate",
+                      "duplicates")
 
 
 def help_texts(description: str, *examples: str) -> dict[str, Any]:

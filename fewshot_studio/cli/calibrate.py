@@ -28,17 +28,6 @@ if TYPE_CHECKING:
     from fewshot_studio.training.calibrate import CalibrationResult
 
 
-# Help for the episode options that add_episode_args (cli/evaluate.py) adds without any.
-_EPISODE_HELP = {
-    "way": "classes per episode (default %(default)s)",
-    "shot": "examples per class in each episode (default %(default)s)",
-    "episodes": "number of fixed episodes (default %(default)s)",
-    "seed": "seed of the episode sampler: the same seed, the same episodes "
-            "(default %(default)s)",
-    "device": "where the model runs (default %(default)s: CUDA when available)",
-}
-
-
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``calibrate``."""
     p = subparsers.add_parser(
@@ -52,9 +41,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "    --data images_background.zip --classes val_classes.txt \\\n"
             "    --way 5 --shot 1 --episodes 200 --write"))
     add_episode_args(p, classes_help="fit on these (validation) classes only", episodes=200)
-    for action in p._actions:
-        if not action.help and action.dest in _EPISODE_HELP:
-            action.help = _EPISODE_HELP[action.dest]
     p.add_argument("--write", action="store_true",
                    help="record T in the checkpoint file (atomic rewrite, same weight dtype)")
     p.add_argument("--check", action="store_true",

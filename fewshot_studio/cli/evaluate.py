@@ -3,6 +3,11 @@
     fewshot-studio eval --checkpoint omniglot-protonet --data images_evaluation.zip \\
         --way 5 --shot 1 --query 15 --episodes 1000 --seed 0
     accuracy: 96.68% +- 0.27% (95% CI, 1000 episodes)
+
+``--within-alphabet``: Lake et al.'s (2015) harder protocol: every episode's classes come from
+one alphabet (the first folder level, e.g. ``Angelic/character01``; alphabets with fewer than
+``--way`` characters are skipped) and its support and query images from different drawers
+(the file-name suffix ``_NN``).
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from fewshot_studio.cli import help_texts
 from fewshot_studio.progress import ProgressBar, run_with_bar
 
 if TYPE_CHECKING:
@@ -28,21 +34,30 @@ def add_episode_args(p: argparse.ArgumentParser, classes_help: str, episodes: in
                    help=f"{classes_help}: a file with one class per line or a split name "
                         "(e.g. vinyals_test)")
     p.add_argument("--splits-dir", help="folder of vinyals_*.txt (default: the shared data)")
-    p.add_argument("--way", type=int, default=5)
-    p.add_argument("--shot", type=int, default=1)
+    p.add_argument("--way", type=int, default=5,
+                   help="classes per episode (default %(default)s)")
+    p.add_argument("--shot", type=int, default=1,
+                   help="examples per class in each episode (default %(default)s)")
     p.add_argument("--query", type=int, default=None,
                    help="queries per class (default: 15, or what the smallest class allows, "
                         "e.g. 20 - K on Omniglot for K > 5)")
-    p.add_argument("--episodes", type=int, default=episodes)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--episodes", type=int, default=episodes,
+                   help="number of fixed episodes (default %(default)s)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the episode sampler: the same seed, the same episodes "
+                        "(default %(default)s)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="where the model runs (default %(default)s: CUDA when available)")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "eval", help="measure a checkpoint's few-shot accuracy on class-folder data",
-        description="Evaluate a checkpoint on fixed N-way K-shot episodes (deterministic for "
-                    "a seed); prints mean accuracy +- 95% CI (1.96 std / sqrt(n)).")
+        **help_texts(
+            "Evaluate a checkpoint on fixed N-way K-shot episodes (deterministic for a seed); "
+            "prints mean accuracy +- 95% CI (1.96 std / sqrt(n)).",
+            "fewshot-studio eval --checkpoint omniglot-protonet \\\n"
+            "    --data images_evaluation.zip --way 20 --shot 1 --within-alphabet"))
     add_episode_args(p, classes_help="evaluate on these classes only", episodes=1000)
     p.add_argument("--write-results", action="store_true",
                    help="record the result in the checkpoint's evaluation metadata")
@@ -59,6 +74,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "fixed views of it (without a number, as many as the app's "
                         "'Test-time augmentation' option uses): small warps and stroke "
                         "changes for grayscale characters, the mirror image for photos")
+    p.add_argument("--within-alphabet", action="store_true",
+                   help="Lake et al.'s harder protocol: each episode's classes from one "
+                        "alphabet (the first folder level; alphabets with fewer than --way "
+                        "classes are skipped), support and query images by different drawers "
+                        "(the file-name suffix _NN, as in Omniglot's 0965_17.png)")
+    p.add_argument("--unknown-threshold", nargs="?", type=float, const=-1.0, default=None,
+                   metavar="P",
+                   help="also report the fraction of queries (all of them from the support's "
+                        "classes) whose calibrated top probability is below P: what `label`'s "
+                        "threshold rule would mark unknown (its adaptive rule falls back to "
+                        "it with one example a class); without a number: label's default")
     p.set_defaults(func=run)
 
 
@@ -79,15 +105,22 @@ def tta_label(label: str, views: int) -> str:
 
 def evaluate_with_bar(model: Any, images: Any, preprocess: Any, way: int, shot: int,
                       query: int | None, episodes: int, seed: int, device: Any,
-                      label: str = "eval", transductive: int = 0, tta: int = 0) -> EvalResult:
+                      label: str = "eval", transductive: int = 0, tta: int = 0,
+                      within_alphabet: bool = False, unknown_threshold: float | None = None,
+                      temperature: float = 1.0) -> EvalResult:
     """:func:`~fewshot_studio.training.evaluate.evaluate_iter` behind a progress bar named
     ``label``; returns its :class:`EvalResult`."""
     from fewshot_studio.training.evaluate import EvalResult, evaluate_iter
 
     return run_with_bar(
         evaluate_iter(model, images, preprocess, way, shot, query, episodes, seed, device,
-                      transductive, tta),
+                      transductive, tta, within_alphabet, unknown_threshold, temperature),
         ProgressBar(label, unit="ep"), EvalResult)
+
+
+def within_alphabet_label(label: str) -> str:
+    """The label ``eval --within-alphabet --write-results`` records its results under."""
+    return f"{label} within-alphabet"
 
 
 def data_paths(args: argparse.Namespace) -> list[str]:
@@ -133,21 +166,41 @@ def run(args: argparse.Namespace) -> int:
         args.tta = TTA_VIEWS
     if args.tta < 0:
         raise UserError("--tta needs a number of views >= 2")
+    if args.unknown_threshold is not None and args.unknown_threshold < 0:
+        from fewshot_studio.engine.api import LabelSettings
+
+        args.unknown_threshold = LabelSettings().unknown_threshold
+    if args.unknown_threshold is not None and not 0.0 <= args.unknown_threshold <= 1.0:
+        raise UserError(f"--unknown-threshold must be in [0, 1], got {args.unknown_threshold}")
     path, ckpt, model, images, device = load_for_episodes(args)
     args.tta = effective_views(args.tta, tta_kind(ckpt.preprocess)) if args.tta > 1 else 0
     if args.transductive and not model.can_refine:
         raise UserError(f"--transductive: this {model.method_name} checkpoint has no "
                         "transductive refinement (ProtoNet, mean-aggregate Relation "
                         "Network and ANIL MAML checkpoints have)")
+    from fewshot_studio.training.calibrate import temperature_from_metadata
+
     result = evaluate_with_bar(model, images, ckpt.preprocess, args.way, args.shot, args.query,
                                args.episodes, args.seed, device,
-                               transductive=args.transductive, tta=args.tta)
+                               transductive=args.transductive, tta=args.tta,
+                               within_alphabet=args.within_alphabet,
+                               unknown_threshold=args.unknown_threshold,
+                               temperature=temperature_from_metadata(ckpt.evaluation))
+    if args.within_alphabet:
+        skipped = sorted({n.partition("/")[0] for n in images.class_names}
+                         - set(result.alphabets))
+        print(f"within-alphabet: {len(result.alphabets)} alphabets with at least {args.way} "
+              f"classes; skipped {len(skipped)}" + (f": {', '.join(skipped)}" if skipped else "")
+              + ("" if result.drawers else "; no drawer suffix _NN on every file name: "
+                 "support and query differ by image only"), file=sys.stderr)
     print(result)
     if args.write_results:
         data = data_paths(args)
         label = args.label or "+".join(Path(d).stem for d in data)
         if args.classes:
             label += f" [{Path(args.classes).stem}]"
+        if args.within_alphabet:
+            label = within_alphabet_label(label)
         if args.tta:
             label = tta_label(label, args.tta)
         if args.transductive:

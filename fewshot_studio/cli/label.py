@@ -9,11 +9,19 @@ import time
 from pathlib import Path
 
 from fewshot_studio.cli import help_texts
-from fewshot_studio.engine.api import LabelSettings, Prediction, Status
+from fewshot_studio.engine.api import (
+    ADAPT_MODES,
+    UNKNOWN_RULES,
+    LabelSettings,
+    Prediction,
+    Status,
+)
+from fewshot_studio.engine.export import EXPORT_FORMATS, ExportFormat
 from fewshot_studio.errors import UserError
 from fewshot_studio.progress import ProgressBar
 
-DEFAULT_THRESHOLD = LabelSettings().unknown_threshold
+DEFAULT = LabelSettings()
+DEFAULT_THRESHOLD = DEFAULT.unknown_threshold
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -36,11 +44,35 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="folder with one sub-folder of example images per class")
     p.add_argument("--query", required=True, type=Path, help="folder of images to label")
     p.add_argument("--out", required=True, type=Path, help="output file (labels.csv)")
-    p.add_argument("--format", choices=("csv", "json"), default=None,
-                   help="output format (default: from the --out suffix, else csv)")
-    p.add_argument("--unknown-threshold", type=float, default=DEFAULT_THRESHOLD, metavar="P",
-                   help=f"top probability below which an image is 'unknown' "
-                        f"(default {DEFAULT_THRESHOLD})")
+    p.add_argument("--format", choices=tuple(EXPORT_FORMATS), default=None,
+                   help="output format: " + "; ".join(f"{f.name}: {f.help}"
+                                                      for f in EXPORT_FORMATS.values())
+                        + " (default: json for a .json --out, else csv)")
+    p.add_argument("--labels", type=Path, metavar="CSV|DIR",
+                   help="labels you already have: a CSV with path and label columns (paths "
+                        "relative to --query or absolute) or a folder with one sub-folder per "
+                        "class; a query image listed there is a correction, any other image a "
+                        "support example of its class")
+    p.add_argument("--unknown-rule", choices=UNKNOWN_RULES, default=DEFAULT.unknown_rule,
+                   help="how an image becomes 'unknown': threshold (a fixed top probability, "
+                        "--unknown-threshold) or adaptive (read off the examples: held out "
+                        "in turn, they set how typical and how sure a label must be; see "
+                        "--miss-rate; more precise, fewer labels off the photo domain, see "
+                        f"benchmarks/open_set.py) (default {DEFAULT.unknown_rule}, as in "
+                        "the app)")
+    p.add_argument("--miss-rate", type=float, default=DEFAULT.miss_rate, metavar="R",
+                   help="adaptive rule: the share of images of the known classes that may "
+                        f"come out unknown as untypical (default {DEFAULT.miss_rate}); higher "
+                        "rejects more strangers")
+    p.add_argument("--unknown-threshold", type=float, default=None, metavar="P",
+                   help="threshold rule: top probability below which an image is 'unknown' "
+                        f"(default {DEFAULT_THRESHOLD}); also used by the adaptive rule when "
+                        "every class has a single example")
+    p.add_argument("--adapt", choices=ADAPT_MODES, default=DEFAULT.adapt,
+                   help="none: class prototypes; head: a logistic-regression head fitted on "
+                        "the examples (for 10-50 examples a class; ProtoNet checkpoints); "
+                        "auto: the head unless the prototypes do better on held-out examples "
+                        f"(default {DEFAULT.adapt})")
     p.add_argument("--transductive", action="store_true",
                    help="refine the class prototypes with the queries (soft k-means)")
     p.add_argument("--tta", action="store_true",
@@ -52,6 +84,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                       help="also copy the images into DIR/<label>/")
     dest.add_argument("--move-to", type=Path, metavar="DIR",
                       help="also move the images into DIR/<label>/")
+    p.add_argument("--skip-unknown", action="store_true",
+                   help="with --copy-to / --move-to: leave the unknown images where they are "
+                        "(default: into DIR/_unknown/)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="where the network runs (default auto: CUDA when it works, else "
                         "the CPU)")
@@ -197,7 +232,8 @@ def _list_failures(what: str, failures: list[tuple[Path, str]], show: int = 5) -
         print(f"... and {len(failures) - show} more", file=sys.stderr)
 
 
-def _nothing_to_label(args: argparse.Namespace, fmt: str, classes: dict[str, list[Path]],
+def _nothing_to_label(args: argparse.Namespace, fmt: ExportFormat,
+                      classes: dict[str, list[Path]],
                       settings: LabelSettings, unreadable: list[tuple[Path, str]],
                       n_excluded: int) -> int:
     """No image to label: the output with no image rows (a CSV of the header only; an
@@ -206,15 +242,13 @@ def _nothing_to_label(args: argparse.Namespace, fmt: str, classes: dict[str, lis
     gets "warning: no images in QUERY" and exit code 1; a folder whose images were all left
     out (sorted in place by an earlier run) is nothing to do: exit 0, or 1 for unreadable
     sub-folders."""
-    from fewshot_studio.engine import export
-
     empty = n_excluded == 0
     if empty:
         print(f"warning: no images in {args.query}", file=sys.stderr)
     rows = [Prediction(folder, None, 0.0, 0.0, Status.ERROR, (),
                        f"cannot read folder: {reason}") for folder, reason in unreadable]
-    writer = export.write_json if fmt == "json" else export.write_csv
-    writer(rows, args.out, args.query, absolute_paths=args.absolute_paths)
+    fmt.write(rows, args.out, args.query, absolute_paths=args.absolute_paths,
+              classes=list(classes))
     parts = [f"labeled 0 images; wrote {args.out}"]
     if args.save_project is not None:
         project_file = _save_project(args.save_project, args, classes, settings, None, "")
@@ -226,6 +260,50 @@ def _nothing_to_label(args: argparse.Namespace, fmt: str, classes: dict[str, lis
     print("; ".join(parts))
     sys.stdout.flush()
     return 1 if empty or unreadable else 0
+
+
+def _known_labels(source: Path | None, query: Path, classes: dict[str, list[Path]],
+                  queries: list[Path]) -> dict[Path, str]:
+    """``--labels``: read a path,label CSV or a folder of class sub-folders. A query image
+    becomes a correction (returned: ``{path: label}``), any other existing image a support
+    example (added to ``classes``); a missing file is ignored with a note. UserError for an
+    unreadable source or a class that --support does not have."""
+    if source is None:
+        return {}
+    from fewshot_studio.engine import export
+    from fewshot_studio.engine.session import LabelingSession
+
+    if source.is_dir():
+        pairs: list[tuple[Path, str]] = []
+        for d in sorted(source.iterdir()):
+            if d.is_dir() and not d.name.startswith("."):
+                pairs.extend((p, d.name) for p in LabelingSession.scan_queries(d))
+        if not pairs:
+            raise UserError(f"--labels {source}: no class sub-folders with images")
+    elif source.exists():
+        pairs = export.read_labels_csv(source, query)
+    else:
+        raise UserError(f"--labels not found: {source}")
+    strange = sorted({label for _, label in pairs} - set(classes))
+    if strange:
+        raise UserError(f"--labels {source}: classes not in --support: "
+                        + ", ".join(map(repr, strange[:5]))
+                        + (f" and {len(strange) - 5} more" if len(strange) > 5 else ""))
+    in_query = set(queries)
+    corrections: dict[Path, str] = {}
+    n_support = n_missing = 0
+    for path, label in pairs:
+        if path in in_query:
+            corrections[path] = label
+        elif path.is_file():
+            if path not in classes[label]:
+                classes[label].append(path)
+                n_support += 1
+        else:
+            n_missing += 1
+    print(f"note: --labels: {len(corrections)} corrections, {n_support} support examples"
+          + (f", {n_missing} missing files ignored" if n_missing else ""), file=sys.stderr)
+    return corrections
 
 
 def _interactive() -> bool:
@@ -246,13 +324,19 @@ def run(args: argparse.Namespace) -> int:
     from fewshot_studio.engine.session import LabelingSession
 
     # Every check that can fail fast happens before any work.
-    fmt = args.format or ("json" if args.out.suffix.lower() == ".json" else "csv")
-    if not 0.0 <= args.unknown_threshold <= 1.0:
-        raise UserError(f"--unknown-threshold must be in [0, 1], got {args.unknown_threshold}")
+    fmt = export.format_for(args.out, args.format)
+    threshold = DEFAULT_THRESHOLD if args.unknown_threshold is None else args.unknown_threshold
+    rule = args.unknown_rule
+    if not 0.0 <= threshold <= 1.0:
+        raise UserError(f"--unknown-threshold must be in [0, 1], got {threshold}")
+    if not 0.0 <= args.miss_rate < 1.0:
+        raise UserError(f"--miss-rate must be in [0, 1), got {args.miss_rate}")
     if args.batch_size < 1:
         raise UserError("--batch-size must be >= 1")
     classes = support_classes(args.support)
     dest = args.copy_to or args.move_to
+    if args.skip_unknown and dest is None:
+        raise UserError("--skip-unknown needs --copy-to or --move-to")
     why = _exclusions(args, dest, list(classes))
     queries = LabelingSession.scan_queries(args.query, recursive=not args.no_recursive,
                                            exclude=list(why))
@@ -263,6 +347,7 @@ def run(args: argparse.Namespace) -> int:
         _check_dest(dest)
     if args.save_project is not None:
         _check_project_target(args)
+    corrections = _known_labels(args.labels, args.query, classes, queries)
     if args.device == "cuda":
         from fewshot_studio.engine.backends import onnxruntime_providers, torch_cuda_works
 
@@ -279,7 +364,8 @@ def run(args: argparse.Namespace) -> int:
               + ", ".join(f"{n} {r}" for r, n in reasons.items()), file=sys.stderr)
     for folder, reason in queries.unreadable:
         print(f"warning: cannot read folder {folder}: {reason}", file=sys.stderr)
-    settings = LabelSettings(unknown_threshold=args.unknown_threshold,
+    settings = LabelSettings(unknown_threshold=threshold, unknown_rule=rule,
+                             miss_rate=args.miss_rate, adapt=args.adapt,
                              transductive=args.transductive, recursive=not args.no_recursive,
                              device=args.device, batch_size=args.batch_size,
                              precision=args.precision, tta=args.tta)
@@ -291,6 +377,8 @@ def run(args: argparse.Namespace) -> int:
     with LabelingSession(args.checkpoint, settings, cache_path=args.cache,
                          backend=args.backend) as session:
         session.set_support(classes)
+        for label in dict.fromkeys(corrections.values()):
+            session.correct([p for p, lab in corrections.items() if lab == label], label)
         bar = ProgressBar("labeling", unit="img")
         for p in session.run(queries):
             bar.update(p, force=p.done == p.total)
@@ -300,15 +388,17 @@ def run(args: argparse.Namespace) -> int:
         folder_rows = [Prediction(folder, None, 0.0, 0.0, Status.ERROR, (),
                                   f"cannot read folder: {reason}")
                        for folder, reason in queries.unreadable]
-        writer = export.write_json if fmt == "json" else export.write_csv
-        writer([*preds, *folder_rows], args.out, args.query, absolute_paths=args.absolute_paths)
+        fmt.write([*preds, *folder_rows], args.out, args.query,
+                  absolute_paths=args.absolute_paths, classes=list(classes),
+                  model_version=session.checkpoint_name)
         if args.save_project is not None:
             project_file = _save_project(args.save_project, args, classes, settings, preds,
                                          session.model_id.split(":")[0])
         if dest is not None:
             bar = ProgressBar("moving" if args.move_to else "copying", unit="file")
             for p in export.copy_to_class_folders(preds, dest, move=args.move_to is not None,
-                                                  classes=list(classes)):
+                                                  classes=list(classes),
+                                                  skip_unknown=args.skip_unknown):
                 bar.update(p, force=p.done == p.total)
                 if p.metrics["failed"] > len(failures):
                     failures.append((p.payload[0], p.payload[2]))
@@ -336,7 +426,9 @@ def run(args: argparse.Namespace) -> int:
     if dest is not None:
         done = "moved" if args.move_to else "copied"
         parts.append(f"{done} {copied} files into {dest}"
-                     + (f", {len(failures)} failed" if failures else ""))
+                     + (f", {len(failures)} failed" if failures else "")
+                     + (f", left {n_unknown} unknown" if args.skip_unknown and n_unknown
+                        else ""))
     if queries.unreadable:
         parts.append(f"unreadable folders {len(queries.unreadable)}")
     if n_excluded:

@@ -17,6 +17,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from fewshot_studio.cli import help_texts
 from fewshot_studio.data.preprocess import Preprocess
 from fewshot_studio.errors import UserError
 from fewshot_studio.progress import ProgressBar
@@ -38,8 +39,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     d = TrainConfig()
     p = subparsers.add_parser(
         "train", help="meta-train a few-shot model on class-folder data",
-        description="Meta-train a few-shot model episodically. Writes best.safetensors, "
-                    "last.safetensors, resume.safetensors and metrics.csv into --out.")
+        **help_texts(
+            "Meta-train a few-shot model episodically. Writes best.safetensors, "
+            "last.safetensors, resume.safetensors and metrics.csv into --out.",
+            "fewshot-studio train --method protonet --backbone conv4 \\\n"
+            "    --data my_classes/ --val-classes 0.2 --way 5 --shot 5 --out runs/mine"))
     m = p.add_argument_group("model")
     m.add_argument("--method", default=d.method, help="protonet | relation | maml (default "
                    "%(default)s)")
@@ -78,27 +82,50 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="scales every augmentation range (default %(default)s)")
 
     e = p.add_argument_group("episodes and optimisation")
-    e.add_argument("--way", type=int, default=d.way)
-    e.add_argument("--shot", type=int, default=d.shot)
-    e.add_argument("--query", type=int, default=d.query)
+    e.add_argument("--way", type=int, default=d.way,
+                   help="classes per training episode (default %(default)s)")
+    e.add_argument("--shot", type=int, default=d.shot,
+                   help="support examples per class (default %(default)s)")
+    e.add_argument("--query", type=int, default=d.query,
+                   help="query examples per class (default %(default)s)")
     e.add_argument("--meta-batch", type=int, default=d.meta_batch, help="tasks per step")
+    e.add_argument("--within-alphabet-fraction", type=float,
+                   default=d.within_alphabet_fraction, metavar="F",
+                   help="this fraction of the training episodes takes all its classes from "
+                        "one alphabet (the first folder level), support and query by "
+                        "different drawers (file-name suffix _NN): Lake et al.'s hard "
+                        "episodes (default %(default)s)")
     e.add_argument("--episodes", type=int, default=None,
                    help=f"optimiser steps (default {d.episodes}; with --resume: the run's)")
-    e.add_argument("--lr", type=float, default=d.lr)
-    e.add_argument("--schedule", choices=SCHEDULES, default=d.schedule)
-    e.add_argument("--warmup", type=int, default=d.warmup)
-    e.add_argument("--step-size", type=int, default=d.step_size)
-    e.add_argument("--gamma", type=float, default=d.gamma)
-    e.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    e.add_argument("--grad-clip", type=float, default=None)
+    e.add_argument("--lr", type=float, default=d.lr,
+                   help="peak learning rate (default %(default)s)")
+    e.add_argument("--schedule", choices=SCHEDULES, default=d.schedule,
+                   help="learning-rate schedule after the warm-up (default %(default)s)")
+    e.add_argument("--warmup", type=int, default=d.warmup,
+                   help="episodes of linear warm-up (default %(default)s)")
+    e.add_argument("--step-size", type=int, default=d.step_size,
+                   help="step schedule: episodes between decays (default %(default)s)")
+    e.add_argument("--gamma", type=float, default=d.gamma,
+                   help="step schedule: factor per decay (default %(default)s)")
+    e.add_argument("--weight-decay", type=float, default=d.weight_decay,
+                   help="AdamW weight decay (default %(default)s)")
+    e.add_argument("--grad-clip", type=float, default=None, metavar="NORM",
+                   help="clip the gradient norm to NORM (default: no clipping)")
 
     v = p.add_argument_group("validation")
-    v.add_argument("--val-every", type=int, default=d.val_every)
-    v.add_argument("--val-episodes", type=int, default=d.val_episodes)
-    v.add_argument("--val-way", type=int, default=d.val_way)
-    v.add_argument("--val-shot", type=int, default=d.val_shot)
+    v.add_argument("--val-every", type=int, default=d.val_every,
+                   help="validate every this many episodes (default %(default)s)")
+    v.add_argument("--val-episodes", type=int, default=d.val_episodes,
+                   help="fixed validation episodes (default %(default)s)")
+    v.add_argument("--val-way", type=int, default=d.val_way,
+                   help="classes per validation episode (default %(default)s)")
+    v.add_argument("--val-shot", type=int, default=d.val_shot,
+                   help="examples per class in validation episodes (default %(default)s)")
     v.add_argument("--val-query", type=int, default=None,
                    help="default: 15, or what the smallest validation class allows")
+    v.add_argument("--val-within-alphabet", action="store_true",
+                   help="validate on within-alphabet episodes (as `eval --within-alphabet`; "
+                        "hold out whole alphabets, e.g. --split groups)")
 
     r = p.add_argument_group("run")
     r.add_argument("--out", default=d.out, help="run directory (default %(default)s)")
@@ -106,8 +133,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="continue the run in --out from its last checkpoint, with the "
                         "run's stored settings (only --episodes, --device and --time-limit "
                         "apply)")
-    r.add_argument("--seed", type=int, default=d.seed)
-    r.add_argument("--device", choices=DEVICES, default=d.device)
+    r.add_argument("--seed", type=int, default=d.seed,
+                   help="seed of sampling, augmentation and initialisation "
+                        "(default %(default)s)")
+    r.add_argument("--device", choices=DEVICES, default=d.device,
+                   help="where to train (default %(default)s: CUDA when available)")
     r.add_argument("--amp", action="store_true", help="bfloat16 autocast on CUDA")
     r.add_argument("--compile", action="store_true",
                    help="torch.compile the training step (CUDA graphs on CUDA; ProtoNet "
@@ -121,8 +151,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     r.add_argument("--fp16-checkpoints", action="store_true",
                    help="store best/last weights as float16 (half the size)")
     r.add_argument("--name", default="", help="checkpoint name (default: the run folder's)")
-    r.add_argument("--description", default="")
-    r.add_argument("--log-every", type=int, default=d.log_every)
+    r.add_argument("--description", default="",
+                   help="a line about the checkpoint, stored in its metadata")
+    r.add_argument("--log-every", type=int, default=d.log_every,
+                   help="episodes between log lines and metrics.csv rows "
+                        "(default %(default)s)")
     p.set_defaults(func=run)
 
 
@@ -188,7 +221,10 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         weight_decay=args.weight_decay, grad_clip=args.grad_clip, augment=args.augment,
         augment_strength=args.augment_strength,
         val_every=args.val_every, val_episodes=args.val_episodes, val_way=args.val_way,
-        val_shot=args.val_shot, val_query=args.val_query, seed=args.seed, device=args.device,
+        val_shot=args.val_shot, val_query=args.val_query,
+        val_within_alphabet=args.val_within_alphabet,
+        within_alphabet_fraction=args.within_alphabet_fraction, seed=args.seed,
+        device=args.device,
         amp=args.amp, out=args.out, name=args.name, description=args.description,
         log_every=args.log_every, time_limit_s=args.time_limit,
         fit_schedule=args.fit_schedule, compile=args.compile,

@@ -40,13 +40,16 @@ class InMemoryImages:
     """Decoded, resized images held as uint8 (pre-normalisation), on any device.
 
     images: uint8 (N, C, H, W); targets: int64 (N,) indexes ``class_names``; skipped:
-    (path, reason) for files that could not be read.
+    (path, reason) for files that could not be read; files: the file each image came from
+    (N,) (member path inside its dataset; empty when unknown), e.g. for the drawer of an
+    Omniglot image (:func:`~fewshot_studio.data.splits.drawer_of`).
     """
 
     images: torch.Tensor
     targets: torch.Tensor
     class_names: list[str]
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    files: list[str] = field(default_factory=list)
 
     def __len__(self) -> int:
         return int(self.targets.shape[0])
@@ -65,6 +68,7 @@ class InMemoryImages:
             self.targets.to(device, non_blocking=non_blocking),
             list(self.class_names),
             list(self.skipped),
+            list(self.files),
         )
 
     def subset_classes(self, names: Sequence[str]) -> InMemoryImages:
@@ -79,7 +83,9 @@ class InMemoryImages:
         lut = lut.to(self.targets.device)
         new_t = lut[self.targets]
         keep = torch.nonzero(new_t >= 0).squeeze(1)
-        return InMemoryImages(self.images[keep], new_t[keep], list(names), list(self.skipped))
+        files = [self.files[i] for i in keep.tolist()] if self.files else []
+        return InMemoryImages(self.images[keep], new_t[keep], list(names), list(self.skipped),
+                              files)
 
     @staticmethod
     def normalize(x_uint8: torch.Tensor, pre: Preprocess) -> torch.Tensor:
@@ -162,14 +168,15 @@ def preload_steps(
         log.warning(msg)
     images = torch.from_numpy(out[keep]) if keep.size < n else torch.from_numpy(out)
     base_t = torch.from_numpy(dataset.targets[keep])
+    files = [samples[i][0] for i in keep.tolist()]
     if rots == [0]:
-        mem = InMemoryImages(images, base_t, list(dataset.class_names), skipped)
+        mem = InMemoryImages(images, base_t, list(dataset.class_names), skipped, files)
     else:
         r = len(rots)
         imgs = [images if k == 0 else torch.rot90(images, k // 90, dims=(2, 3)) for k in rots]
         tgts = [base_t * r + j for j in range(r)]
         names = [rotation_class_name(cn, k) for cn in dataset.class_names for k in rots]
-        mem = InMemoryImages(torch.cat(imgs), torch.cat(tgts), names, skipped)
+        mem = InMemoryImages(torch.cat(imgs), torch.cat(tgts), names, skipped, files * r)
     yield Progress(total, total, "loaded", payload=mem)
 
 

@@ -9,6 +9,7 @@ the environment variable ``FEWSHOT_DATA`` and else ``<repo>/../shared/data``
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -60,6 +61,24 @@ def split_rotation(name: str) -> tuple[str, int | None]:
 
 def rotation_class_name(name: str, degrees: int) -> str:
     return f"{name}/{ROTATION_SUFFIX}{degrees:03d}"
+
+
+_DRAWER = re.compile(r"_(\d+)\.[A-Za-z0-9]+$")
+
+
+def alphabet_of(class_name: str) -> str | None:
+    """The group of a nested class: its first folder level (``"Angelic/character01/rot090"``
+    -> ``"Angelic"``); None for a flat class name."""
+    head, sep, _ = class_name.partition("/")
+    return head if sep else None
+
+
+def drawer_of(file_name: str) -> int | None:
+    """The drawer of an Omniglot image: the file name's ``_NN`` suffix (``"0965_17.png"`` ->
+    17; every character of images_background / images_evaluation has one image by each of
+    the drawers 01..20); None when the name has no such suffix."""
+    m = _DRAWER.search(file_name.rpartition("/")[2])
+    return int(m.group(1)) if m else None
 
 
 def split_classes(

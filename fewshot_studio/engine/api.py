@@ -14,20 +14,46 @@ class Status(StrEnum):
     ERROR = "error"
 
 
+ADAPT_MODES = ("none", "head", "auto")
+UNKNOWN_RULES = ("adaptive", "threshold")
+
+
 @dataclass(frozen=True)
 class LabelSettings:
-    """User-facing knobs. ``unknown_threshold``: predictions whose top probability is below it
-    get status ``unknown``. ``transductive``: refine prototypes with soft k-means over the
-    queries (Ren et al. 2018). ``corrections_join_support``: a corrected query image becomes a
-    support example of its class. ``device``: "auto" | "cpu" | "cuda". ``precision``: "fp32" |
-    "int8" (ONNX Runtime on the CPU runs a statically quantised model: faster; features move
-    (median 1.5% Conv4, 13% EfficientNet-Lite0) but predictions nearly always stay, see
+    """User-facing knobs.
+
+    ``unknown_rule``: how an image becomes ``unknown``. "adaptive" (``label``'s default; here
+    the default stays "threshold" until the app has a control for the rule, as its slider
+    sets ``unknown_threshold``) reads the rule off the support set, from held-out examples
+    (each class's examples left out in turn, up to 5 folds): an image is unknown when its top
+    logit (the prototypes': how typical of a known class it is) is below what all but
+    ``miss_rate`` of the held-out examples reach
+    (split-conformal: an image of a known class is missed with probability <= ``miss_rate``),
+    or when its top probability is below the level above which the held-out examples are
+    right 90% of the time. "threshold": unknown when the top probability is below
+    ``unknown_threshold``. With one example a class nothing can be held out, and "adaptive"
+    falls back to the threshold.
+
+    ``adapt``: "none" (prototypes), "head" (a logistic-regression head on the cached
+    features, started from the prototypes: for many examples a class; methods whose features
+    are vectors, i.e. ProtoNet) or "auto" (the head unless the prototypes are right on more
+    held-out examples; prototypes with one example a class, and with ``transductive``, which
+    refines prototypes).
+
+    ``transductive``: refine prototypes with soft k-means over the queries (Ren et al. 2018).
+    ``corrections_join_support``: a corrected query image becomes a support example of its
+    class. ``device``: "auto" | "cpu" | "cuda". ``precision``: "fp32" | "int8" (ONNX Runtime
+    on the CPU runs a statically quantised model: faster; features move (median 1.5% Conv4,
+    13% EfficientNet-Lite0) but predictions nearly always stay, see
     benchmarks/int8_parity.py; elsewhere fp32). ``tta``: test-time augmentation, every image's
     features averaged over fixed views of it (:mod:`fewshot_studio.data.tta`: 8 for grayscale
     characters, the mirror image for photos); like ``precision`` it applies from the next
     embedding (the next labeling run)."""
 
     unknown_threshold: float = 0.55  # chosen on data: see benchmarks/unknown_threshold.py
+    unknown_rule: str = "threshold"  # "adaptive" | "threshold": see benchmarks/open_set.py
+    miss_rate: float = 0.1
+    adapt: str = "auto"  # "none" | "head" | "auto": see benchmarks/adapt_head.py
     transductive: bool = False
     corrections_join_support: bool = True
     recursive: bool = True

@@ -20,8 +20,9 @@ them, or with an apostrophe, gets a leading apostrophe ``'`` (spreadsheets show 
 without it). :func:`read_csv` undoes both, so a round trip gives the original values.
 
 Output files: :func:`check_output` refuses (UserError, before any work) an ``out`` that is one
-of the input images or any existing file that is not a labels file this program wrote (our CSV
-header line, or our JSON ``format``); a previous labels file is replaced.
+of the input images or any existing file that is not an output this program wrote (our labels
+or duplicates CSV header line, our JSON ``format``, our Label Studio ``written_by``, or an
+empty JSON list); a previous output file is replaced.
 
 Class folders (:func:`class_folders`): a class goes into ``dest/<name>/`` when its name is
 already a safe folder name (see :func:`safe_folder_name`), is not ``_unknown`` and no other
@@ -30,6 +31,27 @@ class of the run has the same name ignoring case; otherwise into
 class name (longer if that still collided). So ``x_y`` goes to ``x_y/`` and ``x:y`` to
 ``x_y-<hash>/``, a class named ``_unknown`` never mixes with the unknown images
 (``dest/_unknown/``), and the same classes always give the same folders.
+
+Label Studio (``labelstudio``, :func:`write_labelstudio`; Label Studio 1.x "Import
+pre-annotated data" / task format): a JSON list with one task per row,
+``{"data": {"written_by": "fewshot-studio/labelstudio-1", "image": URL, <the row's fields>},
+"predictions": [...]}``. ``image`` is a local-files URL ``/data/local-files/?d=PATH`` (PATH:
+the row's path, URL-quoted, without a leading ``/``: relative paths need
+``LOCAL_FILES_DOCUMENT_ROOT`` = the query folder, absolute ones ``/``). A row with a label has
+one prediction ``{"model_version": ..., "score": confidence, "result": [{"from_name":
+"choice", "to_name": "image", "type": "choices", "value": {"choices": [label]}}]}``; unknown
+and error rows have none (``data.status`` and ``data.top1`` say why). The project's labeling
+config must name its tags ``image`` and ``choice`` (README).
+
+FiftyOne (``fiftyone``, :func:`write_fiftyone`; FiftyOne's ``FiftyOneImageClassificationDataset``
+``labels.json``): ``{"format": "fewshot-studio/fiftyone-1", "classes": [...], "labels": {uuid:
+target}}`` where ``uuid`` is the row's path without its extension (FiftyOne's key for the
+file under ``data_path``) and ``target`` is ``{"label": class index, "confidence": c}``, or
+``null`` for unknown and error rows. FiftyOne ignores the extra ``format`` key. Two files that
+differ only by extension share a uuid: the first by path is written, the others left out.
+
+Format table: :data:`EXPORT_FORMATS` (name -> :class:`ExportFormat`) is the one list of label
+file formats: the CLI's ``--format`` choices and :func:`format_for` read it.
 
 Copies claim their target name atomically (exclusive create, or a hard link for a move), so
 two runs into one folder never overwrite each other's files; a name that exists gets ``_1``,
@@ -51,9 +73,10 @@ import shutil
 import stat
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Protocol
+from urllib.parse import quote
 
 from fewshot_studio.engine.api import Prediction, Status
 from fewshot_studio.errors import UserError
@@ -63,13 +86,21 @@ from fewshot_studio.progress import Progress
 CSV_COLUMNS = ("path", "label", "confidence", "margin", "status", "error",
                "top1", "top1_prob", "top2", "top2_prob", "top3", "top3_prob", "corrected")
 JSON_FORMAT = "fewshot-studio/labels-1"
+FIFTYONE_FORMAT = "fewshot-studio/fiftyone-1"
+LABELSTUDIO_FORMAT = "fewshot-studio/labelstudio-1"
+DUPLICATES_COLUMNS = ("group", "path", "similarity")  # ``fewshot-studio duplicates``
+LABELSTUDIO_IMAGE_URL = "/data/local-files/?d="
 UNKNOWN_FOLDER = "_unknown"
 NON_FINITE_ERROR = "model produced non-finite values"
 
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 _TEXT_COLUMNS = ("label", "error", "top1", "top2", "top3")
 _SNIFF_BYTES = 4096
-_JSON_HEAD = re.compile(r'\A\ufeff?\s*\{\s*"format"\s*:\s*"' + re.escape(JSON_FORMAT) + '"')
+_OUR_CSV_HEADERS = (",".join(CSV_COLUMNS), ",".join(DUPLICATES_COLUMNS))
+_JSON_HEAD = re.compile(r'\A\ufeff?\s*\{\s*"format"\s*:\s*"(?:'
+                        + "|".join(map(re.escape, (JSON_FORMAT, FIFTYONE_FORMAT))) + ')"')
+_LABELSTUDIO_HEAD = re.compile(r'\A\ufeff?\s*\[\s*(?:\]\s*\Z|\{\s*"data"\s*:\s*\{\s*'
+                               r'"written_by"\s*:\s*"' + re.escape(LABELSTUDIO_FORMAT) + '")')
 
 
 def display_path(path: Path, root: Path, absolute_paths: bool = False) -> str:
@@ -178,8 +209,9 @@ def ensure_writable(out: str | os.PathLike[str]) -> Path:
 
 
 def is_labels_file(path: str | os.PathLike[str]) -> bool:
-    """Whether ``path`` is a regular file that starts like a labels file this program writes
-    (the CSV header line, or the JSON ``format``). Reads at most 4 KiB."""
+    """Whether ``path`` is a regular file that starts like an output file this program writes
+    (see the module docstring: labels or duplicates CSV, JSON, FiftyOne, Label Studio). Reads
+    at most 4 KiB."""
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))  # a FIFO never blocks
     except OSError:
@@ -193,7 +225,8 @@ def is_labels_file(path: str | os.PathLike[str]) -> bool:
     finally:
         os.close(fd)
     first = head.removeprefix("\ufeff").split("\n", 1)[0].rstrip("\r")
-    return first == ",".join(CSV_COLUMNS) or _JSON_HEAD.match(head) is not None
+    return (first in _OUR_CSV_HEADERS or _JSON_HEAD.match(head) is not None
+            or _LABELSTUDIO_HEAD.match(head) is not None)
 
 
 def check_output(out: str | os.PathLike[str], inputs: Iterable[Path] = ()) -> Path:
@@ -262,12 +295,198 @@ def write_json(predictions: Sequence[Prediction], out: Path, root: Path,
     return atomic_write(out, write)
 
 
+def labelstudio_image_url(path: str) -> str:
+    """A row's path as a Label Studio local-files URL (see the module docstring)."""
+    return LABELSTUDIO_IMAGE_URL + quote(path.replace(os.sep, "/").lstrip("/"), safe="/")
+
+
+def write_labelstudio(predictions: Sequence[Prediction], out: Path, root: Path,
+                      absolute_paths: bool = False, model_version: str = "") -> Path:
+    """Write Label Studio tasks with predictions (see the module docstring) atomically;
+    returns ``out``. ``model_version``: the checkpoint's name. Refuses (UserError) an ``out``
+    that :func:`check_output` refuses."""
+    preds = _sorted(predictions)
+    check_output(out, (p.path for p in preds))
+
+    def task(p: Prediction) -> dict[str, Any]:
+        row = row_values(p, root, absolute_paths)
+        data = {"written_by": LABELSTUDIO_FORMAT, "image": labelstudio_image_url(row["path"]),
+                **row}
+        if row["label"] is None:
+            return {"data": data, "predictions": []}
+        result = {"from_name": "choice", "to_name": "image", "type": "choices",
+                  "value": {"choices": [row["label"]]}}
+        return {"data": data, "predictions": [
+            {"model_version": model_version, "score": row["confidence"], "result": [result]}]}
+
+    def write(f: io.TextIOBase) -> None:
+        json.dump([task(p) for p in preds], f, ensure_ascii=False, indent=1, allow_nan=False)
+        f.write("\n")
+
+    return atomic_write(out, write)
+
+
+def fiftyone_uuid(path: str) -> str:
+    """FiftyOne's key of a file under its ``data_path``: the path without its extension."""
+    return os.path.splitext(path)[0]
+
+
+def write_fiftyone(predictions: Sequence[Prediction], out: Path, root: Path,
+                   absolute_paths: bool = False, classes: Sequence[str] = ()) -> Path:
+    """Write a FiftyOne ``labels.json`` (see the module docstring) atomically; returns
+    ``out``. ``classes``: the run's classes in order (labels not in it are appended).
+    Refuses (UserError) an ``out`` that :func:`check_output` refuses."""
+    preds = _sorted(predictions)
+    check_output(out, (p.path for p in preds))
+    rows = [row_values(p, root, absolute_paths) for p in preds]
+    names = list(dict.fromkeys([*classes, *(r["label"] for r in rows if r["label"] is not None)]))
+    index = {name: i for i, name in enumerate(names)}
+    labels: dict[str, Any] = {}
+    for r in rows:
+        uuid = fiftyone_uuid(r["path"])
+        if uuid not in labels:
+            labels[uuid] = None if r["label"] is None else {
+                "label": index[r["label"]], "confidence": r["confidence"]}
+
+    def write(f: io.TextIOBase) -> None:
+        doc = {"format": FIFTYONE_FORMAT, "classes": names, "labels": labels}
+        json.dump(doc, f, ensure_ascii=False, indent=1, allow_nan=False)
+        f.write("\n")
+
+    return atomic_write(out, write)
+
+
+def write_duplicates_csv(rows: Iterable[tuple[int, Path, float]], out: Path, root: Path,
+                         absolute_paths: bool = False, inputs: Iterable[Path] = ()) -> Path:
+    """Write ``fewshot-studio duplicates``' CSV, columns :data:`DUPLICATES_COLUMNS`, one line
+    per ``(group, path, similarity)`` (paths as in the labels CSV, spreadsheet-safe;
+    similarity with 6 decimals) atomically; returns ``out``. Refuses (UserError) an ``out``
+    that :func:`check_output` refuses (``inputs``: the images read)."""
+    check_output(out, inputs)
+    lines = [(g, display_path(p, root, absolute_paths), s) for g, p, s in rows]
+
+    def write(f: io.TextIOBase) -> None:
+        w = csv.writer(f, lineterminator="\n")
+        w.writerow(DUPLICATES_COLUMNS)
+        for g, path, sim in lines:
+            w.writerow([g, _csv_safe("path", path), f"{sim:.6f}"])
+
+    return atomic_write(out, write)
+
+
+class LabelsWriter(Protocol):
+    """What :attr:`ExportFormat.write` is called as."""
+
+    def __call__(self, predictions: Sequence[Prediction], out: Path, root: Path, *,
+                 absolute_paths: bool = False, classes: Sequence[str] = (),
+                 model_version: str = "") -> Path: ...
+
+
+@dataclass(frozen=True)
+class ExportFormat:
+    """A label file format: ``name`` (``--format``), the usual ``suffix``, ``title`` for file
+    dialogs (``"CSV (*.csv)"``), ``help`` (one line) and ``write`` (a :class:`LabelsWriter`;
+    ``classes`` and ``model_version`` are used by the formats that store them)."""
+
+    name: str
+    suffix: str
+    title: str
+    help: str
+    write: LabelsWriter
+
+
+def _csv_writer(predictions: Sequence[Prediction], out: Path, root: Path, *,
+                absolute_paths: bool = False, classes: Sequence[str] = (),
+                model_version: str = "") -> Path:
+    return write_csv(predictions, out, root, absolute_paths)
+
+
+def _json_writer(predictions: Sequence[Prediction], out: Path, root: Path, *,
+                 absolute_paths: bool = False, classes: Sequence[str] = (),
+                 model_version: str = "") -> Path:
+    return write_json(predictions, out, root, absolute_paths)
+
+
+def _labelstudio_writer(predictions: Sequence[Prediction], out: Path, root: Path, *,
+                        absolute_paths: bool = False, classes: Sequence[str] = (),
+                        model_version: str = "") -> Path:
+    return write_labelstudio(predictions, out, root, absolute_paths, model_version)
+
+
+def _fiftyone_writer(predictions: Sequence[Prediction], out: Path, root: Path, *,
+                     absolute_paths: bool = False, classes: Sequence[str] = (),
+                     model_version: str = "") -> Path:
+    return write_fiftyone(predictions, out, root, absolute_paths, classes)
+
+
+EXPORT_FORMATS: dict[str, ExportFormat] = {f.name: f for f in (
+    ExportFormat("csv", ".csv", "CSV (*.csv)", "one row per image", _csv_writer),
+    ExportFormat("json", ".json", "JSON (*.json)", "the CSV's rows as JSON", _json_writer),
+    ExportFormat("labelstudio", ".json", "Label Studio tasks (*.json)",
+                 "Label Studio task import with predictions", _labelstudio_writer),
+    ExportFormat("fiftyone", ".json", "FiftyOne labels.json (*.json)",
+                 "FiftyOne image classification labels.json", _fiftyone_writer),
+)}
+"""The label file formats, in menu order (see the module docstring for each)."""
+
+
+def format_for(out: str | os.PathLike[str], name: str | None = None) -> ExportFormat:
+    """The format ``name`` (UserError for an unknown one), or when None the one the suffix of
+    ``out`` names: ``.json`` -> json, anything else -> csv."""
+    if name is None:
+        return EXPORT_FORMATS["json" if Path(out).suffix.lower() == ".json" else "csv"]
+    try:
+        return EXPORT_FORMATS[name]
+    except KeyError:
+        raise UserError(f"unknown format {name!r} (formats: "
+                        f"{', '.join(EXPORT_FORMATS)})") from None
+
+
 def read_csv(path: str | os.PathLike[str]) -> list[dict[str, str]]:
     """The rows of a labels CSV as dicts of strings, spreadsheet escapes undone (for tests
     and round-trips)."""
     with open(path, encoding="utf-8", newline="") as f:
         return [{k: _csv_unsafe(k, v) if isinstance(v, str) else v for k, v in row.items()}
                 for row in csv.DictReader(f)]
+
+
+def read_labels_csv(path: str | os.PathLike[str], root: Path) -> list[tuple[Path, str]]:
+    """``(absolute path, label)`` pairs of a labels CSV (``label --labels``): UTF-8 (a BOM is
+    fine), a header row naming a ``path`` and a ``label`` column (any others are ignored; a
+    file without such a header is read as ``path,label`` rows). Relative paths are relative
+    to ``root``; rows with an empty label are left out. Our own labels CSV reads back with
+    its spreadsheet escapes undone (:func:`read_csv`). UserError when it cannot be read."""
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            rows = list(csv.reader(f))
+    except FileNotFoundError:
+        raise UserError(f"--labels file not found: {path}") from None
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise UserError(f"cannot read --labels file {path}: {reason}") from None
+    if not rows:
+        return []
+    header = [c.strip().lower() for c in rows[0]]
+    ours = tuple(rows[0]) == CSV_COLUMNS
+    first = 1
+    if "path" in header and "label" in header:
+        ip, il = header.index("path"), header.index("label")
+        rows, first = rows[1:], 2
+    else:
+        ip, il = 0, 1
+    pairs: list[tuple[Path, str]] = []
+    for n, row in enumerate(rows, first):
+        if not any(c.strip() for c in row):
+            continue
+        if len(row) <= max(ip, il):
+            raise UserError(f"--labels file {path}, line {n}: expected path and label columns")
+        where, label = row[ip], row[il]
+        if ours:
+            where, label = _csv_unsafe("path", where), _csv_unsafe("label", label)
+        if not label.strip() or not where:
+            continue
+        pairs.append((Path(os.path.abspath(Path(root) / where)), label))
+    return pairs
 
 
 _UNSAFE = re.compile(r'[\\/:*?"<>|\x00-\x1f]')
@@ -365,10 +584,12 @@ def _move_new(src: Path, folder: Path) -> Path:
 
 def copy_to_class_folders(predictions: Sequence[Prediction], dest: Path,
                           move: bool = False,
-                          classes: Iterable[str] | None = None) -> Iterator[Progress]:
+                          classes: Iterable[str] | None = None,
+                          skip_unknown: bool = False) -> Iterator[Progress]:
     """Copy (or move) each labeled image into ``dest/<class folder>/`` (see
     :func:`class_folders`, computed over ``classes`` and the labels present); unknown
-    ones go to ``dest/_unknown/``; error rows are left where they are. Yields Progress per
+    ones go to ``dest/_unknown/`` (with ``skip_unknown`` they are left where they are, and
+    counted as skipped); error rows are left where they are. Yields Progress per
     file with ``payload`` = ``(source, destination or None, error reason)``; the last one's
     ``metrics`` count ``copied`` (or ``moved``), ``failed`` and ``skipped``. A failure is
     counted and the next file goes on; nothing is ever overwritten."""
@@ -387,6 +608,10 @@ def copy_to_class_folders(predictions: Sequence[Prediction], dest: Path,
         if p.status == Status.ERROR and not p.corrected:
             counts["skipped"] += 1
             yield Progress(i, total, "skipped (error)", dict(counts), (p.path, None, p.error))
+            continue
+        if skip_unknown and not p.label:
+            counts["skipped"] += 1
+            yield Progress(i, total, "skipped (unknown)", dict(counts), (p.path, None, ""))
             continue
         folder = dest / (folders[p.label] if p.label else UNKNOWN_FOLDER)
         try:

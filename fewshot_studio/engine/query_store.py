@@ -32,6 +32,8 @@ class _QueryStore:
         # last head output per row: top-k probabilities and class indices (n, k)
         self.top_p: np.ndarray | None = None
         self.top_i: np.ndarray | None = None
+        # (n,) conformal p-value of how typical of a known class (adaptive unknown rule)
+        self.typical: np.ndarray | None = None
 
     def put(self, i: int, feature: np.ndarray | str) -> None:
         self.done[i] = True

@@ -274,10 +274,10 @@ class LabelingSession(EmbeddingPipeline, PredictionHead):
         if not self._store.done.any():
             return self.predictions()
         if not self._support_dirty and replace(
-                settings, unknown_threshold=old.unknown_threshold, device=old.device,
-                precision=old.precision, batch_size=old.batch_size,
+                settings, unknown_threshold=old.unknown_threshold, miss_rate=old.miss_rate,
+                device=old.device, precision=old.precision, batch_size=old.batch_size,
                 recursive=old.recursive, tta=old.tta) == old:
-            # only the threshold (or embedding-side settings) changed: no head needed
+            # only the threshold or miss rate (or embedding-side settings) changed: no head
             self._predict_range(None, 0, self._store.n)
             self.counters.relabels += 1
             return self.predictions()

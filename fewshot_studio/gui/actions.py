@@ -14,6 +14,7 @@ from PySide6.QtWidgets import QFileDialog, QMenu, QMessageBox
 
 from fewshot_studio import __version__
 from fewshot_studio import paths as app_paths
+from fewshot_studio.engine.export import EXPORT_FORMATS
 from fewshot_studio.errors import UserError
 from fewshot_studio.gui.project_io import PROJECT_SUFFIX
 from fewshot_studio.gui.settings import last_dir, remember_dir
@@ -54,8 +55,7 @@ class Actions:
     query_folder: QAction
     import_classes: QAction
     open_checkpoint: QAction
-    export_csv: QAction
-    export_json: QAction
+    exports: dict[str, QAction]  # one per label file format (engine.export.EXPORT_FORMATS)
     export_copy: QAction
     undo: QAction
     redo: QAction
@@ -71,6 +71,14 @@ class Actions:
     next_unreviewed: QAction
     previous_unreviewed: QAction
     recent_menu: QMenu
+
+    @property
+    def export_csv(self) -> QAction:
+        return self.exports["csv"]
+
+    @property
+    def export_json(self) -> QAction:
+        return self.exports["json"]
 
 
 def _act(win: MainWindow, text: str, slot, shortcut=None, tip: str = "") -> QAction:
@@ -103,8 +111,10 @@ def build(win: MainWindow) -> Actions:
                             tip="A folder whose sub-folders are the classes: one class per "
                                 "sub-folder, its images the examples"),
         open_checkpoint=_act(win, "Open &checkpoint…", lambda: open_checkpoint(win)),
-        export_csv=_act(win, "&Export CSV…", lambda: export(win, "csv"), "Ctrl+E"),
-        export_json=_act(win, "Export &JSON…", lambda: export(win, "json")),
+        exports={f.name: _act(win, f"Export {f.title.split(' (')[0]}…",
+                              lambda k=f.name: export(win, k),
+                              "Ctrl+E" if f.name == "csv" else None, f.help)
+                 for f in EXPORT_FORMATS.values()},
         export_copy=_act(win, "&Copy images into class folders…",
                          lambda: export(win, "copy")),
         undo=undo, redo=redo,
@@ -154,7 +164,7 @@ def build(win: MainWindow) -> Actions:
     f.addAction(a.open_checkpoint)
     f.addSeparator()
     ex = f.addMenu("E&xport")
-    for x in (a.export_csv, a.export_json, a.export_copy):
+    for x in (*a.exports.values(), a.export_copy):
         ex.addAction(x)
     f.addSeparator()
     f.addAction(_act(win, "&Quit", win.close, K.Quit))
@@ -354,12 +364,12 @@ def export(win: MainWindow, kind: str) -> None:
             remember_dir("export-copy", Path(d))
             win.export.copy_to_folders(preds, Path(d))
         return
-    filt = "CSV (*.csv)" if kind == "csv" else "JSON (*.json)"
-    f, _ = QFileDialog.getSaveFileName(win, f"Export {kind.upper()}",
-                                       str(Path(start) / f"labels.{kind}"), filt)
+    fmt = EXPORT_FORMATS[kind]
+    f, _ = QFileDialog.getSaveFileName(win, f"Export {fmt.title.split(' (')[0]}",
+                                       str(Path(start) / f"labels{fmt.suffix}"), fmt.title)
     if f:
         remember_dir(f"export-{kind}", Path(f))
-        win.export.export_file(kind, preds, Path(f), root)
+        win.export.export_file(kind, preds, Path(f), root, win.classes.names())
 
 
 def paste(win: MainWindow) -> None:

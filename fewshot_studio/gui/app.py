@@ -18,7 +18,7 @@ from fewshot_studio import paths as app_paths
 from fewshot_studio.errors import UserError
 from fewshot_studio.gui import excepthook
 from fewshot_studio.gui.main_window import MainWindow
-from fewshot_studio.gui.views.style import apply_style
+from fewshot_studio.gui.views.style import apply_style, follow_system_scheme
 
 log = logging.getLogger("fewshot_studio.gui")
 
@@ -42,7 +42,10 @@ def make_app(argv: list[str] | None = None) -> QApplication:
     app.setApplicationVersion(__version__)
     app.setDesktopFileName("fewshot-studio")
     app.setWindowIcon(app_icon())
-    apply_style(app)
+    apply_style(app)  # light or dark, as the system (or FEWSHOT_STUDIO_THEME) says
+    if not app.property("followsColorScheme"):  # (tests call make_app more than once)
+        follow_system_scheme(app)
+        app.setProperty("followsColorScheme", True)
     # Worker threads run Python too (decoding, the engine's head); a short GIL switch
     # interval bounds how long the UI thread can wait for the GIL (default 5 ms per hand-off).
     sys.setswitchinterval(0.001)
@@ -50,9 +53,13 @@ def make_app(argv: list[str] | None = None) -> QApplication:
 
 
 class ScreenshotRun:
-    """``--demo --screenshot``: label the demo, wait for ``run_finished`` and for the
-    visible thumbnails, grab the window, exit. Exit code 0 on success, 2 when labeling could
-    not run (the screenshot is still written, and the reason printed)."""
+    """``--demo --screenshot``: label the demo, wait for ``run_finished``, show the review
+    loop (least confident first, the first ``accept`` images accepted as with Enter), wait for
+    the visible thumbnails, grab the window, exit. Exit code 0 on success, 2 when labeling
+    could not run (the screenshot is still written, and the reason printed). The theme is the
+    system's, or ``FEWSHOT_STUDIO_THEME=light|dark``."""
+
+    accept = 3
 
     def __init__(self, win: MainWindow, out: Path, timeout_s: float = 300.0) -> None:
         self.win, self.out, self.code = win, out, 0
@@ -86,6 +93,8 @@ class ScreenshotRun:
         if w.proxy.rowCount():
             w.gallery.setCurrentIndex(w.proxy.index(0, 0))
             w.gallery.setFocus()
+            for _ in range(min(self.accept, w.proxy.rowCount() - 1)):
+                w.reviewing.accept_selected()  # Enter: reviewed, the cursor moves on
         QTimer.singleShot(300, self._settle)
 
     def _settle(self, tries: int = 0) -> None:

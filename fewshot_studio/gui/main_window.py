@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from PySide6.QtCore import QItemSelection, Qt, QTimer, Signal
-from PySide6.QtGui import QCloseEvent, QShowEvent, QUndoStack
+from PySide6.QtGui import QCloseEvent, QResizeEvent, QShowEvent, QUndoStack
 from PySide6.QtWidgets import (
     QAbstractSpinBox,
     QLabel,
@@ -97,12 +97,17 @@ class MainWindow(QMainWindow):
         self.splitter.setSizes([310, 740, 310])
         self.splitter.setStretchFactor(1, 1)
         self.splitter.setChildrenCollapsible(False)
+        # The side panels follow the window's width until the user drags a splitter handle
+        # (or a saved layout is restored): narrower on a small screen, so that the gallery
+        # keeps three columns at 1024 px.
+        self.split_by_user = False
+        self.splitter.splitterMoved.connect(lambda *_: setattr(self, "split_by_user", True))
         self.setCentralWidget(self.splitter)
         self._build_status_bar()
         self._wire()
         self.toolbar.set_checkpoints(app_paths.bundled_checkpoints(), "")
         if restore_state and (sp := restore_window_state(self)) is not None:
-            self.splitter.restoreState(sp)
+            self.split_by_user = self.splitter.restoreState(sp)
         self._counts_timer = QTimer(self, singleShot=True, interval=150)
         self._counts_timer.timeout.connect(self._update_counts)
         self.project.new()
@@ -113,6 +118,19 @@ class MainWindow(QMainWindow):
         super().showEvent(e)
         if not e.spontaneous():  # shown by the app, not restored from minimised
             self.focus_gallery()
+
+    def resizeEvent(self, e: QResizeEvent) -> None:
+        super().resizeEvent(e)
+        if not getattr(self, "split_by_user", True):  # (unset early in __init__)
+            self.fit_panels()
+
+    def fit_panels(self) -> None:
+        """Side panels of 23 % of the width each (at least 250 px for the classes, whose
+        names must fit, and 230 for the details; at most 340), the gallery the rest."""
+        total = sum(self.splitter.sizes()) or self.splitter.width()
+        side = round(self.width() * 0.228)
+        left, right = max(250, min(340, side)), max(230, min(340, side))
+        self.splitter.setSizes([left, max(1, total - left - right), right])
 
     def _build_status_bar(self) -> None:
         sb = self.statusBar()

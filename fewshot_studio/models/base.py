@@ -37,6 +37,9 @@ class FewShotClassifier(nn.Module, ABC):
 
     method_name: str = ""
     can_refine: bool = False  # fit()'s predictors have refine() (transductive soft k-means)
+    # fit_head() applies: features are vectors scored by a linear function of the prototypes,
+    # so a logistic-regression head can start from them (the many-shot head, adapt="head")
+    linear_head: bool = False
 
     def __init__(self, backbone: nn.Module) -> None:
         super().__init__()
@@ -53,6 +56,15 @@ class FewShotClassifier(nn.Module, ABC):
             n_way: int | None = None) -> Predictor:
         """Adapt to ``support_features`` ``(n_support, *feature_shape)`` with integer
         ``support_labels`` ``(n_support,)`` in ``[0, n_way)``; return a Predictor."""
+
+    def fit_head(self, support_features: Tensor, support_labels: Tensor, n_way: int,
+                 held_out: Tensor, l2: float, steps: int) -> tuple[Predictor, Tensor]:
+        """The many-shot head, for methods that declare ``linear_head``: a regularised
+        logistic-regression head fitted on ``(n_s, d)`` support features, starting from the
+        prototypes. ``held_out (F, n_s)`` bool: folds to fit without their held-out examples
+        as well. Returns ``(predictor fitted on all examples, (F, n_s, n_way) logits of each
+        fold's head on the support set)``."""
+        raise NotImplementedError(f"{type(self).__name__} has no linear head")
 
     def forward(self, support_images: Tensor, support_labels: Tensor,
                 query_images: Tensor, n_way: int | None = None) -> Tensor:

@@ -139,3 +139,115 @@ def _functorch_active() -> bool:
     """Whether a torch.func transform (vmap, grad, ...) is running around this call."""
     probe = getattr(torch._C, "_are_functorch_transforms_active", None)
     return True if probe is None else bool(probe())
+
+
+# --------------------------------------------------------------------------------------------
+# Held-out folds of a support set, the many-shot linear head and the adaptive unknown rule
+
+
+def support_folds(labels: Tensor, n_way: int, max_folds: int = 5) -> Tensor:
+    """Stratified held-out folds of a support set: ``(n_s,)`` labels -> ``(F, n_s)`` bool,
+    True where fold ``f`` holds the example out. The ``j``-th example of a class goes to fold
+    ``j % F``, ``F = min(max_folds, largest class)``; a class with a single example is never
+    held out, so every fold keeps at least one example of every class. With up to
+    ``max_folds`` examples a class this is leave-one-out (one example of each class at a
+    time). ``F`` is 0 (an empty ``(0, n_s)`` mask) when no class has two examples."""
+    counts = torch.bincount(labels.long(), minlength=n_way)
+    n_folds = min(max_folds, int(counts.max().item()) if labels.numel() else 0)
+    if n_folds < 2:
+        return torch.zeros(0, labels.numel(), dtype=torch.bool)
+    onehot = one_hot(labels, n_way, torch.long)  # (n_s, n_way)
+    rank = ((onehot.cumsum(0) - 1) * onehot).sum(-1)  # position of each example in its class
+    fold = torch.where(counts[labels.long()] >= 2, rank % n_folds, -1)
+    return fold.unsqueeze(0) == torch.arange(n_folds).unsqueeze(-1)
+
+
+def fold_prototypes(features: Tensor, labels: Tensor, n_way: int, held_out: Tensor) -> Tensor:
+    """Class means without the held-out examples: ``(n_s, d)``, ``(n_s,)``, ``(F, n_s)`` mask
+    -> ``(F, n_way, d)`` prototypes (fold ``f`` from the examples it keeps)."""
+    onehot = one_hot(labels, n_way, features.dtype)  # (n_s, n_way)
+    keep = (~held_out).to(features.dtype).unsqueeze(-1) * onehot  # (F, n_s, n_way)
+    sums = keep.transpose(1, 2) @ features  # (F, n_way, d)
+    return sums / keep.sum(1).clamp_min(1).unsqueeze(-1)
+
+
+def fit_linear_heads(feats: Tensor, labels: Tensor, n_way: int, init_logits: Tensor,
+                     train: Tensor, l2: float = 0.1, steps: int = 100) -> tuple[Tensor, Tensor]:
+    """Regularised multinomial logistic regression, one head per fold, all in one batch.
+
+    Minimises ``mean_i CE(z_i, y_i) + l2/2 ||W - W0||^2`` over the training examples of each
+    fold, where ``z = feats @ W + b`` and ``W0``, ``b0`` is the initial (prototype) head whose
+    support logits are ``init_logits``. By the representer theorem ``W - W0`` lies in the span
+    of the (centred) support features, so the descent runs on the ``(n_s, n_s)`` Gram matrix,
+    not on ``d``: Nesterov's accelerated gradient, step ``1/L`` with ``L`` the loss's largest
+    curvature (power iteration), features centred on their mean (better conditioned; the bias
+    absorbs the shift). ``steps`` bounds the descent (early stopping regularises too).
+
+    Shapes: ``feats (n_s, d)`` (the head's feature space, e.g. unit vectors for a cosine
+    model), ``labels (n_s,)``, ``init_logits (F, n_s, n_way)`` (``feats @ W0_f + b0_f``),
+    ``train (F, n_s)`` bool (the examples each fold fits). Returns ``(dW (F, d, n_way), db
+    (F, n_way))``: fold ``f``'s head is ``W0_f + dW_f``, ``b0_f + db_f``.
+    """
+    with torch.no_grad():
+        n_folds, n_s, _ = init_logits.shape
+        mean = feats.mean(0)
+        centred = feats - mean  # (n_s, d)
+        gram = centred @ centred.t()  # (n_s, n_s)
+        # folds side by side, (n_s, F, n_way): one 2-D matrix product a step
+        init = init_logits.transpose(0, 1)
+        y = one_hot(labels, n_way, feats.dtype).unsqueeze(1)  # (n_s, 1, n_way)
+        w = train.to(feats.dtype)
+        w = (w / w.sum(-1, keepdim=True).clamp_min(1)).t().unsqueeze(-1)  # (n_s, F, 1)
+        v = torch.ones(n_s, dtype=feats.dtype)
+        for _ in range(20):  # largest eigenvalue of the Gram matrix
+            v = gram @ v
+            v = v / v.norm().clamp_min(1e-12)
+        top = float(v @ gram @ v)
+        # softmax cross-entropy curvature <= 1/2 per unit of feature (and bias) variance
+        lr = 1.0 / (0.5 * (top * float(w.max()) + 1.0) + l2)
+        a = torch.zeros_like(init)
+        c = torch.zeros(1, n_folds, n_way, dtype=feats.dtype)
+        a_prev, c_prev = a, c
+        for t in range(steps):
+            mom = t / (t + 3.0)
+            a_look, c_look = a + mom * (a - a_prev), c + mom * (c - c_prev)
+            z = init + (gram @ a_look.reshape(n_s, -1)).reshape(a.shape) + c_look
+            g = (torch.softmax(z, dim=-1) - y) * w
+            a_prev, c_prev = a, c
+            a = a_look - lr * (g + l2 * a_look)
+            c = c_look - lr * g.sum(0, keepdim=True)
+        dw = centred.t() @ a.transpose(0, 1)  # (F, d, n_way)
+        return dw, c.squeeze(0) - mean @ dw
+
+
+def heldout_logits(fold_logits: Tensor, held_out: Tensor) -> tuple[Tensor, Tensor]:
+    """Each held-out example's logits from the fold that held it out: ``(F, n_s, n_way)``
+    logits of every fold on the whole support set and the ``(F, n_s)`` mask -> ``(logits
+    (m, n_way), index (m,))`` of the ``m`` examples some fold held out."""
+    fold = held_out.float().argmax(0)  # (n_s,)
+    index = torch.nonzero(held_out.any(0)).flatten()
+    return fold_logits[fold[index], index], index
+
+
+def conformal_pvalues(calibration: Tensor, scores: Tensor) -> Tensor:
+    """Split-conformal p-values (Vovk et al. 2005; Angelopoulos & Bates 2021): ``(m,)``
+    held-out calibration scores and ``(n,)`` new scores (higher: more typical) -> ``(n,)``
+    p-values ``(1 + #{calibration <= score}) / (m + 1)``. A new example drawn like the
+    calibration ones gets a p-value <= ``a`` with probability <= ``a``."""
+    ranks = torch.searchsorted(calibration.sort().values.contiguous(), scores.contiguous(),
+                               right=True)
+    return (1.0 + ranks.to(torch.float32)) / (calibration.numel() + 1.0)
+
+
+def precision_threshold(top_prob: Tensor, correct: Tensor, precision: float) -> float:
+    """The smallest top probability above which held-out examples are right at least
+    ``precision`` of the time: ``(m,)`` top probabilities and ``(m,)`` bool -> a probability
+    (0 when they all are right at every level, 1 when never)."""
+    m = int(top_prob.numel())
+    order = torch.argsort(top_prob, descending=True)
+    right = correct[order].to(torch.float64).cumsum(0)
+    ok = torch.nonzero(right / torch.arange(1, m + 1, dtype=torch.float64) >= precision)
+    if ok.numel() == 0:
+        return 1.0
+    last = int(ok.max())
+    return 0.0 if last == m - 1 else float(top_prob[order][last])

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fewshot_studio.models import functional as Fn
@@ -45,6 +46,26 @@ class ProtoPredictor:
         return ProtoPredictor(protos, self.support_features, self.support_labels, self.model)
 
 
+@dataclass(frozen=True, eq=False)
+class LinearPredictor:
+    """The many-shot head: ``(n_q, d)`` query features -> ``(n_q, n_way)`` logits
+    ``head_features(q) @ weight + bias + head_offset(q)``; ``weight (d, n_way)``, ``bias
+    (n_way,)``."""
+
+    weight: Tensor
+    bias: Tensor
+    model: ProtoNet
+
+    def __call__(self, query_features: Tensor) -> Tensor:
+        m = self.model
+        flat = query_features.reshape(query_features.shape[0], -1)
+        # (n_way, d) @ (d, n): ~2x faster than (n, d) @ (d, n_way) for a few classes
+        z = (self.weight.t() @ flat.t()).t()
+        if m.distance == "cosine":  # head_features(q) = q / |q|, applied after the product
+            z = z / torch.linalg.vector_norm(flat, dim=-1, keepdim=True).clamp_min(1e-8)
+        return z + self.bias + m.head_offset(flat)
+
+
 @METHODS.register("protonet")
 class ProtoNet(FewShotClassifier):
     """Prototypical Networks: nearest class mean in embedding space.
@@ -58,6 +79,7 @@ class ProtoNet(FewShotClassifier):
 
     method_name = "protonet"
     can_refine = True
+    linear_head = True
 
     def __init__(self, backbone: nn.Module, distance: str = "euclidean",
                  scale: float | None = None, learn_scale: bool = False,
@@ -96,6 +118,52 @@ class ProtoNet(FewShotClassifier):
         """Prototypes of ``(n_s, d)`` support features -> a :class:`ProtoPredictor`."""
         protos = Fn.prototypes(support_features, support_labels, n_way)
         return ProtoPredictor(protos, support_features, support_labels, self)
+
+    def head_features(self, features: Tensor) -> Tensor:
+        """``(n, d)`` features -> the linear head's inputs: unit vectors (cosine) or as they
+        are (Euclidean), so that the prototypes' logits are linear in them."""
+        features = features.reshape(features.shape[0], -1)
+        return F.normalize(features, dim=-1, eps=1e-8) if self.distance == "cosine" \
+            else features
+
+    def head_offset(self, features: Tensor) -> Tensor:
+        """``(n, d)`` features -> ``(n, 1)``: the per-query term of the prototypes' logits
+        that is not linear in :meth:`head_features`: ``-scale |q|^2`` (Euclidean), 0 (cosine).
+        The head keeps it: softmax ignores it, but a far-away query keeps a low top logit (what
+        the adaptive unknown rule reads)."""
+        if self.distance == "cosine":
+            return features.new_zeros(features.shape[0], 1)
+        s = self.scale.detach() if isinstance(self.scale, Tensor) else self.scale
+        flat = features.reshape(features.shape[0], -1)
+        return -s * torch.linalg.vector_norm(flat, dim=-1, keepdim=True).square()
+
+    def prototype_head(self, prototypes: Tensor) -> tuple[Tensor, Tensor]:
+        """``(..., n_way, d)`` prototypes -> the linear head with their logits (less
+        :meth:`head_offset`): ``(weight (..., d, n_way), bias (..., n_way))``. Cosine:
+        ``scale * p / |p|`` and 0; Euclidean: ``2 scale p`` and ``-scale |p|^2``."""
+        s = self.scale.detach() if isinstance(self.scale, Tensor) else self.scale
+        if self.distance == "cosine":
+            w = s * F.normalize(prototypes, dim=-1, eps=1e-8)
+            return w.transpose(-1, -2), torch.zeros(prototypes.shape[:-1])
+        return 2.0 * s * prototypes.transpose(-1, -2), -s * prototypes.pow(2).sum(-1)
+
+    def fit_head(self, support_features: Tensor, support_labels: Tensor, n_way: int,
+                 held_out: Tensor, l2: float, steps: int) -> tuple[LinearPredictor, Tensor]:
+        """Logistic regression on the ``(n_s, d)`` support features, from the prototypes'
+        head, for every fold of ``held_out (F, n_s)`` and for all examples in one batch
+        (:func:`~fewshot_studio.models.functional.fit_linear_heads`). Returns the head on all
+        examples and the ``(F, n_s, n_way)`` support logits of each fold's head."""
+        feats = support_features.reshape(support_features.shape[0], -1).float()
+        phi = self.head_features(feats)  # (n_s, d)
+        everything = torch.zeros(1, feats.shape[0], dtype=torch.bool)
+        out = torch.cat([held_out, everything])  # (F + 1, n_s): the last fold keeps all
+        weight0, bias0 = self.prototype_head(
+            Fn.fold_prototypes(feats, support_labels, n_way, out))  # (F+1, d, w), (F+1, w)
+        init = phi @ weight0 + bias0.unsqueeze(1)  # (F + 1, n_s, n_way)
+        dw, db = Fn.fit_linear_heads(phi, support_labels, n_way, init, ~out, l2, steps)
+        weight, bias = weight0 + dw, bias0 + db
+        head = LinearPredictor(weight[-1], bias[-1], self)
+        return head, phi @ weight[:-1] + bias[:-1].unsqueeze(1) + self.head_offset(feats)
 
     def config(self) -> dict[str, Any]:
         return {"distance": self.distance, "scale": self.init_scale,

@@ -46,6 +46,12 @@ class TrainConfig:
     for validation (``val_episodes`` fixed episodes every ``val_every`` steps;
     ``val_query`` None: 15, or fewer when the smallest validation class has fewer images).
     ``meta_batch`` tasks per optimiser step (MAML). ``episodes`` counts optimiser steps.
+    ``within_alphabet_fraction``: that fraction of the training episodes is hard: all its
+    classes from one alphabet (the first folder level of the class names; Omniglot
+    alphabets), support and query images by different drawers (the file-name suffix
+    ``_NN``); the rest are random-class episodes. ``val_within_alphabet``: validate on such
+    episodes only (Lake et al.'s within-alphabet protocol; needs whole alphabets held out,
+    e.g. ``split="groups"``).
 
     Optimiser: Adam with ``lr`` and ``weight_decay``; ``schedule`` ``"cosine"`` (to
     ``lr * min_lr_ratio``, after ``warmup`` linear steps), ``"step"`` (times ``gamma`` every
@@ -85,6 +91,7 @@ class TrainConfig:
     query: int = 5
     meta_batch: int = 1
     episodes: int = 1000
+    within_alphabet_fraction: float = 0.0
 
     lr: float = 1e-3
     schedule: str = "cosine"
@@ -103,6 +110,7 @@ class TrainConfig:
     val_way: int = 5
     val_shot: int = 1
     val_query: int | None = None
+    val_within_alphabet: bool = False
 
     seed: int = 0
     device: str = "auto"
@@ -157,6 +165,8 @@ class TrainConfig:
             bad("way must be at least 2")
         if self.episodes < 1:
             bad("episodes must be at least 1")
+        if not 0.0 <= self.within_alphabet_fraction <= 1.0:
+            bad("--within-alphabet-fraction must be between 0 and 1")
         if self.lr <= 0:
             bad("lr must be positive")
         if not 0.0 < self.val_fraction < 1.0 and self.split in ("random", "groups"):

@@ -20,7 +20,9 @@ from torch import Tensor
 
 from fewshot_studio.data.preprocess import Preprocess
 from fewshot_studio.data.sampler import Episode, EpisodeSampler
+from fewshot_studio.data.splits import alphabet_of, drawer_of
 from fewshot_studio.data.tta import embed_tta, tta_kind
+from fewshot_studio.errors import UserError
 from fewshot_studio.models.base import FewShotClassifier
 from fewshot_studio.progress import Progress
 
@@ -45,12 +47,27 @@ class EvalResult:
     seed: int = 0
     transductive: int = 0  # soft k-means iterations over each episode's queries (0: none)
     tta: int = 0  # test-time augmentation: views averaged per image (0: none)
+    # within-alphabet protocol: the alphabets the episodes were drawn from (empty: random
+    # classes), and whether support and query drawers were kept apart
+    alphabets: tuple[str, ...] = ()
+    drawers: bool = False
+    # fraction of all queries whose calibrated top probability is below unknown_threshold
+    # (what `label` would mark unknown; None: not measured)
+    unknown_threshold: float | None = None
+    unknown: float | None = None
 
     def __str__(self) -> str:
         how = f", transductive x{self.transductive}" if self.transductive else ""
         how += f", TTA x{self.tta}" if self.tta else ""
-        return (f"accuracy: {100 * self.accuracy:.2f}% +- {100 * self.ci95:.2f}% "
+        if self.alphabets:
+            how += (f", within one alphabet ({len(self.alphabets)} alphabets)"
+                    + (", support and query by different drawers" if self.drawers else ""))
+        text = (f"accuracy: {100 * self.accuracy:.2f}% +- {100 * self.ci95:.2f}% "
                 f"(95% CI, {self.n} episodes{how})")
+        if self.unknown is not None:
+            text += (f"\nunknown at threshold {self.unknown_threshold:g}: "
+                     f"{100 * self.unknown:.2f}% of the queries")
+        return text
 
     def to_dict(self) -> dict[str, Any]:
         """The summary stored in a checkpoint's evaluation metadata (no per-episode list)."""
@@ -60,6 +77,13 @@ class EvalResult:
             out["transductive"] = self.transductive
         if self.tta:
             out["tta"] = self.tta
+        if self.alphabets:
+            out["protocol"] = "within-alphabet"
+            out["alphabets"] = len(self.alphabets)
+            out["different_drawers"] = self.drawers
+        if self.unknown is not None:
+            out["unknown_threshold"] = self.unknown_threshold
+            out["unknown"] = self.unknown
         return out
 
 
@@ -115,32 +139,86 @@ def embed_all(model: FewShotClassifier, images: Tensor, pre: Preprocess,
                       for i in range(0, images.shape[0], batch_size)])
 
 
-def episode_accuracy(model: FewShotClassifier, support_feats: Tensor, support_labels: Tensor,
-                     query_feats: Tensor, query_labels: Tensor, n_way: int,
-                     needs_grad: bool, transductive: int = 0) -> float:
-    """Fit on ``(n_s, *f)`` support features and score ``(n_q, *f)`` queries -> accuracy.
-    ``transductive``: refine the predictor over the episode's queries with that many soft
-    k-means iterations first (what the app's "Transductive refinement" does; methods whose
-    predictor has ``refine``, see ``FewShotClassifier.can_refine``)."""
+def episode_logits(model: FewShotClassifier, support_feats: Tensor, support_labels: Tensor,
+                   query_feats: Tensor, n_way: int, needs_grad: bool,
+                   transductive: int = 0) -> Tensor:
+    """Fit on ``(n_s, *f)`` support features -> detached ``(n_q, n_way)`` logits of the
+    ``(n_q, *f)`` queries. ``transductive``: refine the predictor over the episode's queries
+    with that many soft k-means iterations first (what the app's "Transductive refinement"
+    does; methods whose predictor has ``refine``, see ``FewShotClassifier.can_refine``)."""
     with torch.enable_grad() if needs_grad else torch.no_grad():
         predictor = model.fit(support_feats, support_labels, n_way)
         if transductive:
             predictor = predictor.refine(query_feats, n_iters=transductive)  # type: ignore[attr-defined]
-        logits = predictor(query_feats)
-    return float((logits.detach().argmax(-1) == query_labels).float().mean().item())
+        return predictor(query_feats).detach()
+
+
+def episode_accuracy(model: FewShotClassifier, support_feats: Tensor, support_labels: Tensor,
+                     query_feats: Tensor, query_labels: Tensor, n_way: int,
+                     needs_grad: bool, transductive: int = 0) -> float:
+    """Fit on ``(n_s, *f)`` support features and score ``(n_q, *f)`` queries -> accuracy
+    (:func:`episode_logits`)."""
+    logits = episode_logits(model, support_feats, support_labels, query_feats, n_way,
+                            needs_grad, transductive)
+    return float((logits.argmax(-1) == query_labels).float().mean().item())
+
+
+def top_probability(model: FewShotClassifier, logits: Tensor, temperature: float = 1.0
+                    ) -> Tensor:
+    """``(n, n_way)`` logits -> ``(n,)`` top-1 probability as the labeling engine computes it:
+    the model's ``probabilities`` (or a softmax) of ``logits / temperature``."""
+    z = logits / temperature if temperature != 1.0 else logits
+    fn = getattr(model, "probabilities", None)
+    probs = fn(z) if callable(fn) else torch.softmax(z.float(), dim=-1)
+    return probs.max(-1).values
+
+
+def within_alphabet_args(images: Any) -> dict[str, Any]:
+    """The :class:`EpisodeSampler` arguments of within-alphabet episodes over ``images``:
+    ``groups`` (each class's alphabet: the first folder level of its name) and ``drawers``
+    (each image's ``_NN`` file-name suffix; None when some file has none: then support and
+    query differ by image only). :class:`UserError` for flat class names."""
+    names = list(getattr(images, "class_names", []) or [])
+    groups = [alphabet_of(n) for n in names]
+    flat = [n for n, g in zip(names, groups, strict=True) if g is None]
+    if not names or flat:
+        raise UserError("within-alphabet episodes need nested class folders "
+                        "(<alphabet>/<character>/<image>), but "
+                        + (f"class {flat[0]!r} is not nested" if flat else "there are no classes"))
+    files = list(getattr(images, "files", []) or [])
+    found = [drawer_of(f) for f in files]
+    drawers = (None if not files or any(d is None for d in found)
+               else np.asarray(found, dtype=np.int64))
+    return {"groups": groups, "drawers": drawers}
 
 
 def fixed_episodes(images: Any, way: int, shot: int, query: int | None, episodes: int,
-                   seed: int) -> tuple[list[Episode], int]:
+                   seed: int, within_alphabet: bool = False) -> tuple[list[Episode], int]:
     """The fixed episodes of ``images`` for a seed, and the number of queries per class used
-    (``query``, or :func:`default_query` for the smallest class when None)."""
+    (``query``, or :func:`default_query` for the smallest class when None).
+    ``within_alphabet``: every episode's classes from one alphabet, support and query by
+    different drawers (:func:`within_alphabet_args`; with drawers, the default query is
+    what the drawers left after the shots allow)."""
+    return fixed_episode_sampler(images, way, shot, query, episodes, seed, within_alphabet)[:2]
+
+
+def fixed_episode_sampler(images: Any, way: int, shot: int, query: int | None, episodes: int,
+                          seed: int, within_alphabet: bool = False
+                          ) -> tuple[list[Episode], int, EpisodeSampler]:
+    """:func:`fixed_episodes` plus the sampler that drew them (its ``groups_used`` /
+    ``groups_skipped`` name the alphabets of a within-alphabet protocol)."""
     targets = images.targets.cpu()
     names = list(getattr(images, "class_names", []) or [])
+    extra = within_alphabet_args(images) if within_alphabet else {}
     if query is None:
         counts = torch.bincount(targets)
-        query = default_query(shot, int(counts[counts > 0].min().item()))
-    sampler = EpisodeSampler(targets, way, shot, query, seed=seed, class_names=names or None)
-    return sampler.episodes(episodes), query
+        smallest = int(counts[counts > 0].min().item())
+        if extra.get("drawers") is not None:
+            smallest = min(smallest, int(np.unique(extra["drawers"]).size))
+        query = default_query(shot, smallest)
+    sampler = EpisodeSampler(targets, way, shot, query, seed=seed, class_names=names or None,
+                             **extra)
+    return sampler.episodes(episodes), query, sampler
 
 
 def episode_features(model: FewShotClassifier, images: Any, eps: list[Episode],
@@ -169,31 +247,44 @@ def episode_features(model: FewShotClassifier, images: Any, eps: list[Episode],
 
 def evaluate_iter(model: FewShotClassifier, images: Any, preprocess: Preprocess, way: int,
                   shot: int, query: int | None, episodes: int, seed: int = 0,
-                  device: str | torch.device = "cpu", transductive: int = 0, tta: int = 0
-                  ) -> Iterator[Progress]:
+                  device: str | torch.device = "cpu", transductive: int = 0, tta: int = 0,
+                  within_alphabet: bool = False, unknown_threshold: float | None = None,
+                  temperature: float = 1.0) -> Iterator[Progress]:
     """Like :func:`evaluate`, as a generator of :class:`Progress`; the last one's
     ``payload`` is the :class:`EvalResult`."""
     if transductive and not model.can_refine:
         raise ValueError(f"{model.method_name} has no transductive refinement")
     device = torch.device(device)
-    eps, query = fixed_episodes(images, way, shot, query, episodes, seed)
+    eps, query, sampler = fixed_episode_sampler(images, way, shot, query, episodes, seed,
+                                                within_alphabet)
     was_training = model.training
     model.eval()
     needs_grad = fit_needs_grad(model)
     accs: list[float] = []
+    n_unknown = n_scored = 0
     try:
         for i, (ep, s_feat, q_feat) in enumerate(
                 episode_features(model, images, eps, preprocess, device, tta)):
-            accs.append(episode_accuracy(model, s_feat, ep.support_labels.to(device), q_feat,
-                                         ep.query_labels.to(device), way, needs_grad,
-                                         transductive))
+            logits = episode_logits(model, s_feat, ep.support_labels.to(device), q_feat, way,
+                                    needs_grad, transductive)
+            accs.append(float((logits.argmax(-1) == ep.query_labels.to(device))
+                              .float().mean().item()))
+            if unknown_threshold is not None:
+                top = top_probability(model, logits, temperature)
+                n_unknown += int((top < unknown_threshold).sum().item())
+                n_scored += int(top.numel())
             if (i + 1) % 10 == 0 or i + 1 == len(eps):
                 mean, _ = confidence_interval(accs)
                 yield Progress(i + 1, len(eps), metrics={"acc": mean})
     finally:
         model.train(was_training)
     mean, ci = confidence_interval(accs)
-    result = EvalResult(mean, ci, len(accs), accs, way, shot, query, seed, transductive, tta)
+    result = EvalResult(
+        mean, ci, len(accs), accs, way, shot, query, seed, transductive, tta,
+        alphabets=tuple(str(g) for g in sampler.groups_used) if within_alphabet else (),
+        drawers=within_alphabet and sampler.by_drawers,
+        unknown_threshold=unknown_threshold,
+        unknown=n_unknown / max(1, n_scored) if unknown_threshold is not None else None)
     yield Progress(len(eps), len(eps), message=str(result), metrics={"acc": mean},
                    payload=result)
 
@@ -201,16 +292,21 @@ def evaluate_iter(model: FewShotClassifier, images: Any, preprocess: Preprocess,
 def evaluate(model: FewShotClassifier, images: Any, preprocess: Preprocess, way: int,
              shot: int, query: int | None, episodes: int, seed: int = 0,
              device: str | torch.device = "cpu", transductive: int = 0,
-             tta: int = 0) -> EvalResult:
+             tta: int = 0, within_alphabet: bool = False,
+             unknown_threshold: float | None = None, temperature: float = 1.0) -> EvalResult:
     """Mean accuracy of ``model`` over ``episodes`` fixed ``way``-way ``shot``-shot episodes
     drawn with ``seed`` from ``images`` (an :class:`~fewshot_studio.data.datasets.
     InMemoryImages`: uint8 ``(N, C, H, W)`` images + ``(N,)`` targets), ``query`` queries per
     class (None: :func:`default_query`). Deterministic for a seed. ``transductive``: soft
     k-means iterations over each episode's queries before scoring them (0: none). ``tta``:
-    every image's features averaged over that many test-time views (0 or 1: none)."""
+    every image's features averaged over that many test-time views (0 or 1: none).
+    ``within_alphabet``: Lake et al.'s harder protocol, every episode's classes from one
+    alphabet, support and query by different drawers (:func:`within_alphabet_args`).
+    ``unknown_threshold``: also measure the fraction of queries whose top probability (of
+    ``logits / temperature``) is below it, i.e. what ``label`` would mark unknown."""
     result: EvalResult | None = None
     for p in evaluate_iter(model, images, preprocess, way, shot, query, episodes, seed, device,
-                           transductive, tta):
+                           transductive, tta, within_alphabet, unknown_threshold, temperature):
         if isinstance(p.payload, EvalResult):
             result = p.payload
     assert result is not None

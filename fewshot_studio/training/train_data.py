@@ -177,6 +177,7 @@ def merge_images(parts: Sequence[Any]) -> Any:
     names: list[str] = []
     index: dict[str, int] = {}
     images, targets, skipped = [], [], []
+    files: list[str] | None = [] if all(p.files for p in parts) else None
     for p in parts:
         mapping = torch.tensor([index.setdefault(n, len(index)) for n in p.class_names],
                                dtype=torch.long)
@@ -186,8 +187,10 @@ def merge_images(parts: Sequence[Any]) -> Any:
         images.append(p.images)
         targets.append(mapping.to(p.targets.device)[p.targets])
         skipped.extend(p.skipped)
+        if files is not None:
+            files.extend(p.files)
     return InMemoryImages(images=torch.cat(images), targets=torch.cat(targets),
-                          class_names=names, skipped=skipped)
+                          class_names=names, skipped=skipped, files=files or [])
 
 
 def _preload(datasets: Sequence[Any], sel: dict[str, tuple[int, ...]], pre: Preprocess,

@@ -44,7 +44,12 @@ from fewshot_studio.models import FewShotClassifier
 from fewshot_studio.progress import Progress
 from fewshot_studio.training import distributed
 from fewshot_studio.training.config import TrainConfig
-from fewshot_studio.training.evaluate import EvalResult, evaluate
+from fewshot_studio.training.evaluate import (
+    EvalResult,
+    evaluate,
+    fixed_episodes,
+    within_alphabet_args,
+)
 
 # Re-exported: the pieces used to live here, and callers import them from this module.
 from fewshot_studio.training.steps import (  # noqa: F401
@@ -99,6 +104,13 @@ class TrainResult:
     skipped: list[tuple[str, str]]
     model: FewShotClassifier
     interrupted: bool = False
+
+
+def validation_key(config: TrainConfig) -> str:
+    """The name of the validation result in a checkpoint's evaluation metadata
+    (``"validation 20w1s"``; ``" within-alphabet"`` appended for that protocol)."""
+    key = f"validation {config.val_way}w{config.val_shot}s"
+    return key + " within-alphabet" if config.val_within_alphabet else key
 
 
 def hardware_name(device: torch.device) -> str:
@@ -180,8 +192,19 @@ def _train(config: TrainConfig, resume: bool, info: distributed.DistInfo
     if config.compile:
         step_module = compile_step(step_module, device)
 
-    sampler = EpisodeSampler(data.train.targets, config.way, config.shot, config.query,
-                             seed=config.seed + info.rank, class_names=data.train_classes)
+    def make_sampler(seed: int) -> EpisodeSampler:
+        """The training stream: random-class episodes, ``within_alphabet_fraction`` of them
+        within one alphabet (support and query by different drawers)."""
+        hard: dict[str, Any] = {}
+        if config.within_alphabet_fraction > 0:
+            hard = {**within_alphabet_args(data.train),
+                    "group_fraction": config.within_alphabet_fraction}
+        return EpisodeSampler(data.train.targets, config.way, config.shot, config.query,
+                              seed=seed, class_names=data.train_classes, **hard)
+
+    sampler = make_sampler(config.seed + info.rank)
+    if config.val_within_alphabet and data.val is not None:  # a UserError now, not later
+        fixed_episodes(data.val, config.val_way, config.val_shot, data.val_query, 1, 0, True)
     gen = torch.Generator(device=device)
     gen.manual_seed(config.seed + 7919 * (info.rank + 1))
     batches = BatchMaker(data.train.images, config.preprocess, config.augment, gen,
@@ -210,8 +233,7 @@ def _train(config: TrainConfig, resume: bool, info: distributed.DistInfo
             gen.set_state(rng)
         else:  # no saved stream for this rank: a fresh one, distinct from the first run's
             fresh = config.seed + info.rank + 1_000_003 * start
-            sampler = EpisodeSampler(data.train.targets, config.way, config.shot,
-                                     config.query, seed=fresh, class_names=data.train_classes)
+            sampler = make_sampler(fresh)
             gen.manual_seed(fresh + 7919)
         if "rng.torch" in tensors:
             torch.set_rng_state(tensors["rng.torch"])
@@ -237,7 +259,7 @@ def _train(config: TrainConfig, resume: bool, info: distributed.DistInfo
         }
         evaluation = {}
         if val is not None:
-            evaluation[f"validation {config.val_way}w{config.val_shot}s"] = val.to_dict()
+            evaluation[validation_key(config)] = val.to_dict()
         return Checkpoint(model=spec, preprocess=config.preprocess,
                           state_dict={k: v.detach().cpu() for k, v in model.state_dict().items()},
                           name=config.name or run_dir.name, description=config.description,
@@ -313,7 +335,8 @@ def _train(config: TrainConfig, resume: bool, info: distributed.DistInfo
                 if validate and info.is_main:
                     val = evaluate(model, data.val, config.preprocess, config.val_way,
                                    config.val_shot, data.val_query, config.val_episodes,
-                                   seed=val_sampler_seed, device=device)
+                                   seed=val_sampler_seed, device=device,
+                                   within_alphabet=config.val_within_alphabet)
                     model.train()
                     if best_val is None or val.accuracy > best_val.accuracy:
                         best_val = val

@@ -1,5 +1,6 @@
-"""File > Export: CSV (the CLI's schema, via ``engine.export.write_csv``), JSON, or copies
-of the images in one folder per class. Always in a worker; progress goes to the status bar."""
+"""File > Export: a label file in any format of ``engine.export.EXPORT_FORMATS`` (the CLI's
+writers: CSV, JSON, Label Studio, FiftyOne), or copies of the images in one folder per class.
+Always in a worker; progress goes to the status bar."""
 
 from __future__ import annotations
 
@@ -13,17 +14,13 @@ from fewshot_studio.engine.api import Prediction
 from fewshot_studio.gui.workers import GeneratorWorker
 from fewshot_studio.progress import Progress
 
-FORMATS = {"csv": "CSV (*.csv)", "json": "JSON (*.json)"}
 
-
-def _write_job(kind: str, preds: Sequence[Prediction], out: Path,
-               root: Path) -> Iterator[Progress]:
+def _write_job(kind: str, preds: Sequence[Prediction], out: Path, root: Path,
+               classes: Sequence[str]) -> Iterator[Progress]:
     from fewshot_studio.engine import export
 
     yield Progress(0, len(preds), f"Writing {out.name}…")
-    if kind == "csv":
-        return export.write_csv(preds, out, root)
-    return export.write_json(preds, out, root)
+    return export.EXPORT_FORMATS[kind].write(preds, out, root, classes=classes)
 
 
 def _copy_job(preds: Sequence[Prediction], dest: Path) -> Iterator[Progress]:
@@ -48,11 +45,12 @@ class ExportController(QObject):
         super().__init__(parent)
         self.worker: GeneratorWorker | None = None
 
-    def export_file(self, kind: str, preds: Sequence[Prediction], out: Path,
-                    root: Path) -> GeneratorWorker:
-        """Write ``preds`` as ``kind`` ("csv" | "json") to ``out``, paths relative to
-        ``root``."""
-        w = GeneratorWorker(_write_job, kind, list(preds), Path(out), Path(root))
+    def export_file(self, kind: str, preds: Sequence[Prediction], out: Path, root: Path,
+                    classes: Sequence[str] = ()) -> GeneratorWorker:
+        """Write ``preds`` in the format ``kind`` (a key of ``EXPORT_FORMATS``) to ``out``,
+        paths relative to ``root``; ``classes``: the class names, in order."""
+        w = GeneratorWorker(_write_job, kind, list(preds), Path(out), Path(root),
+                            list(classes))
         w.signals.finished.connect(
             lambda p: self.finished.emit(f"Exported {len(preds)} rows to {p}"))
         return self._start(w)

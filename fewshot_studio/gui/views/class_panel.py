@@ -33,6 +33,7 @@ from PySide6.QtWidgets import (
 from fewshot_studio.gui.controllers.classes import ClassesController
 from fewshot_studio.gui.models.classes import ClassListModel
 from fewshot_studio.gui.thumbnails import ThumbnailCache
+from fewshot_studio.gui.views.style import theme
 
 QUERY_MIME = "application/x-fewshot-query-paths"
 
@@ -121,7 +122,7 @@ class ExamplesView(QListWidget):
             from PySide6.QtGui import QPainter
 
             p = QPainter(self.viewport())
-            p.setPen(QColor("#8a94a6"))
+            p.setPen(theme().color("faint"))
             p.drawText(self.viewport().rect(), Qt.AlignmentFlag.AlignCenter,
                        "Drop example images here")
 
@@ -156,9 +157,11 @@ class ClassCard(QFrame):
         self.name.editingFinished.connect(self._rename)
         self.count = QLabel()
         self.count.setObjectName("countLabel")
+        self.count.setWordWrap(True)  # a narrow panel: two lines, never a clipped card
         more = QToolButton()
         more.setText("⋯")
         more.setObjectName("moreButton")
+        more.setFixedWidth(24)  # (the name gets the room)
         more.setPopupMode(QToolButton.ToolButtonPopupMode.InstantPopup)
         menu = QMenu(more)
         menu.addAction("Add images…").triggered.connect(self.browse_images)

@@ -6,12 +6,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from PySide6.QtCore import QRectF, QSize, Qt
+from PySide6.QtCore import QEvent, QRectF, QSize, Qt
 from PySide6.QtGui import QColor, QPainter, QPixmap
 from PySide6.QtWidgets import QLabel, QSizePolicy, QVBoxLayout, QWidget
 
 from fewshot_studio.engine.api import Prediction, Status
 from fewshot_studio.gui.thumbnails import ThumbnailCache
+from fewshot_studio.gui.views.style import theme
 
 
 class ImageLabel(QWidget):
@@ -34,7 +35,7 @@ class ImageLabel(QWidget):
         p.setRenderHint(QPainter.RenderHint.Antialiasing)
         r = QRectF(self.rect()).adjusted(1, 1, -1, -1)
         p.setPen(Qt.PenStyle.NoPen)
-        p.setBrush(QColor("#f0f2f5"))
+        p.setBrush(theme().color("thumb_bg"))
         p.drawRoundedRect(r, 8, 8)
         if self.pixmap is not None and not self.pixmap.isNull():
             s = self.pixmap.size().scaled(r.size().toSize(), Qt.AspectRatioMode.KeepAspectRatio)
@@ -42,7 +43,7 @@ class ImageLabel(QWidget):
             t.moveCenter(r.center())
             p.drawPixmap(t, self.pixmap, QRectF(self.pixmap.rect()))
         elif self.text:
-            p.setPen(QColor("#8a94a6"))
+            p.setPen(theme().color("faint"))
             p.drawText(r, Qt.AlignmentFlag.AlignCenter | Qt.TextFlag.TextWordWrap, self.text)
 
 
@@ -63,14 +64,15 @@ class ProbBar(QWidget):
         p.setRenderHint(QPainter.RenderHint.Antialiasing)
         r = QRectF(self.rect()).adjusted(0, 3, 0, -3)
         p.setPen(Qt.PenStyle.NoPen)
-        p.setBrush(QColor("#eef0f3"))
+        t = theme()
+        p.setBrush(t.color("thumb_bg"))
         p.drawRoundedRect(r, 4, 4)
         fill = QColor(self.color)
-        fill.setAlpha(95)
+        fill.setAlpha(120 if t.dark else 95)
         p.setBrush(fill)
         p.drawRoundedRect(QRectF(r.left(), r.top(), max(6.0, r.width() * self.prob), r.height()),
                           4, 4)
-        p.setPen(QColor("#111827"))
+        p.setPen(t.color("text"))
         p.drawText(r.adjusted(8, 0, -8, 0), Qt.AlignmentFlag.AlignVCenter, self.label)
         p.drawText(r.adjusted(8, 0, -8, 0),
                    Qt.AlignmentFlag.AlignVCenter | Qt.AlignmentFlag.AlignRight,
@@ -117,6 +119,7 @@ class DetailPane(QWidget):
     def show_prediction(self, path: Path | None, pred: Prediction | None,
                         count: int = 1) -> None:
         self._path = path
+        self._shown = (path, pred, count)
         if path is None:
             self.image.set_pixmap(None, "Select an image to see it large")
             self.name.setText("")
@@ -124,14 +127,16 @@ class DetailPane(QWidget):
             for b in self.bars:
                 b.set("", 0.0, QColor())
             return
+        t = theme()
         self.image.set_pixmap(self.images.get(path), "Loading…")
         self.name.setText(path.name + (f"   (+{count - 1} more selected)" if count > 1 else ""))
         if pred is None:
             self.verdict.setText("Not labeled yet: press Label (Ctrl+L).")
         elif pred.status == Status.ERROR:
-            self.verdict.setText(f"<span style='color:#dc2626'><b>Error:</b> {pred.error}</span>")
+            self.verdict.setText(f"<span style='color:{t.error}'><b>Error:</b> {pred.error}"
+                                 "</span>")
         elif pred.corrected:
-            self.verdict.setText(f"<b>{pred.label}</b> &nbsp;<span style='color:#16a34a'>"
+            self.verdict.setText(f"<b>{pred.label}</b> &nbsp;<span style='color:{t.ok}'>"
                                  "✓ corrected by you</span>")
         elif pred.status == Status.UNKNOWN:
             self.verdict.setText("<b>Unknown</b>: below the confidence threshold "
@@ -146,6 +151,11 @@ class DetailPane(QWidget):
                 b.set(lab, float(prob), self.color_of(lab) or QColor("#2563eb"))
             else:
                 b.set("", 0.0, QColor())
+
+    def changeEvent(self, e: QEvent) -> None:
+        super().changeEvent(e)
+        if e.type() == QEvent.Type.PaletteChange and hasattr(self, "_shown"):
+            self.show_prediction(*self._shown)  # the verdict's colours follow the theme
 
     def _on_ready(self, key: str) -> None:
         if self._path is not None and key == str(self._path):

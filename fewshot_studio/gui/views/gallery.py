@@ -49,15 +49,11 @@ from fewshot_studio.data.images import is_image_path
 from fewshot_studio.engine.api import Prediction
 from fewshot_studio.gui.models.gallery import Role
 from fewshot_studio.gui.views.class_panel import QUERY_MIME, local_paths
+from fewshot_studio.gui.views.style import theme
 
 TILE = QSize(172, 204)
 THUMB_H = 132
 THUMB_BOX = (TILE.width() - 20, THUMB_H)  # the thumbnail area of a tile, in px
-ACCENT = QColor("#2563eb")
-MUTED = QColor("#6b7280")
-ERROR = QColor("#dc2626")
-OK_GREEN = QColor("#16a34a")
-REVIEWED = QColor("#475569")
 
 
 def _pill(p: QPainter, rect: QRectF, fill: QColor | None, text: str, fg: QColor,
@@ -78,8 +74,9 @@ def _pill(p: QPainter, rect: QRectF, fill: QColor | None, text: str, fg: QColor,
 
 class TileDelegate(QStyledItemDelegate):
     """Paints tiles from an LRU cache of rendered tile pixmaps: a tile is drawn in Python only
-    when its content changes (prediction, thumbnail, colour, selection, hover); every other
-    repaint is one ``drawPixmap``."""
+    when its content changes (prediction, thumbnail, colour, selection, hover, theme); every
+    other repaint is one ``drawPixmap``. Colours come from the current theme
+    (:func:`.style.theme`); class colours are the user's, with white badge text."""
 
     def __init__(self, parent: QWidget | None = None, capacity: int = 400) -> None:
         super().__init__(parent)
@@ -111,8 +108,10 @@ class TileDelegate(QStyledItemDelegate):
         selected = bool(option.state & QStyle.StateFlag.State_Selected)
         hover = bool(option.state & QStyle.StateFlag.State_MouseOver)
         dpr = p.device().devicePixelRatioF() if p.device() else 1.0
+        t = theme()
         key = (path, pred, pm.cacheKey() if pm is not None else 0, error,
-               color.rgba() if color is not None else 0, reviewed, selected, hover, dpr)
+               color.rgba() if color is not None else 0, reviewed, selected, hover, dpr,
+               t.name)
         tile = self._cache.get(key)
         cell = QRectF(option.rect)
         r = QRectF(0, 0, TILE.width(), TILE.height())
@@ -120,7 +119,7 @@ class TileDelegate(QStyledItemDelegate):
         if tile is None and time.perf_counter() - self.frame_start > self.budget_s:
             self.deferred = True  # over budget: placeholder now, the real tile next frame
             card = r.adjusted(4, 4, -4, -4)
-            p.fillRect(card, QColor("#ffffff"))
+            p.fillRect(card, t.color("base"))
             if pm is not None:
                 p.drawPixmap(card.topLeft() + QPointF(6, 6), pm)
             return
@@ -142,20 +141,23 @@ class TileDelegate(QStyledItemDelegate):
     def _render(self, p: QPainter, path: str, pred: Prediction | None, pm: QPixmap | None,
                 error: str, color: QColor | None, selected: bool, hover: bool,
                 reviewed: bool = False) -> None:
+        t = theme()
+        accent, error_c, ok, white = (t.color("accent"), t.color("error"), t.color("ok"),
+                                      QColor("white"))
         p.setRenderHint(QPainter.RenderHint.Antialiasing)
         p.setRenderHint(QPainter.RenderHint.SmoothPixmapTransform)
         r = QRectF(4, 4, TILE.width() - 8, TILE.height() - 8)
         card = QPainterPath()
         card.addRoundedRect(r, 8, 8)
-        p.fillPath(card, QColor("#eaf1ff") if selected else QColor("#ffffff"))
-        p.setPen(QPen(ACCENT, 2.2) if selected else QPen(QColor("#c7cdd8" if hover else
-                                                                 "#e1e5ec"), 1))
+        p.fillPath(card, t.color("accent_soft" if selected else "base"))
+        p.setPen(QPen(accent, 2.2) if selected else
+                 QPen(t.color("tile_border_hover" if hover else "tile_border"), 1))
         p.drawPath(card)
 
         thumb = QRectF(r.left() + 6, r.top() + 6, r.width() - 12, THUMB_H)
         tp = QPainterPath()
         tp.addRoundedRect(thumb, 5, 5)
-        p.fillPath(tp, QColor("#f0f2f5"))
+        p.fillPath(tp, t.color("thumb_bg"))
         status = str(pred.status) if pred is not None else ""
         if pm is not None and not pm.isNull() and pm.size() == thumb.size().toSize():
             p.save()  # decoded to exactly this box (ThumbnailCache box=THUMB_BOX): a blit
@@ -176,7 +178,7 @@ class TileDelegate(QStyledItemDelegate):
             p.drawPixmap(thumb, pm, src)
             p.restore()
         elif error:
-            p.setPen(ERROR)
+            p.setPen(error_c)
             p.setFont(self.small_font)
             p.drawText(thumb.adjusted(8, 8, -8, -8), Qt.AlignmentFlag.AlignCenter
                        | Qt.TextFlag.TextWordWrap, "cannot open image")
@@ -184,20 +186,20 @@ class TileDelegate(QStyledItemDelegate):
         corrected = bool(pred is not None and pred.corrected)
         if corrected or reviewed:  # check in the thumbnail's top-right corner: green when
             c = QRectF(thumb.right() - 24, thumb.top() + 4, 20, 20)  # corrected, else slate
-            p.setBrush(OK_GREEN if corrected else REVIEWED)
-            p.setPen(QPen(QColor("white"), 1.5))
+            p.setBrush(QColor("#16a34a") if corrected else QColor("#475569"))  # white check
+            p.setPen(QPen(white, 1.5))  # on the thumbnail: the same colours in both themes
             p.drawEllipse(c)
-            p.setPen(QPen(QColor("white"), 2.2))
+            p.setPen(QPen(white, 2.2))
             p.drawPolyline([QPoint(int(c.left() + 5), int(c.top() + 10)),
                             QPoint(int(c.left() + 9), int(c.top() + 14)),
                             QPoint(int(c.left() + 15), int(c.top() + 6))])
             p.setBrush(Qt.BrushStyle.NoBrush)  # the badges below fill their own shapes
         if status == "error" or error:
             c = QRectF(thumb.left() + 4, thumb.top() + 4, 20, 20)
-            p.setBrush(ERROR)
+            p.setBrush(QColor("#dc2626"))
             p.setPen(Qt.PenStyle.NoPen)
             p.drawEllipse(c)
-            p.setPen(QColor("white"))
+            p.setPen(white)
             p.setFont(self.badge_font)
             p.drawText(c, Qt.AlignmentFlag.AlignCenter, "!")
 
@@ -205,13 +207,13 @@ class TileDelegate(QStyledItemDelegate):
         label = pred.label if pred is not None else None
         if status == "ok" and conf is not None:  # confidence bar under the thumbnail
             bar = QRectF(thumb.left(), thumb.bottom() + 4, thumb.width(), 3)
-            p.fillRect(bar, QColor("#e5e7eb"))
+            p.fillRect(bar, t.color("track"))
             p.fillRect(QRectF(bar.left(), bar.top(), bar.width() * float(conf), 3),
-                       color or ACCENT)
+                       color or accent)
 
         fm, bfm = self.fm, self.bfm
         p.setFont(self.small_font)
-        p.setPen(MUTED)
+        p.setPen(t.color("muted"))
         p.drawText(QRectF(thumb.left(), thumb.bottom() + 9, thumb.width(), 16),
                    Qt.AlignmentFlag.AlignLeft | Qt.AlignmentFlag.AlignVCenter,
                    fm.elidedText(Path(path).name, Qt.TextElideMode.ElideMiddle,
@@ -223,26 +225,26 @@ class TileDelegate(QStyledItemDelegate):
         if status == "ok" and label:
             text = bfm.elidedText(label, Qt.TextElideMode.ElideRight, int(row.width() - 60))
             w = bfm.horizontalAdvance(text) + 18
-            _pill(p, QRectF(row.left(), row.top(), w, row.height()), color or ACCENT, text,
-                  QColor("white"))
+            _pill(p, QRectF(row.left(), row.top(), w, row.height()), color or accent, text,
+                  white)
             right = "✓ fixed" if corrected else f"{float(conf or 0):.0%}"
         elif status == "unknown":
             guess = pred.top[0][0] if pred is not None and pred.top else None
             w = bfm.horizontalAdvance("unknown") + 18
-            _pill(p, QRectF(row.left(), row.top(), w, row.height()), QColor("#f3f4f6"),
-                  "unknown", QColor("#4b5563"), QColor("#9ca3af"), dashed=True)
+            _pill(p, QRectF(row.left(), row.top(), w, row.height()), t.color("unknown_fill"),
+                  "unknown", t.color("unknown_fg"), t.color("unknown_outline"), dashed=True)
             right = f"{guess}? {float(conf or 0):.0%}" if guess else ""
         elif status == "error":
             w = bfm.horizontalAdvance("error") + 18
-            _pill(p, QRectF(row.left(), row.top(), w, row.height()), ERROR, "error",
-                  QColor("white"))
+            _pill(p, QRectF(row.left(), row.top(), w, row.height()), QColor("#dc2626"),
+                  "error", white)
         else:
-            p.setPen(QColor("#9ca3af"))
+            p.setPen(t.color("faint"))
             p.drawText(row, Qt.AlignmentFlag.AlignLeft | Qt.AlignmentFlag.AlignVCenter,
                        "not labeled")
         if right:
             p.setFont(self.small_font)
-            p.setPen(OK_GREEN if corrected else QColor("#374151"))
+            p.setPen(ok if corrected else t.color("text"))
             p.drawText(row, Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter,
                        fm.elidedText(right, Qt.TextElideMode.ElideMiddle,
                                      int(row.width() - w - 6)))
@@ -282,14 +284,28 @@ class GalleryView(QListView):
         self.placeholder = "Choose a folder of images to label (Ctrl+Shift+O), or drop it here"
 
     def resizeEvent(self, e) -> None:
-        super().resizeEvent(e)
+        super().resizeEvent(e)  # (the viewport's resizes come here too)
         self._fit_grid()
 
+    def layout_width(self) -> int:
+        """The width ``QListView`` wraps tiles in: the viewport's width without a scroll bar,
+        less the scroll bar's extent, which it always reserves (so it is the same whether the
+        bar is shown or not: a filter that hides the bar does not change the columns)."""
+        w = self.maximumViewportSize().width()
+        if self.verticalScrollBarPolicy() == Qt.ScrollBarPolicy.ScrollBarAsNeeded:
+            w -= self.style().pixelMetric(QStyle.PixelMetric.PM_ScrollBarExtent, None,
+                                          self.verticalScrollBar())
+        return w
+
+    def columns(self) -> int:
+        return max(1, (self.layout_width() - 1) // TILE.width())
+
     def _fit_grid(self) -> None:
-        """Spread the columns over the full width (no ragged gap on the right)."""
-        w = self.viewport().width() - 2 * self.spacing() - 2
-        cols = max(1, w // TILE.width())
-        grid = QSize(max(TILE.width(), w // cols), TILE.height())
+        """Spread the columns over the full width (no ragged gap on the right): as many tiles
+        as fit, each cell widened to share the rest (a tile wraps once its cell would end
+        past the layout width's last pixel)."""
+        cols = self.columns()
+        grid = QSize(max(TILE.width(), (self.layout_width() - 1) // cols), TILE.height())
         if grid != self.gridSize():
             self.setGridSize(grid)
 
@@ -374,7 +390,7 @@ class GalleryView(QListView):
             QTimer.singleShot(0, self.viewport().update)  # finish the deferred tiles
         if self.model() is None or self.model().rowCount() == 0:
             p = QPainter(self.viewport())
-            p.setPen(QColor("#8a94a6"))
+            p.setPen(theme().color("faint"))
             f = p.font()
             f.setPointSizeF(f.pointSizeF() * 1.15)
             p.setFont(f)

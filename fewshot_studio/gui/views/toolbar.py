@@ -10,11 +10,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from PySide6.QtCore import QSize, Qt, QTimer, Signal
+from PySide6.QtCore import QEvent, QSize, Qt, QTimer, Signal
 from PySide6.QtGui import QAction, QKeyEvent, QWheelEvent
 from PySide6.QtWidgets import (
     QComboBox,
-    QHBoxLayout,
+    QGridLayout,
     QLabel,
     QSizePolicy,
     QSlider,
@@ -100,6 +100,20 @@ class MainToolBar(QToolBar):
             lambda: self.threshold_changed.emit(self.threshold.value() / 100))
         self.threshold.valueChanged.connect(self._on_slider)
         self._items: list[str] = []
+        self._fix_metrics()
+
+    def _fix_metrics(self) -> None:
+        """Margins and spacing of our own: the style's would change with a theme switch
+        (a re-polished tool bar reads other metrics than a new one)."""
+        lay = self.layout()
+        if lay is not None:
+            lay.setContentsMargins(8, 4, 8, 4)
+            lay.setSpacing(6)
+
+    def changeEvent(self, e: QEvent) -> None:
+        super().changeEvent(e)
+        if e.type() == QEvent.Type.StyleChange:
+            self._fix_metrics()
 
     def set_checkpoints(self, bundled: dict[str, Path], current: str) -> None:
         self.checkpoint.blockSignals(True)
@@ -164,7 +178,8 @@ def _caption(text: str) -> QLabel:
 
 
 class ElidedLabel(QLabel):
-    """A one-line label that elides (…) instead of demanding width."""
+    """A one-line label that elides (…) instead of demanding width (the full text is in
+    ``text_full()`` and the tooltip)."""
 
     def __init__(self, text: str = "", parent: QWidget | None = None) -> None:
         super().__init__(parent)
@@ -179,18 +194,24 @@ class ElidedLabel(QLabel):
     def text_full(self) -> str:
         return self._full
 
+    def full_width(self) -> int:
+        """The width that shows the whole text: its advance plus the contents margins."""
+        m = self.contentsMargins()
+        return self.fontMetrics().horizontalAdvance(self._full) + m.left() + m.right() + 2
+
     def resizeEvent(self, e) -> None:
         super().resizeEvent(e)
         self._elide()
 
     def _elide(self) -> None:
         shown = self.fontMetrics().elidedText(self._full, Qt.TextElideMode.ElideRight,
-                                              max(10, self.width() - 4))
+                                              max(10, self.contentsRect().width()))
         super().setText(shown)
 
 
 class ReviewBar(QWidget):
-    """Filter and sort controls above the gallery, and the counts."""
+    """Filter and sort controls above the gallery, and the counts: on the title's line when
+    they fit there, else on a line of their own below (never cut short at a usual width)."""
 
     filter_changed = Signal(str)
     sort_changed = Signal(bool)  # True: least confident first
@@ -198,9 +219,10 @@ class ReviewBar(QWidget):
     def __init__(self, parent: QWidget | None = None) -> None:
         super().__init__(parent)
         self.setObjectName("reviewBar")
-        lay = QHBoxLayout(self)
+        self.grid = lay = QGridLayout(self)
         lay.setContentsMargins(12, 10, 12, 6)
-        lay.setSpacing(8)
+        lay.setHorizontalSpacing(8)
+        lay.setVerticalSpacing(2)
         self.title = QLabel("Images")
         self.title.setObjectName("panelTitle")
         self.counts = ElidedLabel()
@@ -221,13 +243,34 @@ class ReviewBar(QWidget):
             combo.setMaximumWidth(185)
         self.counts.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Preferred)
         self.counts.setMinimumWidth(60)
-        lay.addWidget(self.title)
-        lay.addWidget(self.counts, 1)
-        lay.addWidget(self.filter)
-        lay.addWidget(self.sort)
+        lay.addWidget(self.title, 0, 0)
+        lay.addWidget(self.filter, 0, 2)
+        lay.addWidget(self.sort, 0, 3)
+        lay.setColumnStretch(1, 1)
+        self.wrapped: bool | None = None  # the counts on a line of their own
+        self._place_counts()
         self.filter.activated.connect(lambda i: self.filter_changed.emit(self.filter.itemData(i)))
         self.sort.activated.connect(lambda i: self.sort_changed.emit(bool(self.sort.itemData(i))))
         self.set_classes([])
+
+    def _place_counts(self) -> None:
+        lay = self.grid
+        m = lay.contentsMargins()
+        beside = (m.left() + m.right() + 3 * lay.horizontalSpacing()
+                  + sum(w.sizeHint().width() for w in (self.title, self.filter, self.sort)))
+        wrapped = beside + self.counts.full_width() > self.width()
+        if wrapped == self.wrapped:
+            return
+        self.wrapped = wrapped
+        lay.removeWidget(self.counts)
+        if wrapped:
+            lay.addWidget(self.counts, 1, 0, 1, 4)
+        else:
+            lay.addWidget(self.counts, 0, 1)
+
+    def resizeEvent(self, e) -> None:
+        super().resizeEvent(e)
+        self._place_counts()
 
     def set_classes(self, names: list[str]) -> None:
         cur = self.filter.currentData() or "all"
@@ -249,3 +292,4 @@ class ReviewBar(QWidget):
 
     def set_counts(self, text: str) -> None:
         self.counts.setText(text)
+        self._place_counts()
