@@ -47,10 +47,9 @@ def load_model(checkpoint: str) -> tuple[FewShotClassifier, object, float]:
     """``(model in eval mode, its Preprocess, its calibration temperature)``."""
     from fewshot_studio.io.checkpoint import load_checkpoint
     from fewshot_studio.paths import resolve_checkpoint
-    from fewshot_studio.training.calibrate import temperature_from_metadata
 
     ck = load_checkpoint(resolve_checkpoint(checkpoint))
-    return ck.build("cpu").float().eval(), ck.preprocess, temperature_from_metadata(ck.evaluation)
+    return ck.build("cpu").float().eval(), ck.preprocess, ck.temperature
 
 
 def dev_features(checkpoint: str, dataset: str, per_class: int = 60, refresh: bool = False

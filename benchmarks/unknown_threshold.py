@@ -146,13 +146,12 @@ def models(checkpoints: list[str]) -> list[Model]:
     if checkpoints:
         from fewshot_studio.io.checkpoint import load_checkpoint
         from fewshot_studio.paths import resolve_checkpoint
-        from fewshot_studio.training.calibrate import temperature_from_metadata
 
         for c in checkpoints:
             ck = load_checkpoint(resolve_checkpoint(c))
             domain = "omniglot" if "omniglot" in json.dumps(ck.training) else "caltech"
             out.append((ck.name or c, ck.build("cpu").eval(), ck.preprocess,
-                        temperature_from_metadata(ck.evaluation), domain))
+                        ck.temperature, domain))
         return out
     bb = create_backbone("efficientnet_lite0", image_size=224, pretrained=True).eval()
     pre = Preprocess(224, 3, LITE0_MEAN, LITE0_STD, "center_crop")

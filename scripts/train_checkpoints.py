@@ -614,7 +614,7 @@ def feature_cache(ctx: Ctx) -> dict[str, tuple[Tensor, Tensor, list[str]]]:
 
     from fewshot_studio.engine.onnx_export import export_embed_onnx, onnx_session
     from fewshot_studio.training.evaluate import _normalize
-    from fewshot_studio.training.trainer import load_eval_images
+    from fewshot_studio.training.train_data import load_eval_images
 
     base = load_checkpoint(ctx.runs / "natural-baseline.safetensors").build("cpu")
     onnx_path = ctx.runs / "lite0_trunk.onnx"

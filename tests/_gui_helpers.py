@@ -70,3 +70,77 @@ def shown_window(qtbot, **kwargs):
     qtbot.addWidget(w)
     w.show()
     return w
+
+
+class FakeSession:
+    """Stands in for ``LabelingSession`` in GUI tests (no model, no cache). Subclasses say
+    what each image gets in :meth:`guess`; a corrected image gets its label at confidence 1.0.
+    ``run`` yields one batch with every prediction; ``prepare`` returns :attr:`backend`."""
+
+    backend_info = ("torch", "cpu")
+
+    def __init__(self, checkpoint: str, settings, cache_path: Path | None) -> None:
+        from fewshot_studio.engine.api import BackendInfo
+
+        self.checkpoint, self.settings = checkpoint, settings
+        self.backend = BackendInfo(*self.backend_info)
+        self.model_id = "fake:v2"
+        self.classes: dict[str, list[Path]] = {}
+        self.names: list[str] = []
+        self.paths: list[Path] = []
+        self.corr: dict[Path, str] = {}
+
+    def guess(self, index: int, path: Path):
+        """The prediction of the ``index``-th image at ``path`` (not corrected)."""
+        raise NotImplementedError
+
+    def prediction(self, index: int, path: Path):
+        from fewshot_studio.engine.api import Prediction, Status
+
+        if path in self.corr:
+            lab = self.corr[path]
+            return Prediction(path, lab, 1.0, 1.0, Status.OK, ((lab, 1.0),), "", True)
+        return self.guess(index, path)
+
+    def prepare(self):
+        return self.backend
+
+    def set_support(self, classes: dict) -> None:
+        self.classes = {k: list(v) for k, v in classes.items()}
+        self.names = list(classes)
+
+    def support(self) -> dict[str, list[Path]]:
+        return {k: list(v) for k, v in self.classes.items()}
+
+    def suspicious_examples(self) -> dict[Path, str]:
+        return {}
+
+    def predictions(self) -> list:
+        return [self.prediction(i, p) for i, p in enumerate(self.paths)]
+
+    def run(self, paths: list[Path]):
+        from fewshot_studio.progress import Progress
+
+        self.paths = list(paths)
+        yield Progress(len(paths), len(paths), "", payload=self.predictions())
+
+    def relabel(self) -> list:
+        return self.predictions()
+
+    def set_settings(self, settings) -> list:
+        self.settings = settings
+        return self.predictions()
+
+    def correct(self, paths: list[Path], label: str | None) -> list:
+        for p in paths:
+            if label is None:
+                self.corr.pop(p, None)
+            else:
+                self.corr[p] = label
+        return self.predictions()
+
+    def corrections(self) -> dict[Path, str]:
+        return dict(self.corr)
+
+    def close(self) -> None:
+        pass

@@ -36,6 +36,7 @@ from engine_fixtures import colour_image, make_queries
 from fixtures_data import write_bad_files, write_odd_files
 
 from fewshot_studio.cli import main
+from fewshot_studio.data.scan import scan_images
 from fewshot_studio.engine import export
 from fewshot_studio.engine.export import read_csv
 from fewshot_studio.errors import UserError
@@ -497,7 +498,7 @@ def test_cache_full_disk_engine_counts_the_failure(cache_env: LabelEnv, tmp_path
     from fewshot_studio.engine.session import LabelingSession
 
     cache_disk_full(monkeypatch)
-    queries = list(LabelingSession.scan_queries(cache_env.query))
+    queries = list(scan_images(cache_env.query))
     with caplog.at_level(logging.WARNING, logger="fewshot_studio.engine.cache"), \
             LabelingSession(cache_env.ckpt, LabelSettings(device="cpu"),
                             cache_path=tmp_path / "full.sqlite", backend="torch") as s:

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from bad_input_helpers import corrupt_sqlite_pages
 
+from fewshot_studio.data.scan import scan_images
 from fewshot_studio.engine.cache import (
     FEATURE_FORMAT,
     SQLITE_MAGIC,
@@ -358,7 +359,7 @@ def test_cached_rerun_equals_fresh_run_bit_for_bit(tmp_path: Path,
     ckpt = make_checkpoint(tmp_path / "tiny.safetensors")
     support = make_support(tmp_path / "support")
     make_queries(tmp_path / "query", 2)
-    queries = LabelingSession.scan_queries(tmp_path / "query")
+    queries = scan_images(tmp_path / "query")
     settings = LabelSettings(device="cpu", unknown_threshold=0.0)
     results = []
     for run in ("fresh", "cached"):

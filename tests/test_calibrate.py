@@ -15,15 +15,20 @@ from torch import nn
 from fewshot_studio.cli import main
 from fewshot_studio.data.in_memory import InMemoryImages
 from fewshot_studio.data.preprocess import Preprocess
-from fewshot_studio.io.checkpoint import load_checkpoint, read_metadata, save_checkpoint
+from fewshot_studio.data.scan import scan_images
+from fewshot_studio.io.checkpoint import (
+    CALIBRATION_KEY,
+    load_checkpoint,
+    read_metadata,
+    save_checkpoint,
+    temperature_from_metadata,
+)
 from fewshot_studio.models.protonet import ProtoNet
 from fewshot_studio.training.calibrate import (
-    CALIBRATION_KEY,
     expected_calibration_error,
     fit_temperature,
     fit_temperature_to_logits,
     nll,
-    temperature_from_metadata,
 )
 
 
@@ -79,6 +84,7 @@ def test_temperature_from_metadata_defaults_to_one() -> None:
     assert temperature_from_metadata({"x 5w1s": {"accuracy": 0.9}}) == 1.0
     assert temperature_from_metadata({CALIBRATION_KEY: {"temperature": -2}}) == 1.0
     assert temperature_from_metadata({CALIBRATION_KEY: {"temperature": 2.5}}) == 2.5
+    assert temperature_from_metadata({CALIBRATION_KEY: {"temperature": "nan"}}) == 1.0
 
 
 def _with_temperature(src: Path, dst: Path, t: float) -> Path:
@@ -93,13 +99,14 @@ def test_engine_applies_temperature(tmp_path: Path) -> None:
 
     plain = make_checkpoint(tmp_path / "plain.safetensors")
     hot = _with_temperature(plain, tmp_path / "hot.safetensors", 3.0)
+    assert load_checkpoint(hot).temperature == 3.0 and load_checkpoint(plain).temperature == 1.0
     support = make_support(tmp_path / "support", per_class=2)
     qdir = tmp_path / "query"
     qdir.mkdir()
     for name in COLOURS:
         for i in range(3):
             colour_image(name, 50 + i, noise=60.0).save(qdir / f"{name}_{i}.png")
-    queries = LabelingSession.scan_queries(qdir)
+    queries = scan_images(qdir)
     settings = LabelSettings(unknown_threshold=0.0, batch_size=8)
     preds = {}
     for path in (plain, hot):

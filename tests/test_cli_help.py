@@ -96,3 +96,11 @@ def test_duplicates_threshold_matches_the_engine() -> None:
     from fewshot_studio.engine.duplicates import DEFAULT_THRESHOLD as ENGINE_THRESHOLD
 
     assert DEFAULT_THRESHOLD == ENGINE_THRESHOLD
+
+
+def test_a_listed_subcommand_module_that_is_missing_is_an_error(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    cli.build_parser()  # every listed module is there
+    monkeypatch.setattr(cli, "SUBCOMMAND_MODULES", (*cli.SUBCOMMAND_MODULES, "not_built_yet"))
+    with pytest.raises(ModuleNotFoundError, match="not_built_yet"):
+        cli.build_parser()

@@ -329,7 +329,11 @@ def test_labels_csv_and_folder_are_corrections_or_examples(
     (tree / "purple" / "y.png").write_bytes((tree / "red" / "x.png").read_bytes())
     assert _label(env, out, "--labels", str(tree)) == 2
     assert "classes not in --support: 'purple'" in capsys.readouterr().err
-    assert _label(env, out, "--labels", str(env["query"] / "sub")) == 2  # no class folders
+    # a flat folder is one class named after it (data/scan.py's rule, as in the app)
+    assert _label(env, out, "--labels", str(env["query"] / "sub")) == 2
+    assert "classes not in --support: 'sub'" in capsys.readouterr().err
+    (tmp_path / "nothing" / "empty").mkdir(parents=True)
+    assert _label(env, out, "--labels", str(tmp_path / "nothing")) == 2
     assert "no class sub-folders with images" in capsys.readouterr().err
 
 

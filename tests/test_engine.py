@@ -15,6 +15,7 @@ from engine_fixtures import (
     odd_names,
 )
 
+from fewshot_studio.data.scan import scan_images
 from fewshot_studio.engine.api import LabelSettings, Status
 from fewshot_studio.engine.session import LabelingSession
 from fewshot_studio.errors import UserError
@@ -59,18 +60,18 @@ def _rel(p: Path, root: Path) -> str:
 
 def test_scan_skips_hidden_and_non_images(env: dict) -> None:
     q = env["query"]
-    found = {_rel(p, q) for p in LabelingSession.scan_queries(q)}
+    found = {_rel(p, q) for p in scan_images(q)}
     expected = set(env["truth"]) | set(env["bad"]) | set(odd_names())
     assert found == expected
-    flat = {_rel(p, q) for p in LabelingSession.scan_queries(q, recursive=False)}
+    flat = {_rel(p, q) for p in scan_images(q, recursive=False)}
     assert flat == {r for r in expected if "/" not in r}
     with pytest.raises(UserError, match="not found"):
-        LabelingSession.scan_queries(q / "missing")
+        scan_images(q / "missing")
 
 
 def test_end_to_end_one_prediction_per_file(env: dict, tmp_path: Path) -> None:
     q = env["query"]
-    queries = LabelingSession.scan_queries(q)
+    queries = scan_images(q)
     with _session(env, cache=_cache(env, tmp_path)) as s:
         streamed = _run(s, queries)
         preds = s.predictions()
@@ -106,7 +107,7 @@ def test_unreadable_file_is_an_error_row(env: dict, tmp_path: Path) -> None:
     os.chmod(q / "locked.png", 0)
     try:
         with _session(env, cache=_cache(env, tmp_path)) as s:
-            _run(s, LabelingSession.scan_queries(q))
+            _run(s, scan_images(q))
             preds = {p.path.name: p for p in s.predictions()}
     finally:
         os.chmod(q / "locked.png", 0o644)
@@ -117,7 +118,7 @@ def test_unreadable_file_is_an_error_row(env: dict, tmp_path: Path) -> None:
 
 def test_second_run_embeds_nothing(env: dict, tmp_path: Path) -> None:
     cache = _cache(env, tmp_path)
-    queries = LabelingSession.scan_queries(env["query"])
+    queries = scan_images(env["query"])
     with _session(env, cache=cache) as s:
         _run(s, queries)
         first = s.predictions()
@@ -156,7 +157,7 @@ def test_other_checkpoint_does_not_reuse_features(env: dict, tmp_path: Path) -> 
 
 def test_correction_changes_what_it_should_and_nothing_else(env: dict, tmp_path: Path) -> None:
     q = env["query"]
-    queries = LabelingSession.scan_queries(q)
+    queries = scan_images(q)
     settings = replace(LABEL_ALL, corrections_join_support=False)
     with _session(env, settings, cache=_cache(env, tmp_path)) as s:
         _run(s, queries)
@@ -181,7 +182,7 @@ def test_correction_changes_what_it_should_and_nothing_else(env: dict, tmp_path:
 
 def test_corrected_image_joins_support(env: dict, tmp_path: Path) -> None:
     q = env["query"]
-    queries = LabelingSession.scan_queries(q)
+    queries = scan_images(q)
     with _session(env, cache=_cache(env, tmp_path)) as s:
         _run(s, queries)
         before = {p.path: p for p in s.predictions()}
@@ -204,7 +205,7 @@ def test_corrected_image_joins_support(env: dict, tmp_path: Path) -> None:
 
 
 def test_unknown_threshold(env: dict, tmp_path: Path) -> None:
-    queries = LabelingSession.scan_queries(env["query"])
+    queries = scan_images(env["query"])
     with _session(env, cache=_cache(env, tmp_path)) as s:
         _run(s, queries)
         ok = [p for p in s.predictions() if p.status != Status.ERROR]
@@ -226,7 +227,7 @@ def test_unknown_threshold(env: dict, tmp_path: Path) -> None:
 
 
 def test_transductive_refinement(env: dict, tmp_path: Path) -> None:
-    queries = [p for p in LabelingSession.scan_queries(env["query"])
+    queries = [p for p in scan_images(env["query"])
                if _rel(p, env["query"]) in env["truth"]]
     settings = replace(LABEL_ALL, transductive=True)
     with _session(env, settings, cache=_cache(env, tmp_path)) as s:
@@ -242,7 +243,7 @@ def test_transductive_refinement(env: dict, tmp_path: Path) -> None:
 
 
 def test_bad_support_is_refused_before_queries(env: dict, tmp_path: Path) -> None:
-    queries = LabelingSession.scan_queries(env["query"])
+    queries = scan_images(env["query"])
     with LabelingSession(env["ckpt"], LABEL_ALL, cache_path=_cache(env, tmp_path)) as s:
         s.set_support({"red": env["support"]["red"]})
         with pytest.raises(UserError, match="at least 2 classes"):
@@ -258,7 +259,7 @@ def test_bad_support_is_refused_before_queries(env: dict, tmp_path: Path) -> Non
 
 
 def test_cancel_and_rerun(env: dict, tmp_path: Path) -> None:
-    queries = LabelingSession.scan_queries(env["query"])
+    queries = scan_images(env["query"])
     with _session(env, cache=_cache(env, tmp_path)) as s:
         gen = s.run(queries)
         next(gen)  # "embedding examples"
@@ -272,7 +273,7 @@ def test_cancel_and_rerun(env: dict, tmp_path: Path) -> None:
 
 def test_set_support_and_relabel(env: dict, tmp_path: Path) -> None:
     q = env["query"]
-    queries = [p for p in LabelingSession.scan_queries(q) if _rel(p, q) in env["truth"]]
+    queries = [p for p in scan_images(q) if _rel(p, q) in env["truth"]]
     with _session(env, cache=_cache(env, tmp_path)) as s:
         _run(s, queries)
         embedded = s.counters.embedded
@@ -310,7 +311,7 @@ def test_fast_protonet_scorer_equals_the_model(env: dict, tmp_path: Path, scale:
 
 def test_settings_change_after_new_support_relabels(env: dict, tmp_path: Path) -> None:
     q = env["query"]
-    queries = [p for p in LabelingSession.scan_queries(q) if _rel(p, q) in env["truth"]]
+    queries = [p for p in scan_images(q) if _rel(p, q) in env["truth"]]
     with _session(env, cache=_cache(env, tmp_path)) as s:
         _run(s, queries)
         s.set_support({"red": env["support"]["red"], "blue": env["support"]["blue"]})

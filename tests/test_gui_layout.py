@@ -15,6 +15,7 @@ import pytest
 
 pytest.importorskip("pytestqt")
 
+from _gui_helpers import FakeSession as BaseFakeSession
 from _gui_helpers import make_image, shown_window
 from PySide6.QtCore import QPoint, Qt
 from PySide6.QtGui import QColor, QImage
@@ -27,7 +28,7 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from fewshot_studio.engine.api import BackendInfo, LabelSettings, Prediction, Status
+from fewshot_studio.engine.api import Prediction, Status
 from fewshot_studio.gui import app as gui_app
 from fewshot_studio.gui import project_io as pio
 from fewshot_studio.gui.main_window import MainWindow
@@ -35,7 +36,6 @@ from fewshot_studio.gui.models.gallery import Role
 from fewshot_studio.gui.views import style
 from fewshot_studio.gui.views.gallery import TILE
 from fewshot_studio.gui.views.toolbar import ElidedLabel
-from fewshot_studio.progress import Progress
 
 CLASSES = ["Airplane", "Motorbike", "Sunflower", "Wrist watch", "Grand piano", "Hedgehog"]
 N = 240
@@ -46,27 +46,14 @@ def _index(p: Path) -> int:
     return int(p.stem.split("_")[-1])
 
 
-class FakeSession:
+class FakeSession(BaseFakeSession):
     """Image i: class i % 6, a confidence spread over 0.2-1.0 (unknown below the threshold),
-    every 37th unreadable; corrections get confidence 1.0."""
+    every 37th unreadable."""
 
-    def __init__(self, checkpoint: str, settings: LabelSettings, cache_path: Path | None) -> None:
-        self.settings, self.backend = settings, BackendInfo("onnxruntime", "cpu")
-        self.names: list[str] = []
-        self.paths: list[Path] = []
-        self.corr: dict[Path, str] = {}
+    backend_info = ("onnxruntime", "cpu")
 
-    def prepare(self) -> BackendInfo:
-        return self.backend
-
-    def set_support(self, classes: dict) -> None:
-        self.names = list(classes)
-
-    def _pred(self, p: Path) -> Prediction:
+    def guess(self, index: int, p: Path) -> Prediction:
         i = _index(p)
-        if p in self.corr:
-            lab = self.corr[p]
-            return Prediction(p, lab, 1.0, 1.0, Status.OK, ((lab, 1.0),), "", True)
         if i % 37 == 5:
             return Prediction(p, None, 0.0, 0.0, Status.ERROR, (),
                               "cannot identify image file")
@@ -76,34 +63,6 @@ class FakeSession:
         if conf < self.settings.unknown_threshold:
             return Prediction(p, None, conf, 0.1, Status.UNKNOWN, top)
         return Prediction(p, lab, conf, 0.1, Status.OK, top)
-
-    def predictions(self) -> list[Prediction]:
-        return [self._pred(p) for p in self.paths]
-
-    def run(self, paths: list[Path]) -> Iterator[Progress]:
-        self.paths = list(paths)
-        yield Progress(len(paths), len(paths), "", payload=self.predictions())
-
-    def relabel(self) -> list[Prediction]:
-        return self.predictions()
-
-    def set_settings(self, settings: LabelSettings) -> list[Prediction]:
-        self.settings = settings
-        return self.predictions()
-
-    def correct(self, paths: list[Path], label: str | None) -> list[Prediction]:
-        for p in paths:
-            if label is None:
-                self.corr.pop(p, None)
-            else:
-                self.corr[p] = label
-        return self.predictions()
-
-    def corrections(self) -> dict[Path, str]:
-        return dict(self.corr)
-
-    def close(self) -> None:
-        pass
 
 
 @pytest.fixture(scope="module")

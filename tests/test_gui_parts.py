@@ -14,7 +14,7 @@ import pytest
 
 pytest.importorskip("pytestqt")
 
-from _gui_helpers import make_image, tiny_checkpoint
+from _gui_helpers import FakeSession, make_image, tiny_checkpoint
 from PySide6.QtGui import QImage
 
 from fewshot_studio.engine.api import LabelSettings
@@ -228,50 +228,32 @@ def test_demo_screenshot(qtbot, tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     assert len(list(pio.load_demo_project().query_folder.glob("*.jpg"))) >= 60
 
 
-class _SlowSession:
+class _SlowSession(FakeSession):
     """A fake engine whose run streams slowly, for cancelling."""
 
+    delay = 0.05
+
     def __init__(self, checkpoint: str, settings: LabelSettings, cache_path: Path | None) -> None:
-        from fewshot_studio.engine.api import BackendInfo
-
-        self.settings, self.backend = settings, BackendInfo("torch", "cpu")
+        super().__init__(checkpoint, settings, cache_path)
         self.closed_run = threading.Event()
-        self.delay = 0.05
-        self.corrected: dict = {}
 
-    def set_support(self, classes: dict) -> None:
-        self.names = list(classes)
+    def guess(self, index: int, path: Path):
+        from fewshot_studio.engine.api import Prediction, Status
+
+        return Prediction(path, self.names[0], 0.9, 0.5, Status.OK, ((self.names[0], 0.9),))
 
     def run(self, paths: list[Path]) -> Iterator:
         import time
 
-        from fewshot_studio.engine.api import Prediction, Status
         from fewshot_studio.progress import Progress
 
         try:
             for i, p in enumerate(paths):
                 time.sleep(self.delay)
-                yield Progress(i + 1, len(paths), "", payload=[
-                    Prediction(p, self.names[0], 0.9, 0.5, Status.OK, ((self.names[0], 0.9),))])
+                self.paths.append(p)
+                yield Progress(i + 1, len(paths), "", payload=[self.prediction(i, p)])
         finally:
             self.closed_run.set()
-
-    def corrections(self) -> dict:
-        return dict(self.corrected)
-
-    def correct(self, paths: list[Path], label: str | None) -> list:
-        for p in paths:
-            self.corrected[p] = label
-        return []
-
-    def relabel(self) -> list:
-        return []
-
-    def predictions(self) -> list:
-        return []
-
-    def close(self) -> None:
-        pass
 
 
 def test_cancel_labeling_and_autosave(qtbot, tmp_path: Path) -> None:
@@ -321,7 +303,7 @@ def test_edits_during_a_run_reach_the_engine_after_it(qtbot, tmp_path: Path) -> 
         target = w.gallery_model.paths()[5]
         w.correct_paths([target], 1)  # while the run goes on
     session = w.labeling._session
-    qtbot.waitUntil(lambda: session.corrected.get(target) == "b", timeout=5000)
+    qtbot.waitUntil(lambda: session.corr.get(target) == "b", timeout=5000)
     w.close()
 
 

@@ -9,24 +9,23 @@ about the GUI's review state and cursor, not about predictions."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 pytest.importorskip("pytestqt")
 
+from _gui_helpers import FakeSession as BaseFakeSession
 from _gui_helpers import make_image, shown_window
 from PySide6.QtCore import QItemSelectionModel, QPoint, QPointF, Qt
 from PySide6.QtGui import QImage, QPainter, QWheelEvent
 from PySide6.QtWidgets import QApplication, QLineEdit
 
-from fewshot_studio.engine.api import BackendInfo, LabelSettings, Prediction, Status
+from fewshot_studio.engine.api import Prediction, Status
 from fewshot_studio.gui import actions
 from fewshot_studio.gui import project_io as pio
 from fewshot_studio.gui.main_window import MainWindow
 from fewshot_studio.gui.models.gallery import Role
-from fewshot_studio.progress import Progress
 
 N = 30
 CLASSES = ["apple", "banana", "cherry"]
@@ -39,56 +38,15 @@ def conf_of(path: Path) -> float:
     return round(0.05 + 0.9 * ((i * 7) % N) / N, 4)
 
 
-class FakeSession:
-    """Stands in for LabelingSession: image i gets class i % 3 with ``conf_of`` confidence
-    (unknown below the threshold); corrections get confidence 1.0."""
+class FakeSession(BaseFakeSession):
+    """Image i gets class i % 3 with ``conf_of`` confidence (unknown below the threshold)."""
 
-    def __init__(self, checkpoint: str, settings: LabelSettings, cache_path: Path | None) -> None:
-        self.settings, self.backend = settings, BackendInfo("torch", "cpu")
-        self.names: list[str] = []
-        self.paths: list[Path] = []
-        self.corr: dict[Path, str] = {}
-
-    def set_support(self, classes: dict) -> None:
-        self.names = list(classes)
-
-    def _pred(self, p: Path) -> Prediction:
-        if p in self.corr:
-            lab = self.corr[p]
-            return Prediction(p, lab, 1.0, 1.0, Status.OK, ((lab, 1.0),), "", True)
+    def guess(self, index: int, p: Path) -> Prediction:
         conf = conf_of(p)
         lab = self.names[int(p.stem.split("_")[1]) % len(self.names)]
         if conf < self.settings.unknown_threshold:
             return Prediction(p, None, conf, 0.1, Status.UNKNOWN, ((lab, conf),))
         return Prediction(p, lab, conf, 0.1, Status.OK, ((lab, conf),))
-
-    def predictions(self) -> list[Prediction]:
-        return [self._pred(p) for p in self.paths]
-
-    def run(self, paths: list[Path]) -> Iterator[Progress]:
-        self.paths = list(paths)
-        yield Progress(len(paths), len(paths), "", payload=self.predictions())
-
-    def relabel(self) -> list[Prediction]:
-        return self.predictions()
-
-    def set_settings(self, settings: LabelSettings) -> list[Prediction]:
-        self.settings = settings
-        return self.predictions()
-
-    def correct(self, paths: list[Path], label: str | None) -> list[Prediction]:
-        for p in paths:
-            if label is None:
-                self.corr.pop(p, None)
-            else:
-                self.corr[p] = label
-        return self.predictions()
-
-    def corrections(self) -> dict[Path, str]:
-        return dict(self.corr)
-
-    def close(self) -> None:
-        pass
 
 
 @pytest.fixture(scope="module")

@@ -16,12 +16,13 @@ import pytest
 
 pytest.importorskip("pytestqt")
 
+from _gui_helpers import FakeSession as BaseFakeSession
 from _gui_helpers import make_image, shown_window
 from PySide6.QtCore import QMimeData, QPoint, QPointF, Qt, QUrl
 from PySide6.QtGui import QDragEnterEvent, QDragMoveEvent, QDropEvent
 from PySide6.QtWidgets import QApplication, QWidget
 
-from fewshot_studio.engine.api import BackendInfo, LabelSettings, Prediction, Status
+from fewshot_studio.engine.api import BackendInfo, Prediction, Status
 from fewshot_studio.gui import project_io as pio
 from fewshot_studio.gui.main_window import MainWindow
 from fewshot_studio.progress import Progress
@@ -32,38 +33,22 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 CLASSES = ["apple", "banana"]
 
 
-class FakeSession:
-    """Stands in for LabelingSession: image i (in sorted order) gets class i % n with
-    confidence 0.6 + 0.01 * (i % 30); corrections get 1.0. ``load_s`` is spent in
-    ``prepare`` (the model load), ``batch_s`` per batch of ``batch`` images in ``run``."""
+class FakeSession(BaseFakeSession):
+    """Image i (in sorted order) gets class i % n with confidence 0.6 + 0.01 * (i % 30).
+    ``load_s`` is spent in ``prepare`` (the model load), ``batch_s`` per batch of ``batch``
+    images in ``run``."""
 
     load_s = 0.0
     batch_s = 0.0
     batch = 1000
 
-    def __init__(self, checkpoint: str, settings: LabelSettings, cache_path: Path | None) -> None:
-        self.settings, self.backend = settings, BackendInfo("torch", "cpu")
-        self.checkpoint = checkpoint
-        self.names: list[str] = []
-        self.paths: list[Path] = []
-        self.corr: dict[Path, str] = {}
-
     def prepare(self) -> BackendInfo:
         time.sleep(self.load_s)
         return self.backend
 
-    def set_support(self, classes: dict) -> None:
-        self.names = list(classes)
-
-    def _pred(self, i: int, p: Path) -> Prediction:
-        if p in self.corr:
-            lab = self.corr[p]
-            return Prediction(p, lab, 1.0, 1.0, Status.OK, ((lab, 1.0),), "", True)
-        lab, conf = self.names[i % len(self.names)], 0.6 + 0.01 * (i % 30)
+    def guess(self, index: int, p: Path) -> Prediction:
+        lab, conf = self.names[index % len(self.names)], 0.6 + 0.01 * (index % 30)
         return Prediction(p, lab, conf, 0.2, Status.OK, ((lab, conf),))
-
-    def predictions(self) -> list[Prediction]:
-        return [self._pred(i, p) for i, p in enumerate(self.paths)]
 
     def run(self, paths: list[Path]) -> Iterator[Progress]:
         self.paths = sorted(paths)
@@ -72,27 +57,6 @@ class FakeSession:
             time.sleep(self.batch_s)
             end = min(len(paths), start + self.batch)
             yield Progress(end, len(paths), "labeling", payload=self.predictions()[start:end])
-
-    def relabel(self) -> list[Prediction]:
-        return self.predictions()
-
-    def set_settings(self, settings: LabelSettings) -> list[Prediction]:
-        self.settings = settings
-        return self.predictions()
-
-    def correct(self, paths: list[Path], label: str | None) -> list[Prediction]:
-        for p in paths:
-            if label is None:
-                self.corr.pop(p, None)
-            else:
-                self.corr[p] = label
-        return self.predictions()
-
-    def corrections(self) -> dict[Path, str]:
-        return dict(self.corr)
-
-    def close(self) -> None:
-        pass
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fewshot_studio.data.scan import scan_images
 from fewshot_studio.models import METHODS, build_model, create_backbone, model_spec
 from fewshot_studio.models import functional as Fn
 from fewshot_studio.models.backbones.conv4 import BatchStatNorm2d
@@ -552,7 +553,7 @@ def test_labeling_session_refines_anil_predictions(tmp_path: Path) -> None:
         state_dict=model.state_dict(), name="anil"))
     support_root, query_root, truth, _ = make_label_folders(tmp_path / "data")
     support = {c.name: sorted(c.glob("*.png")) for c in sorted(support_root.iterdir())}
-    queries = [p for p in LabelingSession.scan_queries(query_root)
+    queries = [p for p in scan_images(query_root)
                if p.relative_to(query_root).as_posix() in truth]
     settings = LabelSettings(unknown_threshold=0.0, batch_size=8, transductive=True)
     with LabelingSession(ckpt, settings, cache_path=tmp_path / "cache.sqlite") as s:

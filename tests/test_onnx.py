@@ -10,6 +10,7 @@ import torch
 from engine_fixtures import COLOURS, make_checkpoint, make_queries, make_support
 
 from fewshot_studio.data.preprocess import Preprocess
+from fewshot_studio.data.scan import scan_images
 from fewshot_studio.engine.api import LabelSettings
 from fewshot_studio.engine.backends import (
     IdentityBackend,
@@ -73,7 +74,7 @@ def test_backends_agree_on_real_images(ckpt: Path, tmp_path: Path) -> None:
 def test_sessions_on_both_backends_agree(ckpt: Path, tmp_path: Path) -> None:
     support = make_support(tmp_path / "s")
     make_queries(tmp_path / "q")
-    queries = LabelingSession.scan_queries(tmp_path / "q")
+    queries = scan_images(tmp_path / "q")
     results = {}
     for backend in ("onnxruntime", "torch"):
         settings = LabelSettings(unknown_threshold=0.0, device="cpu")
@@ -245,7 +246,7 @@ def test_int8_parity_check_catches_a_broken_calibration(ckpt: Path, tmp_path: Pa
 def test_int8_session_uses_and_caches_its_model(ckpt: Path, tmp_path: Path) -> None:
     support = make_support(tmp_path / "s")
     make_queries(tmp_path / "q")
-    queries = LabelingSession.scan_queries(tmp_path / "q")
+    queries = scan_images(tmp_path / "q")
     cache = tmp_path / "c.sqlite"
     labels = {}
     for precision in ("int8", "fp32", "int8"):
@@ -291,7 +292,7 @@ def test_int8_falls_back_to_fp32(ckpt: Path, tmp_path: Path,
     with LabelingSession(ckpt, settings, cache_path=tmp_path / "c.sqlite",
                          backend="onnxruntime") as s:
         s.set_support(support)
-        list(s.run(LabelingSession.scan_queries(tmp_path / "q")))
+        list(s.run(scan_images(tmp_path / "q")))
         assert s.backend.name == "onnxruntime" and "int8" not in s.backend.detail
         assert all(p.label in COLOURS for p in s.predictions())
     assert "quantiser exploded" in caplog.text and "using fp32" in caplog.text

@@ -58,14 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="a project file to open (or give it as the only argument)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND",
                                 help="a command to run instead of opening the app")
-    for name in SUBCOMMAND_MODULES:
-        try:
-            module = importlib.import_module(f"fewshot_studio.cli.{name}")
-        except ModuleNotFoundError as e:
-            if e.name != f"fewshot_studio.cli.{name}":
-                raise
-            continue  # not built yet
-        module.register(sub)
+    for name in SUBCOMMAND_MODULES:  # a listed module that is missing is an error
+        importlib.import_module(f"fewshot_studio.cli.{name}").register(sub)
     return parser
 
 

@@ -68,8 +68,7 @@ def write_calibration(path: Path, record: dict[str, Any]) -> None:
     import torch
     from safetensors import safe_open
 
-    from fewshot_studio.io.checkpoint import load_checkpoint, save_checkpoint
-    from fewshot_studio.training.calibrate import CALIBRATION_KEY
+    from fewshot_studio.io.checkpoint import CALIBRATION_KEY, load_checkpoint, save_checkpoint
 
     ckpt = load_checkpoint(path)
     with safe_open(str(path), framework="pt") as f:
@@ -91,9 +90,7 @@ def run(args: argparse.Namespace) -> int:
     path, ckpt, model, images, device = load_for_episodes(args)
     recorded = None
     if args.check:
-        from fewshot_studio.training.calibrate import temperature_from_metadata
-
-        recorded = temperature_from_metadata(ckpt.evaluation)
+        recorded = ckpt.temperature
     result = calibrate_with_bar(model, images, ckpt.preprocess, args.way, args.shot,
                                 args.query, args.episodes, args.seed, device, recorded)
     if args.check:

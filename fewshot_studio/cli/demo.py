@@ -44,7 +44,8 @@ def run_headless_demo(train_seconds: float = 45.0, eval_episodes: int = 200,
     from fewshot_studio.paths import user_cache_dir
     from fewshot_studio.training.config import TrainConfig
     from fewshot_studio.training.distributed import resolve_device
-    from fewshot_studio.training.trainer import TrainResult, load_eval_images, train
+    from fewshot_studio.training.train_data import load_eval_images
+    from fewshot_studio.training.trainer import TrainResult, train
 
     try:
         folder = find_omniglot(data_dir)

@@ -57,14 +57,14 @@ def _list(what: str, items: list[tuple[Path, str]], show: int = 5) -> None:
 def run(args: argparse.Namespace) -> int:
     """Scan, compare, write the CSV. Exit code: 0 all fine; 1 finished with files or folders
     that could not be read, or no images; 2 (UserError) refused before any work."""
+    from fewshot_studio.data.scan import scan_images
     from fewshot_studio.engine import export
     from fewshot_studio.engine.cache import EmbeddingCache
     from fewshot_studio.engine.duplicates import DuplicatesResult, find_duplicates
-    from fewshot_studio.engine.session import LabelingSession
 
     if not 0.0 < args.threshold <= 1.0:
         raise UserError(f"--threshold must be in (0, 1], got {args.threshold}")
-    images = LabelingSession.scan_queries(args.folder, recursive=not args.no_recursive)
+    images = scan_images(args.folder, recursive=not args.no_recursive)
     export.check_output(args.out, images)
     for folder, reason in images.unreadable:
         print(f"warning: cannot read folder {folder}: {reason}", file=sys.stderr)

@@ -178,14 +178,12 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--transductive: this {model.method_name} checkpoint has no "
                         "transductive refinement (ProtoNet, mean-aggregate Relation "
                         "Network and ANIL MAML checkpoints have)")
-    from fewshot_studio.training.calibrate import temperature_from_metadata
-
     result = evaluate_with_bar(model, images, ckpt.preprocess, args.way, args.shot, args.query,
                                args.episodes, args.seed, device,
                                transductive=args.transductive, tta=args.tta,
                                within_alphabet=args.within_alphabet,
                                unknown_threshold=args.unknown_threshold,
-                               temperature=temperature_from_metadata(ckpt.evaluation))
+                               temperature=ckpt.temperature)
     if args.within_alphabet:
         skipped = sorted({n.partition("/")[0] for n in images.class_names}
                          - set(result.alphabets))

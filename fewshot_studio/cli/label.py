@@ -41,7 +41,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="a bundled checkpoint's name (see: fewshot-studio checkpoints) or a "
                         ".safetensors file")
     p.add_argument("--support", required=True, type=Path,
-                   help="folder with one sub-folder of example images per class")
+                   help="folder with one sub-folder of example images per class (images "
+                        "directly in it are not examples)")
     p.add_argument("--query", required=True, type=Path, help="folder of images to label")
     p.add_argument("--out", required=True, type=Path, help="output file (labels.csv)")
     p.add_argument("--format", choices=tuple(EXPORT_FORMATS), default=None,
@@ -51,8 +52,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--labels", type=Path, metavar="CSV|DIR",
                    help="labels you already have: a CSV with path and label columns (paths "
                         "relative to --query or absolute) or a folder with one sub-folder per "
-                        "class; a query image listed there is a correction, any other image a "
-                        "support example of its class")
+                        "class (a folder of images alone: one class named after it); a query "
+                        "image listed there is a correction, any other image a support "
+                        "example of its class")
     p.add_argument("--unknown-rule", choices=UNKNOWN_RULES, default=DEFAULT.unknown_rule,
                    help="how an image becomes 'unknown': threshold (a fixed top probability, "
                         "--unknown-threshold) or adaptive (read off the examples: held out "
@@ -114,28 +116,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def support_classes(root: Path) -> dict[str, list[Path]]:
-    """``root/<class>/**/<image>`` -> {class: sorted images}; UserError for a missing or
-    unreadable folder, fewer than 2 classes or a class without image files."""
-    from fewshot_studio.engine.session import LabelingSession
+    """The classes of the support folder by :func:`fewshot_studio.data.scan.class_folders`'
+    rule (``root/<class>/**/<image>``, or a flat folder of images as one class): {class:
+    sorted images}; UserError for a missing or unreadable folder, fewer than 2 classes or a
+    class without image files."""
+    from fewshot_studio.data.scan import class_folders
 
-    if not root.exists():
-        raise UserError(f"support folder not found: {root}")
-    if not root.is_dir():
-        raise UserError(f"support path is not a folder: {root}")
-    try:
-        entries = sorted(root.iterdir())
-    except OSError as e:
-        raise UserError(f"cannot read support folder {root}: {e.strerror or e}") from None
-    classes: dict[str, list[Path]] = {}
-    for d in entries:
-        if d.name.startswith(".") or not d.is_dir():
-            continue
-        images = LabelingSession.scan_queries(d, recursive=True)
-        for folder, reason in images.unreadable[:1]:
-            raise UserError(f"cannot read support folder {folder}: {reason}")
+    classes = class_folders(root, what="support folder")
+    for name, images in classes.items():
         if not images:
-            raise UserError(f"support class {d.name!r} has no image files ({d})")
-        classes[d.name] = list(images)
+            raise UserError(f"support class {name!r} has no image files ({root / name})")
     if len(classes) < 2:
         raise UserError(f"need at least 2 classes (sub-folders with images) in {root}, "
                         f"found {len(classes)}")
@@ -270,14 +260,12 @@ def _known_labels(source: Path | None, query: Path, classes: dict[str, list[Path
     unreadable source or a class that --support does not have."""
     if source is None:
         return {}
+    from fewshot_studio.data.scan import class_folders
     from fewshot_studio.engine import export
-    from fewshot_studio.engine.session import LabelingSession
 
     if source.is_dir():
-        pairs: list[tuple[Path, str]] = []
-        for d in sorted(source.iterdir()):
-            if d.is_dir() and not d.name.startswith("."):
-                pairs.extend((p, d.name) for p in LabelingSession.scan_queries(d))
+        pairs = [(p, name) for name, images in class_folders(source, what="--labels folder")
+                 .items() for p in images]
         if not pairs:
             raise UserError(f"--labels {source}: no class sub-folders with images")
     elif source.exists():
@@ -320,6 +308,7 @@ def run(args: argparse.Namespace) -> int:
     # take seconds. Not for scripts and logs: there a refusal stays one "error:" line.
     if _interactive():
         print(f"loading {Path(args.checkpoint).name}\u2026", file=sys.stderr, flush=True)
+    from fewshot_studio.data.scan import scan_images
     from fewshot_studio.engine import export
     from fewshot_studio.engine.session import LabelingSession
 
@@ -338,8 +327,7 @@ def run(args: argparse.Namespace) -> int:
     if args.skip_unknown and dest is None:
         raise UserError("--skip-unknown needs --copy-to or --move-to")
     why = _exclusions(args, dest, list(classes))
-    queries = LabelingSession.scan_queries(args.query, recursive=not args.no_recursive,
-                                           exclude=list(why))
+    queries = scan_images(args.query, recursive=not args.no_recursive, exclude=list(why))
     out_scanned = [_abs(args.out)] if queries.excluded.get(_abs(args.out)) else []
     export.check_output(args.out, [*queries, *(p for ps in classes.values() for p in ps),
                                    *out_scanned])

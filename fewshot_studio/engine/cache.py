@@ -89,6 +89,17 @@ class FileKey:
         return cls(p, st.st_size, st.st_mtime_ns)
 
 
+def file_keys(paths: Sequence[str | os.PathLike[str]]) -> list[FileKey | None]:
+    """:meth:`FileKey.of` of each path, None where it cannot be stat'ed."""
+    keys: list[FileKey | None] = []
+    for p in paths:
+        try:
+            keys.append(FileKey.of(p))
+        except OSError:
+            keys.append(None)
+    return keys
+
+
 @dataclass(frozen=True)
 class CacheEntry:
     """A cached feature ``(*feature_shape)`` or, when ``feature`` is None, an ``error``."""

@@ -37,7 +37,12 @@ from pathlib import Path
 
 import numpy as np
 
-from fewshot_studio.engine.cache import EmbeddingCache, FileKey, is_cacheable_error
+from fewshot_studio.engine.cache import (
+    EmbeddingCache,
+    FileKey,
+    file_keys,
+    is_cacheable_error,
+)
 from fewshot_studio.progress import Progress
 
 DEFAULT_THRESHOLD = 0.985
@@ -134,12 +139,7 @@ def signatures(paths: Sequence[Path], cache: EmbeddingCache | None,
     with ThreadPoolExecutor(max(1, workers), thread_name_prefix="fewshot-dups") as pool:
         for start in range(0, len(paths), _BATCH):
             chunk = paths[start:start + _BATCH]
-            keys: list[FileKey | None] = []
-            for p in chunk:
-                try:
-                    keys.append(FileKey.of(p))
-                except OSError:
-                    keys.append(None)
+            keys = file_keys(chunk)
             hits = cache.lookup(SIGNATURE_ID, [k for k in keys if k]) if cache else {}
             results: list[np.ndarray | str | None] = []
             todo: list[int] = []

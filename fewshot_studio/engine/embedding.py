@@ -20,7 +20,7 @@ from fewshot_studio.data.preprocess import Preprocess
 from fewshot_studio.data.tta import TTA_VIEWS, effective_views, embed_tta, tta_kind
 from fewshot_studio.engine.api import BackendInfo, EngineCounters, LabelSettings
 from fewshot_studio.engine.backends import EmbedBackend, decode_workers, select_backend
-from fewshot_studio.engine.cache import EmbeddingCache, FileKey
+from fewshot_studio.engine.cache import EmbeddingCache, FileKey, file_keys
 from fewshot_studio.io.atomic import remove_stale_temps
 
 
@@ -194,12 +194,7 @@ class EmbeddingPipeline:
 
         def submit(start: int) -> None:
             chunk = paths[start:start + bs]
-            keys: list[FileKey | None] = []
-            for p in chunk:
-                try:
-                    keys.append(FileKey.of(p))
-                except OSError:
-                    keys.append(None)
+            keys = file_keys(chunk)
             hits = self._cache.lookup(feature_id, [k for k in keys if k is not None])
             slots: list[Any] = []
             misses: list[int] = []

@@ -46,6 +46,14 @@ MAX_FOLDS = 5
 # The adaptive unknown rule keeps the labels it gives right this often on the held-out
 # support examples (benchmarks/open_set.py).
 UNKNOWN_PRECISION = 0.9
+# Suspicious support examples (:meth:`PredictionHead.suspicious_examples`): an example is
+# flagged when the support without it gives another class at least this calibrated
+# probability. 0.6, not 0.5: an example between two look-alike classes (0.5 / 0.45) is
+# ambiguous rather than wrong, and every false flag costs the user a look.
+SUSPICIOUS_MIN_PROB = 0.6
+# At most this many fits for the leave-one-out (one per example up to it; beyond, stratified
+# folds: each holds out one example of every class at a time, see ``support_folds``).
+LOO_MAX_FITS = 64
 
 
 @dataclass(frozen=True, eq=False)
@@ -126,6 +134,38 @@ def adapt_to_support(model: FewShotClassifier, x: Tensor, y: Tensor, n_way: int,
     return Adapted(predictor, kind, protos, top_p, top_i == truth, typical)
 
 
+def leave_one_out_logits(model: FewShotClassifier, x: Tensor, y: Tensor, n_way: int,
+                         candidates: Tensor, max_fits: int = LOO_MAX_FITS
+                         ) -> tuple[Tensor, Tensor]:
+    """Each candidate support example's logits from ``model.fit`` on the support without it.
+
+    ``x (n_s, *feature_shape)`` support features, ``y (n_s,)`` labels, ``candidates (n_s,)``
+    bool: the examples to score. An example whose class has no other example is skipped
+    (without it the class would be empty). Up to ``max_fits`` such examples, one fit each
+    (exact leave-one-out); beyond, ``max_fits`` stratified folds
+    (:func:`~fewshot_studio.models.functional.support_folds`) bound the cost. Only the
+    method's ``fit`` contract is used. Returns ``(index (m,), logits (m, n_way))``, ``index``
+    ascending. The caller picks grad mode (MAML's ``fit`` needs gradients)."""
+    counts = torch.bincount(y.long(), minlength=n_way)
+    eligible = candidates.bool() & (counts[y.long()] >= 2)
+    index = torch.nonzero(eligible).flatten()
+    if index.numel() == 0:
+        return index, torch.zeros(0, n_way)
+    if index.numel() <= max_fits:
+        held = torch.zeros(index.numel(), y.numel(), dtype=torch.bool)
+        held[torch.arange(index.numel()), index] = True  # (m, n_s): fold i holds out index[i]
+    else:
+        held = Fn.support_folds(y, n_way, max_fits) & eligible  # (F, n_s)
+    out = torch.zeros(y.numel(), n_way)
+    for h in held:
+        if not bool(h.any()):
+            continue
+        predictor = model.fit(x[~h], y[~h], n_way)
+        with torch.no_grad():
+            out[h] = predictor(x[h]).detach().float()
+    return index, out[index]
+
+
 @contextlib.contextmanager
 def _torch_threads(n: int) -> Iterator[None]:
     """Run a block with ``n`` torch intra-op threads (restored after)."""
@@ -158,16 +198,27 @@ class PredictionHead:
     _support_dirty: bool
     temperature: float = 1.0  # logits / T before the softmax (calibration); set per checkpoint
     _adapted: Adapted | None = None  # the last fit of the support set (_predictor)
+    # (support key, result) of the last suspicious_examples call
+    _suspicious_memo: tuple[tuple[Any, ...], dict[Path, str]] | None = None
 
     def _support_tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The support set's ``(n_s, *feature_shape)`` features and ``(n_s,)`` labels."""
+        x, y, _ = self._support_rows()
+        return x, y
+
+    def _support_rows(self) -> tuple[torch.Tensor, torch.Tensor, list[Path]]:
+        """:meth:`_support_tensors` and each row's path; the class examples (in class
+        order) come first, then the corrected images that join them."""
         feats: list[np.ndarray] = []
         labels: list[int] = []
+        paths: list[Path] = []
         for c, name in enumerate(self.class_names):
             for p in self._support[name]:
                 f = self._support_feats.get(p)
                 if isinstance(f, np.ndarray):
                     feats.append(f)
                     labels.append(c)
+                    paths.append(p)
         if self.settings.corrections_join_support:
             cls = {n: i for i, n in enumerate(self.class_names)}
             for p, label in sorted(self._corrections.items()):
@@ -181,8 +232,9 @@ class PredictionHead:
                 if f is not None:
                     feats.append(f)
                     labels.append(cls[label])
+                    paths.append(p)
         x = torch.from_numpy(np.stack(feats).astype(np.float32, copy=False))
-        return x, torch.tensor(labels, dtype=torch.long)
+        return x, torch.tensor(labels, dtype=torch.long), paths
 
     def _predictor(self, refine_on: np.ndarray | None = None) -> Callable[[torch.Tensor],
                                                                            torch.Tensor]:
@@ -213,6 +265,43 @@ class PredictionHead:
                 predictor = predictor.refine(q, n_iters=TRANSDUCTIVE_ITERS)
             self.counters.extra["transductive"] = self.counters.extra.get("transductive", 0) + 1
         return predictor
+
+    def suspicious_examples(self, min_prob: float = SUSPICIOUS_MIN_PROB) -> dict[Path, str]:
+        """Class examples that look like another class: example path -> that class's name.
+
+        Each example (of a class with at least two; corrected images that join the support
+        count, but are never flagged themselves) is predicted by ``model.fit`` on the support
+        without it (:func:`leave_one_out_logits`; temperature-scaled probabilities); it is
+        flagged when the top class is not its own, with probability >= ``min_prob``. Uses
+        the cached support features only (call it after :meth:`run` / :meth:`relabel`;
+        examples not embedded yet are left out); remembered until the support changes."""
+        if len(self.class_names) < 2 or not any(
+                isinstance(self._support_feats.get(p), np.ndarray)
+                for ps in self._support.values() for p in ps):
+            return {}
+        x, y, paths = self._support_rows()
+        key = (tuple(paths), tuple(y.tolist()), hash(x.numpy().tobytes()),
+               float(self.temperature), float(min_prob))
+        memo = self._suspicious_memo
+        if memo is not None and memo[0] == key:
+            return dict(memo[1])
+        n_examples = sum(isinstance(self._support_feats.get(p), np.ndarray)
+                         for ps in self._support.values() for p in ps)
+        candidates = torch.arange(len(paths)) < n_examples  # the class examples come first
+        with torch.enable_grad(), self._head_threads():  # MAML adapts with gradients
+            index, logits = leave_one_out_logits(self.model, x, y, len(self.class_names),
+                                                 candidates)
+        out: dict[Path, str] = {}
+        if index.numel():
+            with torch.no_grad():
+                top_p, top_i = self._probabilities(logits).max(-1)
+            for i, p, c in zip(index.tolist(), top_p.tolist(), top_i.tolist(), strict=True):
+                if c != int(y[i]) and p >= min_prob:
+                    out[paths[i]] = self.class_names[c]
+        self._suspicious_memo = (key, out)
+        self.counters.extra["suspicious_checks"] = (
+            self.counters.extra.get("suspicious_checks", 0) + 1)
+        return dict(out)
 
     @property
     def head_kind(self) -> str:

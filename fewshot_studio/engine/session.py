@@ -22,24 +22,15 @@ from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
-from fewshot_studio.data.images import IMAGE_EXTENSIONS
 from fewshot_studio.engine.api import EngineCounters, LabelSettings, Prediction
 from fewshot_studio.engine.backends import EmbedBackend, embed_is_identity
 from fewshot_studio.engine.cache import FEATURE_FORMAT, EmbeddingCache
-
-# Re-exported: these used to live here.
-from fewshot_studio.engine.embedding import EmbeddingPipeline, _decode_error  # noqa: F401
-from fewshot_studio.engine.head import (  # noqa: F401
-    _HEAD_CHUNK,
-    TRANSDUCTIVE_ITERS,
-    PredictionHead,
-    _torch_threads,
-)
-from fewshot_studio.engine.query_store import _FP32_BUDGET, _QueryStore  # noqa: F401
+from fewshot_studio.engine.embedding import EmbeddingPipeline
+from fewshot_studio.engine.head import PredictionHead
+from fewshot_studio.engine.query_store import _QueryStore
 from fewshot_studio.errors import UserError
 from fewshot_studio.progress import Progress
 
@@ -50,17 +41,6 @@ DEFAULT_SETTINGS = LabelSettings()
 
 def _abs(p: str | os.PathLike[str]) -> Path:
     return Path(os.path.abspath(os.fspath(p)))
-
-
-class QueryScan(list[Path]):
-    """What :meth:`LabelingSession.scan_queries` found: the image files (this list: absolute
-    paths, sorted); ``unreadable``: ``(folder, reason)`` per sub-folder that could not be
-    listed; ``excluded``: ``{exclude entry: number of image files left out under it}``."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.unreadable: list[tuple[Path, str]] = []
-        self.excluded: dict[Path, int] = {}
 
 
 class LabelingSession(EmbeddingPipeline, PredictionHead):
@@ -81,7 +61,6 @@ class LabelingSession(EmbeddingPipeline, PredictionHead):
                  cache_path: Path | None = None, backend: str = "auto") -> None:
         from fewshot_studio.io.checkpoint import CheckpointError, load_checkpoint
         from fewshot_studio.paths import resolve_checkpoint
-        from fewshot_studio.training.calibrate import temperature_from_metadata
 
         path = resolve_checkpoint(str(checkpoint))
         ckpt = load_checkpoint(path)
@@ -95,7 +74,7 @@ class LabelingSession(EmbeddingPipeline, PredictionHead):
         self.checkpoint_metadata = ckpt.metadata()
         self.preprocess = ckpt.preprocess
         # temperature scaling (Guo et al. 2017) fitted by `fewshot-studio calibrate`; 1 if none
-        self.temperature = temperature_from_metadata(ckpt.evaluation)
+        self.temperature = ckpt.temperature
         self.model = model.float().eval()
         self._identity_embed = embed_is_identity(self.model, ckpt.preprocess)
         for p in self.model.parameters():
@@ -140,59 +119,6 @@ class LabelingSession(EmbeddingPipeline, PredictionHead):
                 if label in out and path not in out[label]:
                     out[label].append(path)
         return out
-
-    @staticmethod
-    def scan_queries(root: Path, recursive: bool = True,
-                     exclude: Sequence[Path] = ()) -> QueryScan:
-        """Image files under ``root`` (absolute, sorted); hidden files and folders skipped.
-
-        ``exclude``: folders (everything under them) and files left out, e.g. a support folder
-        or an output inside ``root``; compared by real path. UserError when ``root`` is missing
-        or cannot be listed; a sub-folder that cannot be listed is reported in the result's
-        ``unreadable`` (see :class:`QueryScan`), never skipped silently."""
-        root = _abs(root)
-        if not root.exists():
-            raise UserError(f"query folder not found: {root}")
-        if not root.is_dir():
-            raise UserError(f"query folder is not a folder: {root}")
-        result = QueryScan()
-        real_excl = [(os.path.realpath(e), _abs(e)) for e in exclude]
-        for _, e in real_excl:
-            result.excluded[e] = 0
-
-        def excluded_by(real: str) -> Path | None:
-            for r, e in real_excl:
-                if real == r or real.startswith(r.rstrip(os.sep) + os.sep):
-                    return e
-            return None
-
-        def onerror(err: OSError) -> None:
-            where = _abs(err.filename) if err.filename else root
-            reason = err.strerror or str(err)
-            if where == root:
-                raise UserError(f"cannot read folder {root}: {reason}")
-            if excluded_by(os.path.realpath(where)) is None:
-                result.unreadable.append((where, reason))
-
-        found: list[Path] = []
-        for dirpath, dirnames, filenames in os.walk(root, onerror=onerror):
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith(".")) if recursive else []
-            real_dir = os.path.realpath(dirpath) if real_excl else ""
-            dir_excl = excluded_by(real_dir) if real_excl else None
-            for f in filenames:
-                if f.startswith(".") or os.path.splitext(f)[1].lower() not in IMAGE_EXTENSIONS:
-                    continue
-                p = os.path.join(dirpath, f)
-                if os.path.isdir(p):
-                    continue
-                hit = dir_excl or (excluded_by(os.path.join(real_dir, f)) if real_excl else None)
-                if hit is not None:
-                    result.excluded[hit] += 1
-                    continue
-                found.append(Path(p))
-        result.extend(sorted(found))
-        result.unreadable.sort()
-        return result
 
     def _validate_classes(self) -> None:
         if len(self._support) < 2:
@@ -321,8 +247,3 @@ class LabelingSession(EmbeddingPipeline, PredictionHead):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def replace_settings(settings: LabelSettings, **changes: Any) -> LabelSettings:
-    """``dataclasses.replace`` for settings (convenience for the CLI and GUI)."""
-    return replace(settings, **changes)

@@ -177,6 +177,7 @@ class MainWindow(QMainWindow):
         lab.failed.connect(self.report)
         lab.setup_needed.connect(self._on_setup_needed)
         lab.corrections_changed.connect(self.update_corrected_counts)
+        lab.suspicious_changed.connect(self.class_panel.set_suspicious)
         self.classes_ctl.message.connect(lambda m: self.statusBar().showMessage(m, 5000))
         self.classes_ctl.failed.connect(self.report)
         self.export.failed.connect(self.report)

@@ -61,7 +61,6 @@ class GeneratorWorker(QRunnable):
         self._func, self._args, self._kwargs = func, args, kwargs
         self._abort = threading.Event()
         self.thread_ident: int | None = None
-        self.is_running = False
         self.is_done = False
 
     # convenience aliases, as in superqt
@@ -81,10 +80,6 @@ class GeneratorWorker(QRunnable):
         """Ask the worker to stop at its next yield (or before it starts)."""
         self._abort.set()
 
-    @property
-    def abort_requested(self) -> bool:
-        return self._abort.is_set()
-
     def start(self, pool: QThreadPool | None = None) -> GeneratorWorker:
         GeneratorWorker._live.add(self)
         self.signals.done.connect(lambda: GeneratorWorker._live.discard(self))
@@ -94,7 +89,6 @@ class GeneratorWorker(QRunnable):
     def run(self) -> None:  # in the pool thread
         self.thread_ident = threading.get_ident()
         lower_thread_priority()
-        self.is_running = True
         sig = self.signals
         try:
             if self._abort.is_set():
@@ -119,7 +113,6 @@ class GeneratorWorker(QRunnable):
         except BaseException as e:
             sig.errored.emit(e)
         finally:
-            self.is_running = False
             self.is_done = True
             sig.done.emit()
 
@@ -132,7 +125,3 @@ def _call(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Generator[Any, N
 def function_worker(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> GeneratorWorker:
     """A worker for a plain function: ``finished`` carries its return value."""
     return GeneratorWorker(_call, fn, *args, **kwargs)
-
-
-def main_thread_ident() -> int:
-    return threading.main_thread().ident or 0

@@ -7,12 +7,19 @@ first, then the model it describes is built on the ``meta`` device (no memory) a
 parameter and buffer shape is compared with the tensors the file really holds (read from the
 header, not loaded); only then are the weights loaded (and refused if any is NaN or Inf) and
 the model built for real. So a 6 KB file claiming ``hidden=4096`` fails in milliseconds.
+
+Calibration: ``fewshot-studio calibrate`` (:mod:`fewshot_studio.training.calibrate`) stores a
+fitted softmax temperature under ``evaluation[CALIBRATION_KEY]`` (``{"temperature": T,
+"data": ..., "way": ..., ...}``); :attr:`Checkpoint.temperature` reads it (1.0 for old
+checkpoints), so the labeling engine needs nothing from ``training/``.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,11 +35,25 @@ from fewshot_studio.io.atomic import atomic_path
 
 FORMAT = "fewshot-studio/1"
 _META_KEY = "fewshot_studio"
+CALIBRATION_KEY = "calibration"  # key in Checkpoint.evaluation: the calibration record
 
 
 class CheckpointError(UserError):
     """A file that is not a FewShot Studio checkpoint, or is damaged. The message is one line
     fit to show a user."""
+
+
+def temperature_from_metadata(evaluation: Mapping[str, Any] | None) -> float:
+    """The temperature recorded in a checkpoint's ``evaluation`` metadata (under
+    :data:`CALIBRATION_KEY`); 1.0 when there is none (old checkpoints) or it is not a positive
+    finite number."""
+    rec = (evaluation or {}).get(CALIBRATION_KEY)
+    t = rec.get("temperature") if isinstance(rec, Mapping) else None
+    try:
+        t = float(t)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return 1.0
+    return t if math.isfinite(t) and t > 0 else 1.0
 
 
 @dataclass
@@ -53,6 +74,12 @@ class Checkpoint:
     training: dict[str, Any] = field(default_factory=dict)
     evaluation: dict[str, Any] = field(default_factory=dict)
     package_version: str = __version__
+
+    @property
+    def temperature(self) -> float:
+        """The softmax temperature fitted by ``fewshot-studio calibrate`` (Guo et al. 2017);
+        1.0 when none is recorded. See :func:`temperature_from_metadata`."""
+        return temperature_from_metadata(self.evaluation)
 
     def metadata(self) -> dict[str, Any]:
         return {

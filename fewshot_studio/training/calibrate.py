@@ -7,9 +7,10 @@ changes the argmax, so accuracy is unchanged; only the confidences move (``T > 1
 that was overconfident becomes less sure).
 
 The fitted temperature lives in a checkpoint's evaluation metadata under
-:data:`CALIBRATION_KEY` (``{"temperature": T, "data": ..., "way": ..., ...}``); old
-checkpoints lack it and mean ``T = 1`` (:func:`temperature_from_metadata`). The labeling
-engine applies it wherever it computes probabilities.
+:data:`fewshot_studio.io.checkpoint.CALIBRATION_KEY` (``{"temperature": T, "data": ...,
+"way": ..., ...}``, :meth:`CalibrationResult.to_metadata`); old checkpoints lack it and mean
+``T = 1`` (:attr:`fewshot_studio.io.checkpoint.Checkpoint.temperature`). The labeling engine
+applies it wherever it computes probabilities.
 
 Pure torch, no Qt.
 """
@@ -17,7 +18,7 @@ Pure torch, no Qt.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -34,7 +35,6 @@ from fewshot_studio.training.evaluate import (
     fixed_episodes,
 )
 
-CALIBRATION_KEY = "calibration"  # key in Checkpoint.evaluation
 ECE_BINS = 15
 _LOG_T_RANGE = (-6.0, 6.0)  # search interval of log T: T in [0.0025, 403]
 
@@ -72,18 +72,6 @@ class CalibrationResult:
         """The record stored under ``Checkpoint.evaluation["calibration"]`` (plus ``extra``,
         e.g. ``data`` and ``classes``)."""
         return {**asdict(self), **extra}
-
-
-def temperature_from_metadata(evaluation: Mapping[str, Any] | None) -> float:
-    """The temperature recorded in a checkpoint's ``evaluation`` metadata; 1.0 when there is
-    none (old checkpoints) or it is not a positive finite number."""
-    rec = (evaluation or {}).get(CALIBRATION_KEY)
-    t = rec.get("temperature") if isinstance(rec, Mapping) else None
-    try:
-        t = float(t)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        return 1.0
-    return t if math.isfinite(t) and t > 0 else 1.0
 
 
 def expected_calibration_error(probs: Tensor, labels: Tensor, n_bins: int = ECE_BINS) -> float:

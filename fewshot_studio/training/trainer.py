@@ -51,36 +51,19 @@ from fewshot_studio.training.evaluate import (
     within_alphabet_args,
 )
 
-# Re-exported: the pieces used to live here, and callers import them from this module.
-from fewshot_studio.training.steps import (  # noqa: F401
+# BatchMaker, build_model, compile_step, lr_at, make_optimizer, train_step, prepare_data and
+# load_train_state are also imported from here by the CLI, tests and benchmarks.
+from fewshot_studio.training.steps import (
     BatchMaker,
-    _mean_std,
     build_model,
     compile_step,
     lr_at,
     make_optimizer,
     train_step,
 )
-from fewshot_studio.training.train_data import (  # noqa: F401
-    TrainData,
-    _check_counts,
-    _loaded_name,
-    _open_datasets,
-    _preload,
-    _read_class_list,
-    _selection,
-    _split_file,
-    _split_rotation,
-    choose_split,
-    load_eval_images,
-    merge_images,
-    prepare_data,
-    rotation_name,
-)
-from fewshot_studio.training.train_state import (  # noqa: F401
-    STATE_FORMAT,
+from fewshot_studio.training.train_data import prepare_data
+from fewshot_studio.training.train_state import (
     _optimizer_from_flat,
-    _optimizer_to_flat,
     load_train_state,
     save_train_state,
 )

@@ -4,7 +4,6 @@ thread); the undo command is pushed when the scan returns."""
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -13,7 +12,10 @@ from PySide6.QtCore import QObject, Signal
 from PySide6.QtGui import QImage, QUndoStack
 
 from fewshot_studio import paths as app_paths
+from fewshot_studio.data import scan
 from fewshot_studio.data.images import is_image_path
+from fewshot_studio.data.scan import scan_images
+from fewshot_studio.errors import UserError
 from fewshot_studio.gui.models.classes import ClassListModel
 from fewshot_studio.gui.project_io import ClassSpec, next_color, unique_name
 from fewshot_studio.gui.undo import (
@@ -26,40 +28,31 @@ from fewshot_studio.gui.undo import (
 from fewshot_studio.gui.workers import GeneratorWorker, function_worker
 
 
-def _walk_images(folder: Path) -> list[Path]:
-    out = []
-    for dirpath, dirnames, filenames in os.walk(folder):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        out.extend(Path(dirpath) / f for f in sorted(filenames) if is_image_path(f))
-    return out
-
-
 def expand_images(items: Sequence[Path]) -> list[Path]:
-    """Image files among ``items``, with folders walked recursively (hidden skipped)."""
+    """Image files among ``items`` (resolved), with folders scanned recursively
+    (:func:`~fewshot_studio.data.scan.scan_images`: hidden skipped); UserError naming a folder
+    that cannot be listed."""
     out: list[Path] = []
     for p in items:
         p = Path(p)
         if p.is_dir():
-            out.extend(_walk_images(p))
+            scan = scan_images(p, recursive=True, what="folder")
+            for folder, reason in scan.unreadable[:1]:
+                raise UserError(f"cannot read folder {folder}: {reason}")
+            out.extend(scan)
         elif p.is_file() and is_image_path(p.name):
-            out.append(p.resolve())
+            out.append(p)
     return [p.resolve() for p in out]
 
 
 def class_folders(items: Sequence[Path]) -> list[tuple[str, list[Path]]]:
-    """Classes from dropped folders: a folder with image-holding sub-folders gives one class
-    per sub-folder; a folder holding images directly gives one class named after it."""
-    classes: list[tuple[str, list[Path]]] = []
-    for root in (Path(p) for p in items):
-        if not root.is_dir():
-            continue
-        subs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
-        found = [(d.name, imgs) for d in subs if (imgs := _walk_images(d))]
-        if found:
-            classes.extend(found)
-        elif direct := [root / f for f in sorted(os.listdir(root)) if is_image_path(f)]:
-            classes.append((root.name, direct))
-    return [(n, [p.resolve() for p in ps]) for n, ps in classes]
+    """Classes from dropped folders, by :func:`fewshot_studio.data.scan.class_folders`' rule
+    (the CLI's): a folder with class sub-folders gives one class per sub-folder holding images,
+    a flat folder of images one class named after it. Items that are not folders are
+    skipped; the images are resolved."""
+    return [(name, [p.resolve() for p in images])
+            for root in (Path(p) for p in items) if root.is_dir()
+            for name, images in scan.class_folders(root).items() if images]
 
 
 class ClassesController(QObject):

@@ -1,7 +1,7 @@
 """Labeling: drives the engine's ``LabelingSession`` from a single background thread.
 
 Every engine call (session creation, ``set_support``, ``run``, ``correct``, ``set_settings``,
-``scan_queries``, ``close``) happens inside a job on ``self.pool``, a one-thread pool, so calls
+``scan_images``, ``close``) happens inside a job on ``self.pool``, a one-thread pool, so calls
 are serialised (the session is not thread-safe) and the UI thread never waits on a model.
 Results arrive as signals: streamed batches go straight into the gallery model.
 Folder scans and checkpoint checks (``check_checkpoint``: a broken file is named when chosen)
@@ -18,17 +18,23 @@ background scan also checks them (the checkpoint's identity, each file's size an
 current at once, without the engine. The first change that needs the engine (a correction,
 an example, a setting) then starts a run in the background, which reads every feature from the
 embedding cache. ``saved_predictions`` is what a project saves.
+
+After each run and relabel (correction, setting, support change) the same job asks the session
+which class examples look like another class (``suspicious_examples``, leave-one-out on the
+cached support features) and ``suspicious_changed`` reports it: example -> that class.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
+import os
 import time
 import traceback
-from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from PySide6.QtCore import QObject, QThreadPool, QTimer, Signal
 
@@ -40,7 +46,30 @@ from fewshot_studio.gui.models.gallery import GalleryModel
 from fewshot_studio.gui.workers import GeneratorWorker
 from fewshot_studio.progress import EtaEstimator, Progress, format_seconds
 
-SessionFactory = Callable[..., Any]
+log = logging.getLogger(__name__)
+class Session(Protocol):
+    """What the controller uses of :class:`~fewshot_studio.engine.session.LabelingSession`
+    (tests stand in for it with fakes that implement all of it). Called on the pool thread
+    only."""
+
+    settings: LabelSettings
+    backend: Any
+    model_id: str  # "<checkpoint identity>:<feature format>"
+
+    def prepare(self) -> Any: ...
+    def set_support(self, classes: Mapping[str, Sequence[Path]]) -> None: ...
+    def support(self) -> dict[str, list[Path]]: ...
+    def run(self, query_paths: Sequence[Path]) -> Iterator[Progress]: ...
+    def relabel(self) -> list[Prediction]: ...
+    def predictions(self) -> list[Prediction]: ...
+    def set_settings(self, settings: LabelSettings) -> list[Prediction]: ...
+    def correct(self, paths: Sequence[Path], label: str | None) -> list[Prediction]: ...
+    def corrections(self) -> dict[Path, str]: ...
+    def suspicious_examples(self) -> dict[Path, str]: ...
+    def close(self) -> None: ...
+
+
+SessionFactory = Callable[[str, LabelSettings, Path | None], Session]
 # The engine's messages before the first image is done, as the status bar says them.
 PHASES = {"embedding examples": "Reading the class examples…"}
 
@@ -52,9 +81,9 @@ def _default_factory(checkpoint: str, settings: LabelSettings, cache_path: Path 
 
 
 def _scan(root: Path, recursive: bool) -> list[Path]:
-    from fewshot_studio.engine.session import LabelingSession
+    from fewshot_studio.data.scan import scan_images
 
-    return LabelingSession.scan_queries(root, recursive=recursive)
+    return scan_images(root, recursive=recursive)
 
 
 def _checkpoint_id(checkpoint: str, cache_path: Path | None) -> str:
@@ -116,6 +145,9 @@ class LabelingController(QObject):
     # each with an example), "images" (a query folder with images), "model" (a checkpoint)
     setup_needed = Signal(list)
     checkpoint_checked = Signal(str, str)  # checkpoint, "" if usable, else a one-line error
+    # {example path: the class it looks like} after each run / relabel ({}: none, or no model);
+    # emitted from the engine thread (queued to the UI thread's receivers)
+    suspicious_changed = Signal(object)
 
     def __init__(self, gallery: GalleryModel, classes: ClassListModel,
                  session_factory: SessionFactory | None = None,
@@ -135,7 +167,7 @@ class LabelingController(QObject):
         self.corrections: dict[Path, str] = {}
         self.backend = ""
         self.workers: list[GeneratorWorker] = []  # every job started (tests inspect threads)
-        self._session: Any = None  # touched only inside jobs (pool thread)
+        self._session: Session | None = None  # touched only inside jobs (pool thread)
         self._session_key: tuple[str, Path | None] | None = None
         self._labeled = False  # a complete run with the current support/session
         self._restored = False  # the gallery shows a project's saved predictions, no run yet
@@ -190,6 +222,7 @@ class LabelingController(QObject):
         self._pending = None  # saved predictions of the old model: not current any more
         if self._run is not None:
             self._run.cancel()
+        self.suspicious_changed.emit({})  # the old model's verdicts
         if had_model and self.gallery.labeled_count():
             self.gallery.clear_predictions()
             self._pred_id, self._stamps = "", {}
@@ -411,8 +444,7 @@ class LabelingController(QObject):
             self._session = None
             self._session = self.session_factory(checkpoint, settings, cache_path)
             self._session_key = key
-            if hasattr(self._session, "prepare"):
-                self._session.prepare()  # ONNX export / runtime start, under "Loading model"
+            self._session.prepare()  # ONNX export / runtime start, under "Loading model"
             self.backend_changed.emit(str(self._session.backend))
         elif self._session.settings != settings:
             self._session.set_settings(settings)
@@ -428,11 +460,12 @@ class LabelingController(QObject):
         yield from s.run(paths)
         self.backend_changed.emit(str(s.backend))
         preds = self._reconcile(s, corrections, support) or s.predictions()
-        ident = str(getattr(s, "model_id", "")).split(":")[0]
+        self._check_support(s, support)
+        ident = s.model_id.split(":")[0]
         return preds, ident, {p: pio.file_stamp(p) for p in paths}
 
     @staticmethod
-    def _reconcile(s: Any, wanted: dict[Path, str],
+    def _reconcile(s: Session, wanted: dict[Path, str],
                    support: dict[str, list[Path]]) -> list[Prediction] | None:
         """Make the session's corrections equal ``wanted`` (dropping unknown class names)."""
         wanted = {p: lab for p, lab in wanted.items() if lab in support}
@@ -539,11 +572,15 @@ class LabelingController(QObject):
             by_label.setdefault(lab, []).append(p)
         for lab, ps in by_label.items():
             preds = s.correct(ps, lab)
+        if s.settings.corrections_join_support:  # the support changed
+            self._check_support(s)
         return preds
         yield
 
     def _settings_job(self, settings: LabelSettings) -> Iterator[Progress]:
-        return self._session.set_settings(settings)
+        preds = self._session.set_settings(settings)
+        self._check_support(self._session)
+        return preds
         yield
 
     def _on_support_changed(self) -> None:
@@ -564,8 +601,25 @@ class LabelingController(QObject):
         s = self._session
         s.set_support(support)
         preds = s.relabel()  # cached features: only new examples are embedded
-        return self._reconcile(s, corrections, support) or preds
+        preds = self._reconcile(s, corrections, support) or preds
+        self._check_support(s, support)
+        return preds
         yield
+
+    def _check_support(self, s: Session, support: Mapping[str, list[Path]] | None = None
+                       ) -> None:  # pool thread
+        """Emit ``suspicious_changed`` with the session's suspicious class examples, keyed by
+        the paths the class panel holds (``support``: the GUI's; else the session's)."""
+        try:
+            found = s.suspicious_examples()
+        except Exception:  # a hint, not worth losing the labels over
+            log.exception("checking the class examples failed")
+            return
+        if support is None:
+            support = s.support()
+        ours = {os.path.abspath(p): p for ps in support.values() for p in ps}
+        self.suspicious_changed.emit({ours.get(os.path.abspath(p), Path(p)): lab
+                                      for p, lab in found.items()})
 
     def _apply_all(self, preds: list[Prediction] | None) -> None:
         if preds is not None:

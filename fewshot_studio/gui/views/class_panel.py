@@ -2,15 +2,31 @@
 example thumbnails). Image files / folders dropped on a card become its examples; gallery
 tiles dropped on a card are corrected to it; a folder of class sub-folders dropped on the
 panel becomes one card per sub-folder. A new class opens with its name in edit mode; a card's
-count includes the corrected images that join its examples ("5 examples + 2 corrected")."""
+count includes the corrected images that join its examples ("5 examples + 2 corrected").
+
+Suspicious examples (:meth:`ClassPanel.set_suspicious`: examples whose leave-one-out
+prediction is another class) get a warning badge on their thumbnail and a line on their card
+("⚠ 1 example looks like Red") with a *Fix* menu: *Move to “Red”* or *Remove*, one undo step
+each (also in the thumbnail's context menu)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
 
-from PySide6.QtCore import QMimeData, QSize, Qt, Signal
-from PySide6.QtGui import QAction, QColor, QDragEnterEvent, QDropEvent, QIcon, QKeySequence
+from PySide6.QtCore import QMimeData, QRectF, QSize, Qt, Signal
+from PySide6.QtGui import (
+    QAction,
+    QColor,
+    QDragEnterEvent,
+    QDropEvent,
+    QFont,
+    QIcon,
+    QKeySequence,
+    QPainter,
+    QPen,
+    QPixmap,
+)
 from PySide6.QtWidgets import (
     QAbstractItemView,
     QColorDialog,
@@ -33,9 +49,42 @@ from PySide6.QtWidgets import (
 from fewshot_studio.gui.controllers.classes import ClassesController
 from fewshot_studio.gui.models.classes import ClassListModel
 from fewshot_studio.gui.thumbnails import ThumbnailCache
+from fewshot_studio.gui.undo import SetExamplesCommand
 from fewshot_studio.gui.views.style import theme
 
 QUERY_MIME = "application/x-fewshot-query-paths"
+# An example item's data: the class it looks like ("" when not suspicious)
+SUSPICIOUS_ROLE = Qt.ItemDataRole.UserRole + 1
+_BADGE_FILL, _BADGE_TEXT = "#f59e0b", "#1f2937"  # amber, dark "!": reads in both themes
+_WARN_TEXT = {False: "#b45309", True: "#fbbf24"}  # the card's warning line, light / dark
+_BADGE_CANVAS = 96  # px: thumbnails are drawn at this size with the badge, shown at 48
+
+
+def badged(pm: QPixmap | None) -> QPixmap:
+    """A thumbnail (or an empty square when not loaded yet) with a warning badge drawn at
+    its top right."""
+    n = _BADGE_CANVAS
+    canvas = QPixmap(n, n)
+    canvas.fill(Qt.GlobalColor.transparent)
+    p = QPainter(canvas)
+    p.setRenderHint(QPainter.RenderHint.Antialiasing)
+    if pm is not None and not pm.isNull():
+        img = pm.scaled(n, n, Qt.AspectRatioMode.KeepAspectRatio,
+                        Qt.TransformationMode.SmoothTransformation)
+        p.drawPixmap((n - img.width()) // 2, (n - img.height()) // 2, img)
+    d = n * 0.42
+    r = QRectF(n - d - 1, 1, d, d)
+    p.setPen(QPen(QColor("#ffffff"), 3))
+    p.setBrush(QColor(_BADGE_FILL))
+    p.drawEllipse(r)
+    f = QFont()
+    f.setBold(True)
+    f.setPixelSize(int(d * 0.72))
+    p.setFont(f)
+    p.setPen(QColor(_BADGE_TEXT))
+    p.drawText(r, Qt.AlignmentFlag.AlignCenter, "!")
+    p.end()
+    return canvas
 
 
 def local_paths(mime: QMimeData) -> list[Path]:
@@ -98,6 +147,12 @@ class ExamplesView(QListWidget):
 
     def _menu(self, pos) -> None:
         m = QMenu(self)
+        it = self.itemAt(pos)
+        looks = it.data(SUSPICIOUS_ROLE) if it is not None else ""
+        if looks:
+            path = Path(it.data(Qt.ItemDataRole.UserRole))
+            self.card.add_fix_actions(m, path, looks)
+            m.addSeparator()
         rm = m.addAction("Remove selected examples")
         rm.setEnabled(bool(self.selectedItems()))
         rm.triggered.connect(self.card.remove_selected)
@@ -174,6 +229,23 @@ class ClassCard(QFrame):
         head.setStretch(2, 1)
         lay.addLayout(head)
         lay.addWidget(self.count)
+        warn_row = QHBoxLayout()
+        warn_row.setSpacing(4)
+        self.warn = QLabel()  # "⚠ 1 example looks like Red"
+        self.warn.setObjectName("suspiciousLabel")
+        self.warn.setWordWrap(True)
+        self.fix = QToolButton()
+        self.fix.setObjectName("fixButton")
+        self.fix.setText("Fix…")
+        self.fix.setToolTip("Move or remove the examples that look like another class")
+        self.fix.setPopupMode(QToolButton.ToolButtonPopupMode.InstantPopup)
+        self.fix.setMenu(QMenu(self.fix))
+        warn_row.addWidget(self.warn, 1)
+        warn_row.addWidget(self.fix)
+        lay.addLayout(warn_row)
+        self.warn.hide()
+        self.fix.hide()
+        self._flags: dict[str, str] = {}  # example key -> the class it looks like
         self.examples = ExamplesView(self)
         lay.addWidget(self.examples)
         self.refresh()
@@ -210,16 +282,74 @@ class ClassCard(QFrame):
                 it.setSizeHint(QSize(52, 52))
                 self.examples.addItem(it)
                 self._items[k] = it
+            self._flags = {}
+            for k in keys:
                 self.set_thumb(k)
             self.examples.fit_height()
+        self._refresh_suspicious(spec.name, keys)
+
+    def suspicious(self) -> dict[Path, str]:
+        """This class's examples that look like another (existing) class: path -> its name."""
+        spec = self.model.spec(self.row)
+        names = set(self.model.names())
+        found = self.panel.suspicious
+        return {p: lab for p in spec.examples
+                if (lab := found.get(p)) and lab != spec.name and lab in names}
+
+    def _refresh_suspicious(self, name: str, keys: list[str]) -> None:
+        """Badges, the warning line and the Fix menu from the panel's suspicious map."""
+        flagged = self.suspicious()
+        flags = {str(p): lab for p, lab in flagged.items()}
+        if flags != self._flags:
+            old, self._flags = self._flags, flags
+            for k in set(old) | set(flags):
+                it = self._items.get(k)
+                if it is None:
+                    continue
+                lab = flags.get(k, "")
+                it.setData(SUSPICIOUS_ROLE, lab)
+                it.setToolTip(f"{Path(k).name}\nLooks like “{lab}”: right-click to move or "
+                              "remove it" if lab else Path(k).name)
+                self.set_thumb(k)
+        self.warn.setVisible(bool(flagged))
+        self.fix.setVisible(bool(flagged))
+        menu = self.fix.menu()
+        menu.clear()
+        if not flagged:
+            return
+        n, targets = len(flagged), sorted(set(flagged.values()))
+        what = f"“{targets[0]}”" if len(targets) == 1 else "other classes"
+        self.warn.setText(f"⚠ {n} example{' looks' if n == 1 else 's look'} like {what}")
+        self.warn.setStyleSheet(f"color: {_WARN_TEXT[theme().dark]};")
+        self.warn.setToolTip("Left out, these examples are predicted as another class: "
+                             "a wrong example misleads every label")
+        if n == 1:
+            path, lab = next(iter(flagged.items()))
+            self.add_fix_actions(menu, path, lab)
+            return
+        for path, lab in flagged.items():
+            self.add_fix_actions(menu.addMenu(f"{path.name} (looks like “{lab}”)"), path, lab)
+
+    def add_fix_actions(self, menu: QMenu, path: Path, looks: str) -> None:
+        """"Move to “looks”" and "Remove" for example ``path`` into ``menu``."""
+        mv = menu.addAction(f"Move to “{looks}”")
+        mv.setObjectName("moveExample")
+        mv.triggered.connect(lambda: self.panel.move_example(path, self.row, looks))
+        rm = menu.addAction("Remove example")
+        rm.setObjectName("removeExample")
+        rm.triggered.connect(lambda: self.ctl.remove_examples(self.row, [path]))
 
     def set_thumb(self, key: str) -> None:
         it = self._items.get(key)
         if it is None:
             return
         pm = self.panel.thumbs.get(key)
-        if pm is not None:
+        if self._flags.get(key):
+            it.setIcon(QIcon(badged(pm)))
+        elif pm is not None:
             it.setIcon(QIcon(pm))
+        else:
+            it.setIcon(QIcon())
 
     def _rename(self) -> None:
         if not self.ctl.rename_class(self.row, self.name.text()):
@@ -295,6 +425,7 @@ class ClassPanel(QWidget):
         self.model, self.ctl, self.thumbs, self._correct_to = model, ctl, thumbs, correct_to
         self.cards: list[ClassCard] = []
         self.corrected: dict[str, int] = {}  # class name -> corrected images joining it
+        self.suspicious: dict[Path, str] = {}  # example -> the class it looks like
         self.current_row = 0
         self.setObjectName("classPanel")
         self.setAcceptDrops(True)
@@ -366,6 +497,32 @@ class ClassPanel(QWidget):
             self.corrected = dict(counts)
             for c in self.cards:
                 c.refresh()
+
+    def set_suspicious(self, found: dict[Path, str]) -> None:
+        """Examples whose leave-one-out prediction is another class (path -> its name): a
+        badge and a warning line on their cards."""
+        found = {Path(p): str(lab) for p, lab in found.items()}
+        if found != self.suspicious:
+            self.suspicious = found
+            for c in self.cards:
+                c.refresh()
+
+    def move_example(self, path: Path, row: int, to_name: str) -> None:
+        """Move example ``path`` from class ``row`` to class ``to_name``: one undo step."""
+        to = self.model.row_of(to_name)
+        if to is None or to == row or path not in self.model.spec(row).examples:
+            return
+        src = self.model.spec(row)
+        stack = self.ctl.stack
+        stack.beginMacro(f"Move {path.name} to “{to_name}”")
+        stack.push(SetExamplesCommand(self.model, row, [p for p in src.examples if p != path],
+                                      f"Remove {path.name} from “{src.name}”"))
+        dst = self.model.spec(to).examples
+        if path not in dst:
+            stack.push(SetExamplesCommand(self.model, to, [*dst, path],
+                                          f"Add {path.name} to “{to_name}”"))
+        stack.endMacro()
+        self.ctl.message.emit(f"Moved {path.name} to “{to_name}”")
 
     def _on_changed(self, top, bottom, roles=()) -> None:
         for r in range(top.row(), bottom.row() + 1):
