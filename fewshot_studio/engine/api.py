@@ -22,10 +22,10 @@ UNKNOWN_RULES = ("adaptive", "threshold")
 class LabelSettings:
     """User-facing knobs.
 
-    ``unknown_rule``: how an image becomes ``unknown``. "adaptive" (``label``'s default; here
-    the default stays "threshold" until the app has a control for the rule, as its slider
-    sets ``unknown_threshold``) reads the rule off the support set, from held-out examples
-    (each class's examples left out in turn, up to 5 folds): an image is unknown when its top
+    ``unknown_rule``: how an image becomes ``unknown``. "adaptive" (opt-in: the app's Label >
+    Adaptive unknown rule, ``label --unknown-rule adaptive``) reads the rule off the support
+    set, from held-out examples (each class's examples left out in turn, up to 5 folds): an
+    image is unknown when its top
     logit (the prototypes': how typical of a known class it is) is below what all but
     ``miss_rate`` of the held-out examples reach
     (split-conformal: an image of a known class is missed with probability <= ``miss_rate``),

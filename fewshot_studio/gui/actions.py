@@ -65,6 +65,7 @@ class Actions:
     cancel: QAction
     join_support: QAction
     transductive: QAction
+    adaptive_unknown: QAction
     tta: QAction
     int8: QAction
     accept: QAction
@@ -127,6 +128,11 @@ def build(win: MainWindow) -> Actions:
                           lambda: _toggle(win, "corrections_join_support")),
         transductive=_act(win, "&Transductive refinement",
                           lambda: _toggle(win, "transductive")),
+        adaptive_unknown=_act(win, "&Adaptive unknown rule", lambda: _toggle_unknown_rule(win),
+                              tip="Read which images are unknown off your class examples "
+                                  "(each held out in turn) instead of the Unknown below "
+                                  "threshold; with one example a class the threshold "
+                                  "still applies"),
         tta=_act(win, "Test-time &augmentation", lambda: _toggle(win, "tta"),
                  tip="Average each image's features over slightly changed copies of it "
                      "(small warps for characters, the mirror image for photos): more "
@@ -147,7 +153,7 @@ def build(win: MainWindow) -> Actions:
         recent_menu=QMenu("Open &recent", win),
     )
     a.cancel.setEnabled(False)
-    for t in (a.join_support, a.transductive, a.tta, a.int8):
+    for t in (a.join_support, a.transductive, a.adaptive_unknown, a.tta, a.int8):
         t.setCheckable(True)
     mb = win.menuBar()
     f = mb.addMenu("&File")
@@ -181,6 +187,7 @@ def build(win: MainWindow) -> Actions:
     lm.addSeparator()
     lm.addAction(a.join_support)
     lm.addAction(a.transductive)
+    lm.addAction(a.adaptive_unknown)
     lm.addAction(a.tta)
     lm.addAction(a.int8)
     rm = mb.addMenu("&Review")
@@ -205,6 +212,14 @@ def _toggle(win: MainWindow, field: str) -> None:
     win.project.mark_dirty()
     if field == "corrections_join_support":
         win.update_corrected_counts()
+
+
+def _toggle_unknown_rule(win: MainWindow) -> None:
+    s = win.labeling.settings
+    rule = "threshold" if s.unknown_rule == "adaptive" else "adaptive"
+    win.labeling.set_settings(replace(s, unknown_rule=rule))
+    win.toolbar.set_adaptive_rule(rule == "adaptive")
+    win.project.mark_dirty()
 
 
 def _toggle_int8(win: MainWindow) -> None:

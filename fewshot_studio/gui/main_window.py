@@ -335,10 +335,12 @@ class MainWindow(QMainWindow):
         lab = self.labeling
         self.toolbar.set_checkpoints(app_paths.bundled_checkpoints(), lab.checkpoint)
         self.toolbar.set_threshold(lab.settings.unknown_threshold)
+        self.toolbar.set_adaptive_rule(lab.settings.unknown_rule == "adaptive")
         self.toolbar.set_backend("not loaded")
         self.review.set_classes(self.classes.names())
         self.acts.join_support.setChecked(lab.settings.corrections_join_support)
         self.acts.transductive.setChecked(lab.settings.transductive)
+        self.acts.adaptive_unknown.setChecked(lab.settings.unknown_rule == "adaptive")
         self.acts.tta.setChecked(lab.settings.tta)
         self.acts.int8.setChecked(lab.settings.precision == "int8")
         actions.fill_recent(self)

@@ -139,7 +139,7 @@ class DetailPane(QWidget):
             self.verdict.setText(f"<b>{pred.label}</b> &nbsp;<span style='color:{t.ok}'>"
                                  "✓ corrected by you</span>")
         elif pred.status == Status.UNKNOWN:
-            self.verdict.setText("<b>Unknown</b>: below the confidence threshold "
+            self.verdict.setText("<b>Unknown</b>: not confident enough to label "
                                  f"(best guess {pred.top[0][0] if pred.top else '-'}).")
         else:
             self.verdict.setText(f"<b>{pred.label}</b> &nbsp; {pred.confidence:.1%} confident, "

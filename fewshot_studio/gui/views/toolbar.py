@@ -47,6 +47,12 @@ class PopupOnlyComboBox(QComboBox):
         e.ignore()
 
 
+THRESHOLD_TIP = "Predictions less confident than this are marked unknown"
+ADAPTIVE_TIP = ("Label > Adaptive unknown rule is on: which images are unknown is read off "
+                "your class examples (held out in turn), not set here. With one example a "
+                "class nothing can be held out, and this threshold still applies.")
+
+
 class MainToolBar(QToolBar):
     """``checkpoint_chosen(name_or_path)``, ``open_checkpoint_requested``,
     ``threshold_changed(float)`` (debounced)."""
@@ -80,12 +86,13 @@ class MainToolBar(QToolBar):
             btn.setObjectName("labelButton")
             btn.setFocusPolicy(Qt.FocusPolicy.NoFocus)  # Ctrl+L; the keys stay in the gallery
         self.addSeparator()
-        self.addWidget(_caption("Unknown below"))
+        self.threshold_caption = _caption("Unknown below")
+        self.addWidget(self.threshold_caption)
         self.threshold = QSlider(Qt.Orientation.Horizontal)
         self.threshold.setObjectName("thresholdSlider")
         self.threshold.setRange(0, 100)
         self.threshold.setFixedWidth(140)
-        self.threshold.setToolTip("Predictions less confident than this are marked unknown")
+        self.threshold.setToolTip(THRESHOLD_TIP)
         self.threshold.setFocusPolicy(Qt.FocusPolicy.ClickFocus)
         self.threshold_value = QLabel()
         self.threshold_value.setObjectName("thresholdValue")
@@ -150,6 +157,14 @@ class MainToolBar(QToolBar):
         self.threshold.setValue(round(value * 100))
         self.threshold.blockSignals(False)
         self.threshold_value.setText(f"{value:.0%}")
+
+    def set_adaptive_rule(self, on: bool) -> None:
+        """Label > Adaptive unknown rule: the rule is read off the class examples, so the
+        threshold slider is disabled (its tooltip says why); off: the slider is the rule."""
+        tip = ADAPTIVE_TIP if on else THRESHOLD_TIP
+        for w in (self.threshold_caption, self.threshold, self.threshold_value):
+            w.setEnabled(not on)
+            w.setToolTip(tip)
 
     def _on_slider(self, v: int) -> None:
         self.threshold_value.setText(f"{v}%")
