@@ -168,3 +168,18 @@ def corrupt_sqlite_pages(path: Path, pages: range = range(2, 5)) -> None:
     for page in pages:
         data[(page - 1) * size:page * size] = b"\xa5" * size
     path.write_bytes(bytes(data))
+
+
+def deny_listing(monkeypatch: pytest.MonkeyPatch, folder: Path) -> None:
+    """Make listing ``folder`` fail as it does for a folder without read permission (chmod
+    does not stop root, who runs the tests)."""
+    import errno
+
+    real = os.scandir
+
+    def scandir(path: object = ".") -> object:
+        if os.path.abspath(os.fspath(path)) == str(folder):  # type: ignore[arg-type]
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), os.fspath(path))
+        return real(path)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "scandir", scandir)

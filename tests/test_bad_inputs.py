@@ -27,6 +27,7 @@ from bad_input_helpers import (
     LabelEnv,
     cache_disk_full,
     corrupt_sqlite_pages,
+    deny_listing,
     peak_rss_bytes,
     run_cli,
     snapshot,
@@ -241,19 +242,6 @@ def test_outputs_destination_inside_query_is_not_labeled_again(
     assert {k: v for k, v in after.items() if not k.startswith(str(dest))} == before
 
 
-def _deny(monkeypatch: pytest.MonkeyPatch, folder: Path) -> None:
-    """Make listing ``folder`` fail as it does for a folder without read permission (chmod
-    does not stop root, who runs the tests)."""
-    real = os.scandir
-
-    def scandir(path: object = ".") -> object:
-        if os.path.abspath(os.fspath(path)) == str(folder):  # type: ignore[arg-type]
-            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), os.fspath(path))
-        return real(path)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(os, "scandir", scandir)
-
-
 def test_outputs_unreadable_sub_folder_is_an_error_row(
         env: LabelEnv, shared: LabelEnv, capsys: pytest.CaptureFixture[str],
         monkeypatch: pytest.MonkeyPatch) -> None:
@@ -261,7 +249,7 @@ def test_outputs_unreadable_sub_folder_is_an_error_row(
     locked.mkdir()
     colour_image("red", 7).save(locked / "a.png")
     before = snapshot(env.support, env.query)
-    _deny(monkeypatch, locked)
+    deny_listing(monkeypatch, locked)
     out = env.root / "labels.csv"
     r = run_cli(capsys, *_args(env, shared, out))
     assert r.code == 1
@@ -271,7 +259,7 @@ def test_outputs_unreadable_sub_folder_is_an_error_row(
     assert rows["locked"]["status"] == "error"
     assert rows["locked"]["error"] == "cannot read folder: Permission denied"
     assert "locked/a.png" not in rows
-    _deny(monkeypatch, env.query)  # the query folder itself: refused
+    deny_listing(monkeypatch, env.query)  # the query folder itself: refused
     r = run_cli(capsys, *_args(env, shared, env.root / "other.csv"))
     assert r.code == 2 and f"error: cannot read folder {env.query}: Permission denied" in r.err
     monkeypatch.undo()
@@ -373,7 +361,7 @@ def test_outputs_unreadable_support_folder_is_refused(
     locked.mkdir()
     colour_image("red", 8).save(locked / "a.png")
     before = snapshot(env.support, env.query)
-    _deny(monkeypatch, locked)
+    deny_listing(monkeypatch, locked)
     out = env.root / "labels.csv"
     r = run_cli(capsys, *_args(env, shared, out))
     assert r.code == 2

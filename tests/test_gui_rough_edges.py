@@ -385,3 +385,25 @@ def test_demo_opens_labeled_without_pressing_label(qtbot, monkeypatch: pytest.Mo
     code = gui_app.run_app(argparse.Namespace(demo=True, screenshot=None, project=None))
     assert code == 0 and "error" not in seen, seen
     assert seen.get("labeled", 0) >= 60  # every demo image, no Label press
+
+
+def test_an_unreadable_sub_folder_is_reported_not_skipped_silently(
+        qtbot, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """As in the CLI (an error row there): the app names the sub-folder it could not read."""
+    from bad_input_helpers import deny_listing
+
+    query = tmp_path / "query"
+    for i in range(3):
+        make_image(query / f"img_{i:03d}.png", (20 * i, 90, 160), i, size=24)
+    locked = query / "locked"
+    make_image(locked / "img_100.png", (200, 90, 160), 100, size=24)
+    deny_listing(monkeypatch, locked)
+    w = shown_window(qtbot, session_factory=FakeSession)
+    warnings: list[str] = []
+    w.labeling.scan_warning.connect(warnings.append)
+    w.labeling.set_query_folder(query)
+    qtbot.waitUntil(lambda: bool(warnings), timeout=10_000)
+    assert w.gallery_model.rowCount() == 3
+    assert str(locked) in warnings[0] and "Permission denied" in warnings[0]
+    assert str(locked) in w.statusBar().currentMessage()
+    w.close()

@@ -172,6 +172,7 @@ class MainWindow(QMainWindow):
         lab.relabeled.connect(self._on_relabeled)
         lab.scanned.connect(self._on_scanned)
         lab.restored.connect(self._on_restored)
+        lab.scan_warning.connect(lambda text: self.statusBar().showMessage(text, 20000))
         lab.checkpoint_checked.connect(self._on_checkpoint_checked)
         lab.backend_changed.connect(tb.set_backend)
         lab.failed.connect(self.report)

@@ -38,6 +38,7 @@ from typing import Any, Protocol
 
 from PySide6.QtCore import QObject, QThreadPool, QTimer, Signal
 
+from fewshot_studio.data.scan import QueryScan
 from fewshot_studio.engine.api import LabelSettings, Prediction, Status
 from fewshot_studio.errors import UserError
 from fewshot_studio.gui import project_io as pio
@@ -80,10 +81,19 @@ def _default_factory(checkpoint: str, settings: LabelSettings, cache_path: Path 
     return LabelingSession(checkpoint, settings=settings, cache_path=cache_path)
 
 
-def _scan(root: Path, recursive: bool) -> list[Path]:
+def _scan(root: Path, recursive: bool) -> QueryScan:
     from fewshot_studio.data.scan import scan_images
 
     return scan_images(root, recursive=recursive)
+
+
+def unreadable_note(scan: QueryScan) -> str:
+    """A status line naming the sub-folders a scan could not read ("" when none)."""
+    if not scan.unreadable:
+        return ""
+    folder, reason = scan.unreadable[0]
+    more = f" and {len(scan.unreadable) - 1} more" if len(scan.unreadable) > 1 else ""
+    return f"Cannot read folder {folder} ({reason}){more}: its images are not in the gallery"
 
 
 def _checkpoint_id(checkpoint: str, cache_path: Path | None) -> str:
@@ -141,6 +151,7 @@ class LabelingController(QObject):
     corrections_changed = Signal()
     reviewed_changed = Signal()  # review marks changed (accept, correction, undo, reset)
     restored = Signal(int, str)  # saved predictions shown after a scan: count, status line
+    scan_warning = Signal(str)  # sub-folders of the query folder that could not be read
     # Label pressed before the job is set up: what is missing, of "classes" (at least two,
     # each with an example), "images" (a query folder with images), "model" (a checkpoint)
     setup_needed = Signal(list)
@@ -356,7 +367,7 @@ class LabelingController(QObject):
         ident = _checkpoint_id(checkpoint, cache_path)
         return paths, (ident, *_current(saved, on_disk, ident))
 
-    def _on_scanned(self, gen: int, result: tuple[list[Path], Any],
+    def _on_scanned(self, gen: int, result: tuple[QueryScan, Any],
                     checkpoint: str | None = None) -> None:
         if gen != self._scan_gen:
             return  # a later folder (or project) replaced this one
@@ -375,6 +386,8 @@ class LabelingController(QObject):
             self._pred_id, self._stamps = ident, stamps
             self._restored = bool(fixed)
         self.scanned.emit(len(paths))
+        if warning := unreadable_note(paths):
+            self.scan_warning.emit(warning)
         if note:
             self.restored.emit(len(fixed), note)
         if self._label_on_scan:
