@@ -245,9 +245,9 @@ class LabelingController(QObject):
         """Read and verify checkpoint ``name`` in the background (metadata, the weights' names
         and shapes, finite values): ``checkpoint_checked(name, error)`` reports it, so a broken
         file is named when it is chosen, not at the next Label."""
-        w = self._job(self._check_job, name, pool=QThreadPool.globalInstance())
-        w.signals.finished.connect(lambda err: self.checkpoint_checked.emit(name, err or ""))
-        return w
+        # connected before the job starts: a quick failure must not finish unheard
+        return self._job(self._check_job, name, pool=QThreadPool.globalInstance(),
+                         on_done=lambda err: self.checkpoint_checked.emit(name, err or ""))
 
     @staticmethod
     def _check_job(name: str) -> Iterator[Progress]:
