@@ -144,3 +144,44 @@ class FakeSession:
 
     def close(self) -> None:
         pass
+
+
+def wait_idle(qtbot, w) -> None:
+    """Wait until the window's engine thread is idle, with no run or relabel pending, then let
+    the queued result signals land."""
+    lab = w.labeling
+    qtbot.waitUntil(lambda: lab.pool.activeThreadCount() == 0 and not lab.busy
+                    and not lab._relabel_timer.isActive(), timeout=30_000)
+    qtbot.wait(50)
+
+
+def label_and_wait(qtbot, w) -> None:
+    """Press Label and wait for the run to finish and its results to land."""
+    with qtbot.waitSignal(w.labeling.run_finished, timeout=60_000):
+        assert w.labeling.label() is not None
+    wait_idle(qtbot, w)
+
+
+def drop_urls(target, paths) -> bool:
+    """Send DragEnter, DragMove and Drop with ``paths`` as URLs (what a file manager sends)
+    to ``target``; True if each was accepted (False at the first refusal)."""
+    from PySide6.QtCore import QMimeData, QPoint, QPointF, Qt, QUrl
+    from PySide6.QtGui import QDragEnterEvent, QDragMoveEvent, QDropEvent
+    from PySide6.QtWidgets import QApplication
+
+    mime = QMimeData()
+    mime.setUrls([QUrl.fromLocalFile(str(p)) for p in paths])
+    pos = QPoint(target.width() // 2, target.height() // 2)
+    act = Qt.DropAction.CopyAction
+    btn, mod = Qt.MouseButton.LeftButton, Qt.KeyboardModifier.NoModifier
+    enter = QDragEnterEvent(pos, act, mime, btn, mod)
+    QApplication.sendEvent(target, enter)
+    if not enter.isAccepted():
+        return False
+    move = QDragMoveEvent(pos, act, mime, btn, mod)
+    QApplication.sendEvent(target, move)
+    if not move.isAccepted():
+        return False
+    drop = QDropEvent(QPointF(pos), act, mime, btn, mod)
+    QApplication.sendEvent(target, drop)
+    return drop.isAccepted()

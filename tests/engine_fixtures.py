@@ -104,3 +104,18 @@ def odd_names() -> list[str]:
     from fixtures_data import odd_file_bytes
 
     return [f"odd/{n}" for n in sorted(odd_file_bytes())]
+
+
+def sample_predictions(root: Path) -> list:
+    """Four predictions under ``root`` for the export tests: ok, unknown (a unicode name in a
+    sub-folder), error and corrected, not in path order."""
+    from fewshot_studio.engine.api import Prediction, Status
+
+    top = (("cat", 0.7), ("dog", 0.2), ("bird", 0.1))
+    return [
+        Prediction(root / "z.jpg", "cat", 0.7, 0.5, Status.OK, top),
+        Prediction(root / "a" / "ünï 图.png", None, 0.4, 0.1, Status.UNKNOWN,
+                   (("dog", 0.4), ("cat", 0.3), ("bird", 0.3))),
+        Prediction(root / "b.jpg", None, 0.0, 0.0, Status.ERROR, (), "truncated file"),
+        Prediction(root / "c.jpg", "dog", 1.0, 1.0, Status.OK, top, "", True),
+    ]

@@ -8,26 +8,16 @@ import os
 from pathlib import Path
 
 import pytest
+from engine_fixtures import sample_predictions
 
 from fewshot_studio.engine import export
 from fewshot_studio.engine.api import Prediction, Status
 from fewshot_studio.errors import UserError
 
 
-def _preds(root: Path) -> list[Prediction]:
-    top = (("cat", 0.7), ("dog", 0.2), ("bird", 0.1))
-    return [
-        Prediction(root / "z.jpg", "cat", 0.7, 0.5, Status.OK, top),
-        Prediction(root / "a" / "ünï 图.png", None, 0.4, 0.1, Status.UNKNOWN,
-                   (("dog", 0.4), ("cat", 0.3), ("bird", 0.3))),
-        Prediction(root / "b.jpg", None, 0.0, 0.0, Status.ERROR, (), "truncated file"),
-        Prediction(root / "c.jpg", "dog", 1.0, 1.0, Status.OK, top, "", True),
-    ]
-
-
 def test_csv_rows_sorted_relative_utf8(tmp_path: Path) -> None:
     root = tmp_path / "q"
-    out = export.write_csv(_preds(root), tmp_path / "labels.csv", root)
+    out = export.write_csv(sample_predictions(root), tmp_path / "labels.csv", root)
     text = out.read_text(encoding="utf-8")
     assert text.splitlines()[0] == ",".join(export.CSV_COLUMNS)
     rows = export.read_csv(out)
@@ -40,14 +30,14 @@ def test_csv_rows_sorted_relative_utf8(tmp_path: Path) -> None:
     assert corrected["corrected"] == "true" and corrected["label"] == "dog"
     assert ok["label"] == "cat" and float(ok["margin"]) == pytest.approx(0.5)
     assert ok["corrected"] == "false"
-    absolute = export.read_csv(export.write_csv(_preds(root), tmp_path / "abs.csv", root,
-                                                absolute_paths=True))
+    absolute = export.read_csv(export.write_csv(sample_predictions(root), tmp_path / "abs.csv",
+                                                root, absolute_paths=True))
     assert absolute[3]["path"] == str(root / "z.jpg")
 
 
 def test_json_carries_the_same_fields(tmp_path: Path) -> None:
     root = tmp_path / "q"
-    doc = json.loads(export.write_json(_preds(root), tmp_path / "l.json", root)
+    doc = json.loads(export.write_json(sample_predictions(root), tmp_path / "l.json", root)
                      .read_text(encoding="utf-8"))
     assert doc["columns"] == list(export.CSV_COLUMNS)
     rows = doc["rows"]
@@ -60,7 +50,7 @@ def test_json_carries_the_same_fields(tmp_path: Path) -> None:
 def test_write_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     root = tmp_path / "q"
     out = tmp_path / "labels.csv"
-    export.write_csv(_preds(root)[:1], out, root)
+    export.write_csv(sample_predictions(root)[:1], out, root)
     old = out.read_bytes()
     calls = {"n": 0}
     real = export.row_values
@@ -73,10 +63,10 @@ def test_write_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
 
     monkeypatch.setattr(export, "row_values", failing)
     with pytest.raises(KeyboardInterrupt):
-        export.write_csv(_preds(root), out, root)
+        export.write_csv(sample_predictions(root), out, root)
     calls["n"] = 0
     with pytest.raises(KeyboardInterrupt):
-        export.write_json(_preds(root), tmp_path / "labels.json", root)
+        export.write_json(sample_predictions(root), tmp_path / "labels.json", root)
     assert out.read_bytes() == old
     assert sorted(p.name for p in tmp_path.iterdir()) == ["labels.csv"]  # no temp litter
 
@@ -134,9 +124,9 @@ def test_check_output_refuses_files_it_did_not_write(tmp_path: Path) -> None:
             export.check_output(path)
         assert str(path) in str(e.value) and "\n" not in str(e.value)
         with pytest.raises(UserError, match="not a labels file"):  # the GUI's path too
-            export.write_csv(_preds(root), path, root)
+            export.write_csv(sample_predictions(root), path, root)
         with pytest.raises(UserError, match="not a labels file"):
-            export.write_json(_preds(root), path, root)
+            export.write_json(sample_predictions(root), path, root)
         assert path.read_bytes() == before
     with pytest.raises(UserError, match="one of the input images"):
         export.check_output(image, [tmp_path / "other.png", image])
@@ -146,11 +136,11 @@ def test_check_output_refuses_files_it_did_not_write(tmp_path: Path) -> None:
         export.check_output(fifo)
     assert not export.is_labels_file(fifo)  # never blocks on a FIFO
     # our own previous outputs (either format) may be replaced
-    csv_out = export.write_csv(_preds(root), tmp_path / "labels.csv", root)
-    assert export.write_csv(_preds(root)[:1], csv_out, root) == csv_out
-    json_out = export.write_json(_preds(root), tmp_path / "labels.json", root)
-    assert export.write_csv(_preds(root), json_out, root) == json_out
-    assert export.write_json(_preds(root), tmp_path / "labels.json", root) == json_out
+    csv_out = export.write_csv(sample_predictions(root), tmp_path / "labels.csv", root)
+    assert export.write_csv(sample_predictions(root)[:1], csv_out, root) == csv_out
+    json_out = export.write_json(sample_predictions(root), tmp_path / "labels.json", root)
+    assert export.write_csv(sample_predictions(root), json_out, root) == json_out
+    assert export.write_json(sample_predictions(root), tmp_path / "labels.json", root) == json_out
     assert export.check_output(tmp_path / "new.csv") == tmp_path / "new.csv"
 
 
@@ -362,7 +352,7 @@ def test_read_labels_csv(tmp_path: Path) -> None:
     assert export.read_labels_csv(f, root) == [(root / "a" / "1.jpg", "cat"),
                                                (root / "c.jpg", "dog")]
     ours = export.write_csv([Prediction(root / "=x.jpg", "@odd", 0.9, 0.5, Status.OK, ()),
-                             *_preds(root)], tmp_path / "ours.csv", root)
+                             *sample_predictions(root)], tmp_path / "ours.csv", root)
     assert export.read_labels_csv(ours, root) == [
         (root / "=x.jpg", "@odd"), (root / "c.jpg", "dog"), (root / "z.jpg", "cat")]
     f.write_text("just-a-path\n", encoding="utf-8")

@@ -8,16 +8,12 @@ import pytest
 
 pytest.importorskip("pytestqt")
 
-from _gui_helpers import make_dataset, make_image, shown_window
-from PySide6.QtCore import QMimeData, QPoint, QPointF, Qt, QUrl
+from _gui_helpers import drop_urls, make_dataset, make_image, shown_window
+from PySide6.QtCore import Qt
 from PySide6.QtGui import (
-    QDragEnterEvent,
-    QDragMoveEvent,
-    QDropEvent,
     QGuiApplication,
     QImage,
 )
-from PySide6.QtWidgets import QApplication, QWidget
 
 from fewshot_studio.gui import actions
 from fewshot_studio.gui.main_window import MainWindow
@@ -32,23 +28,6 @@ def win(qtbot):
     yield w
     w.close()
 
-
-def drop_urls(target: QWidget, paths: list[Path]) -> bool:
-    """Send DragEnter, DragMove and Drop with ``paths`` as URLs; True if the drop was
-    accepted."""
-    mime = QMimeData()
-    mime.setUrls([QUrl.fromLocalFile(str(p)) for p in paths])
-    pos = QPoint(target.width() // 2, target.height() // 2)
-    act = Qt.DropAction.CopyAction
-    btn, mod = Qt.MouseButton.LeftButton, Qt.KeyboardModifier.NoModifier
-    enter = QDragEnterEvent(pos, act, mime, btn, mod)
-    QApplication.sendEvent(target, enter)
-    if not enter.isAccepted():
-        return False
-    QApplication.sendEvent(target, QDragMoveEvent(pos, act, mime, btn, mod))
-    drop = QDropEvent(QPointF(pos), act, mime, btn, mod)
-    QApplication.sendEvent(target, drop)
-    return drop.isAccepted()
 
 
 def test_drop_files_and_folder_onto_card(qtbot, win: MainWindow, tmp_path: Path) -> None:

@@ -17,6 +17,7 @@ pytest.importorskip("pytestqt")
 
 from _gui_helpers import FakeSession as BaseFakeSession
 from _gui_helpers import make_image, shown_window
+from _gui_helpers import wait_idle as _idle
 from PySide6.QtCore import QPoint, Qt
 from PySide6.QtGui import QColor, QImage
 from PySide6.QtWidgets import (
@@ -112,10 +113,6 @@ def win(qtbot, styled: QApplication, images: dict) -> Iterator[MainWindow]:
     yield w
     w.close()
 
-
-def _idle(qtbot, w: MainWindow) -> None:
-    qtbot.waitUntil(lambda: w.labeling.pool.activeThreadCount() == 0, timeout=20_000)
-    qtbot.wait(30)  # let queued result signals land
 
 
 def _settle(qtbot, w: MainWindow, size: tuple[int, int]) -> QImage:

@@ -16,7 +16,9 @@ import pytest
 pytest.importorskip("pytestqt")
 
 from _gui_helpers import FakeSession as BaseFakeSession
+from _gui_helpers import label_and_wait as _label
 from _gui_helpers import make_image, shown_window
+from _gui_helpers import wait_idle as _idle
 from PySide6.QtCore import QItemSelectionModel, QPoint, QPointF, Qt
 from PySide6.QtGui import QImage, QPainter, QWheelEvent
 from PySide6.QtWidgets import QApplication, QLineEdit
@@ -87,15 +89,6 @@ def win(qtbot, raw_win: MainWindow, images: dict) -> MainWindow:
     return raw_win
 
 
-def _label(qtbot, w: MainWindow) -> None:
-    with qtbot.waitSignal(w.labeling.run_finished, timeout=60_000):
-        assert w.labeling.label() is not None
-    _idle(qtbot, w)
-
-
-def _idle(qtbot, w: MainWindow) -> None:
-    qtbot.waitUntil(lambda: w.labeling.pool.activeThreadCount() == 0, timeout=20_000)
-    qtbot.wait(30)  # let queued result signals land
 
 
 def _shown(w: MainWindow) -> list[Path]:

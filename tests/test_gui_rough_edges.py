@@ -17,10 +17,11 @@ import pytest
 pytest.importorskip("pytestqt")
 
 from _gui_helpers import FakeSession as BaseFakeSession
-from _gui_helpers import make_image, shown_window
-from PySide6.QtCore import QMimeData, QPoint, QPointF, Qt, QUrl
-from PySide6.QtGui import QDragEnterEvent, QDragMoveEvent, QDropEvent
-from PySide6.QtWidgets import QApplication, QWidget
+from _gui_helpers import drop_urls, make_image, shown_window
+from _gui_helpers import label_and_wait as _label
+from _gui_helpers import wait_idle as _idle
+from PySide6.QtCore import Qt
+from PySide6.QtWidgets import QApplication
 
 from fewshot_studio.engine.api import BackendInfo, Prediction, Status
 from fewshot_studio.gui import project_io as pio
@@ -84,36 +85,7 @@ def _open(qtbot, w: MainWindow, images: dict, checkpoint: str = "fake") -> None:
     qtbot.waitUntil(lambda: w.gallery_model.rowCount() == 12, timeout=10_000)
 
 
-def _label(qtbot, w: MainWindow) -> None:
-    with qtbot.waitSignal(w.labeling.run_finished, timeout=60_000):
-        assert w.labeling.label() is not None
-    _idle(qtbot, w)
 
-
-def _idle(qtbot, w: MainWindow) -> None:
-    qtbot.waitUntil(lambda: w.labeling.pool.activeThreadCount() == 0, timeout=20_000)
-    qtbot.wait(30)  # let queued result signals land
-
-
-def drop_urls(target: QWidget, paths: list[Path]) -> bool:
-    """Send DragEnter, DragMove and Drop with ``paths`` as URLs (what a file manager sends);
-    True if each was accepted."""
-    mime = QMimeData()
-    mime.setUrls([QUrl.fromLocalFile(str(p)) for p in paths])
-    pos = QPoint(target.width() // 2, target.height() // 2)
-    act = Qt.DropAction.CopyAction
-    btn, mod = Qt.MouseButton.LeftButton, Qt.KeyboardModifier.NoModifier
-    enter = QDragEnterEvent(pos, act, mime, btn, mod)
-    QApplication.sendEvent(target, enter)
-    if not enter.isAccepted():
-        return False
-    move = QDragMoveEvent(pos, act, mime, btn, mod)
-    QApplication.sendEvent(target, move)
-    if not move.isAccepted():
-        return False
-    drop = QDropEvent(QPointF(pos), act, mime, btn, mod)
-    QApplication.sendEvent(target, drop)
-    return drop.isAccepted()
 
 
 # -- 1. a folder dropped on the gallery --------------------------------------------------------

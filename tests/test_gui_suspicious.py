@@ -16,6 +16,7 @@ import pytest
 pytest.importorskip("pytestqt")
 
 from _gui_helpers import FakeSession, make_image, shown_window
+from _gui_helpers import wait_idle as _idle
 from PySide6.QtCore import Qt
 from PySide6.QtWidgets import QMenu
 
@@ -70,11 +71,6 @@ def win(qtbot, images: dict) -> MainWindow:
     yield w
     w.close()
 
-
-def _idle(qtbot, w: MainWindow) -> None:
-    qtbot.waitUntil(lambda: w.labeling.pool.activeThreadCount() == 0
-                    and not w.labeling._relabel_timer.isActive(), timeout=20_000)
-    qtbot.wait(30)  # let queued result signals land
 
 
 def _card(w: MainWindow, name: str) -> ClassCard:

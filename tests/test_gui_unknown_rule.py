@@ -17,6 +17,8 @@ import pytest
 pytest.importorskip("pytestqt")
 
 from _gui_helpers import FakeSession, make_image, shown_window
+from _gui_helpers import label_and_wait as _label
+from _gui_helpers import wait_idle as _idle
 
 from fewshot_studio.engine.api import LabelSettings, Prediction, Status
 from fewshot_studio.gui import project_io as pio
@@ -72,16 +74,6 @@ def win(qtbot, images: dict) -> MainWindow:
     w.close()
 
 
-def _label(qtbot, w: MainWindow) -> None:
-    with qtbot.waitSignal(w.labeling.run_finished, timeout=30_000):
-        assert w.labeling.label() is not None
-    _idle(qtbot, w)
-
-
-def _idle(qtbot, w: MainWindow) -> None:
-    qtbot.waitUntil(lambda: w.labeling.pool.activeThreadCount() == 0 and not w.labeling.busy,
-                    timeout=20_000)
-    qtbot.wait(30)  # let queued result signals land
 
 
 def _unknown(w: MainWindow) -> int:

@@ -24,11 +24,10 @@ from typing import Any
 from urllib.parse import unquote
 
 import pytest
-from engine_fixtures import make_checkpoint, make_label_folders
+from engine_fixtures import make_checkpoint, make_label_folders, sample_predictions
 
 from fewshot_studio.cli import main
 from fewshot_studio.engine import export
-from fewshot_studio.engine.api import Prediction, Status
 from fewshot_studio.errors import UserError
 
 # The labeling config a Label Studio project needs for our predictions (README).
@@ -86,23 +85,13 @@ def fiftyone_media_map(data_path: Path) -> dict[str, Path]:
             for p in data_path.rglob("*") if p.is_file()}
 
 
-def _preds(root: Path) -> list[Prediction]:
-    top = (("cat", 0.7), ("dog", 0.2), ("bird", 0.1))
-    return [
-        Prediction(root / "z.jpg", "cat", 0.7, 0.5, Status.OK, top),
-        Prediction(root / "a" / "ünï 图.png", None, 0.4, 0.1, Status.UNKNOWN,
-                   (("dog", 0.4), ("cat", 0.3), ("bird", 0.3))),
-        Prediction(root / "b.jpg", None, 0.0, 0.0, Status.ERROR, (), "truncated file"),
-        Prediction(root / "c.jpg", "dog", 1.0, 1.0, Status.OK, top, "", True),
-    ]
-
 
 def test_labelstudio_tasks(tmp_path: Path) -> None:
     """One task per row (sorted by path); labeled rows carry one choices prediction with the
     confidence as score; unknown and error rows none; the image is a local-files URL; every
     CSV field is in ``data``."""
     root = tmp_path / "q"
-    out = export.write_labelstudio(_preds(root), tmp_path / "ls.json", root,
+    out = export.write_labelstudio(sample_predictions(root), tmp_path / "ls.json", root,
                                    model_version="natural-protonet")
     doc = json.loads(out.read_text(encoding="utf-8"))
     check_labelstudio_tasks(doc, {"cat", "dog", "bird"})
@@ -119,8 +108,9 @@ def test_labelstudio_tasks(tmp_path: Path) -> None:
     url = unknown["data"]["image"]
     assert url.startswith("/data/local-files/?d=") and " " not in url
     assert unquote(url.split("?d=", 1)[1]) == "a/ünï 图.png"
-    absolute = json.loads(export.write_labelstudio(_preds(root), tmp_path / "abs.json", root,
-                                                   absolute_paths=True).read_text("utf-8"))
+    absolute = json.loads(export.write_labelstudio(
+        sample_predictions(root), tmp_path / "abs.json", root,
+        absolute_paths=True).read_text("utf-8"))
     assert unquote(absolute[3]["data"]["image"].split("?d=", 1)[1]) == str(
         root / "z.jpg").lstrip("/")
 
@@ -130,10 +120,10 @@ def test_fiftyone_labels(tmp_path: Path) -> None:
     map of the query folder; targets are class indices with the confidence, null for
     unknown and error rows."""
     root = tmp_path / "q"
-    for p in _preds(root):
+    for p in sample_predictions(root):
         p.path.parent.mkdir(parents=True, exist_ok=True)
         p.path.write_bytes(b"x")
-    out = export.write_fiftyone(_preds(root), tmp_path / "labels.json", root,
+    out = export.write_fiftyone(sample_predictions(root), tmp_path / "labels.json", root,
                                 classes=["dog", "bird"])
     doc = json.loads(out.read_text(encoding="utf-8"))
     check_fiftyone_labels(doc)
@@ -151,20 +141,20 @@ def test_new_formats_replace_only_their_own_files(tmp_path: Path) -> None:
     root = tmp_path / "q"
     for name, write in (("ls.json", export.write_labelstudio),
                         ("fo.json", export.write_fiftyone)):
-        out = write(_preds(root), tmp_path / name, root)
+        out = write(sample_predictions(root), tmp_path / name, root)
         assert export.is_labels_file(out)
-        assert write(_preds(root)[:1], out, root) == out
-        assert export.write_csv(_preds(root), out, root) == out
+        assert write(sample_predictions(root)[:1], out, root) == out
+        assert export.write_csv(sample_predictions(root), out, root) == out
     theirs = tmp_path / "tasks.json"
     for text in ('[{"data": {"image": "x.jpg"}}]\n', '{"classes": [], "labels": {}}\n'):
         theirs.write_text(text)
         for write in (export.write_labelstudio, export.write_fiftyone):
             with pytest.raises(UserError, match="will not overwrite"):
-                write(_preds(root), theirs, root)
+                write(sample_predictions(root), theirs, root)
         assert theirs.read_text() == text
     empty = tmp_path / "empty.json"
     empty.write_text("[]\n")
-    assert export.write_labelstudio(_preds(root), empty, root) == empty
+    assert export.write_labelstudio(sample_predictions(root), empty, root) == empty
 
 
 @pytest.fixture(scope="module")
