@@ -443,7 +443,7 @@ def omniglot_eval(ctx: Ctx, name: str, ckpt: Path, classes: str | None = None,
 
     data = list(data or [omniglot("evaluation")])
     loaded = load_checkpoint(ckpt)
-    refines = loaded.build("cpu").can_refine
+    refines = loaded.build("cpu").supports_refinement
     recorded = label + (f" [{Path(classes).stem}]" if classes else "")
     for _, key_label, extra in eval_variants(recorded):
         if (not extra and not plain) or ("--transductive" in extra and not refines):

@@ -431,10 +431,10 @@ def _clusters(seed: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     return sx, torch.tensor([0, 1]), qx, qy
 
 
-def test_can_refine_exactly_for_anil() -> None:
-    assert _maml(anil=True).can_refine
+def test_supports_refinement_exactly_for_anil() -> None:
+    assert _maml(anil=True).supports_refinement
     full = _maml()
-    assert not full.can_refine
+    assert not full.supports_refinement
     x = torch.randn(4, 1, 14, 14, dtype=DT)
     with torch.no_grad(), pytest.raises(ValueError, match="ANIL"):
         full.eval().fit(x[:2], torch.tensor([0, 1])).refine(x[2:])
@@ -559,7 +559,7 @@ def test_labeling_session_refines_anil_predictions(tmp_path: Path) -> None:
     with LabelingSession(ckpt, settings, cache_path=tmp_path / "cache.sqlite") as s:
         s.set_support(support)
         list(s.run(queries))
-        assert s.model.can_refine and s.counters.extra["transductive"] == 1
+        assert s.model.supports_refinement and s.counters.extra["transductive"] == 1
         refined = s.predictions()
         plain = s.set_settings(replace(settings, transductive=False))
     assert any(abs(a.confidence - b.confidence) > 1e-6

@@ -159,6 +159,6 @@ def test_transductive_refine_moves_class_means_towards_their_queries() -> None:
         assert not torch.allclose(refined.class_features, pred.class_features)
         assert refined(query).shape == (9, 3)
     summed = _model(aggregate="sum")
-    assert model.can_refine and not summed.can_refine
+    assert model.supports_refinement and not summed.supports_refinement
     with pytest.raises(ValueError, match="mean"):
         summed.fit(feats, labels).refine(query)

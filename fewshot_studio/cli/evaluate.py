@@ -174,7 +174,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--unknown-threshold must be in [0, 1], got {args.unknown_threshold}")
     path, ckpt, model, images, device = load_for_episodes(args)
     args.tta = effective_views(args.tta, tta_kind(ckpt.preprocess)) if args.tta > 1 else 0
-    if args.transductive and not model.can_refine:
+    if args.transductive and not model.supports_refinement:
         raise UserError(f"--transductive: this {model.method_name} checkpoint has no "
                         "transductive refinement (ProtoNet, mean-aggregate Relation "
                         "Network and ANIL MAML checkpoints have)")

@@ -258,7 +258,7 @@ class PredictionHead:
         predictor = self._adapted.predictor
         self.counters.extra[f"fit_{self._adapted.kind}"] = (
             self.counters.extra.get(f"fit_{self._adapted.kind}", 0) + 1)
-        if (refine_on is not None and len(refine_on) and self.model.can_refine
+        if (refine_on is not None and len(refine_on) and self.model.supports_refinement
                 and self._adapted.kind == "prototypes"):
             with torch.no_grad(), self._head_threads():
                 q = self._store.rows(refine_on)

@@ -36,7 +36,12 @@ class FewShotClassifier(nn.Module, ABC):
     """
 
     method_name: str = ""
-    can_refine: bool = False  # fit()'s predictors have refine() (transductive soft k-means)
+    # -- declared capabilities (read by the engine, the evaluator and the trainer; never
+    # probed): ``supports_refinement``: fit()'s predictors have ``refine()`` (transductive
+    # soft k-means); ``fit_needs_grad``: fit() runs a gradient-based inner loop, so it must
+    # run with autograd enabled; ``embed_is_identity`` (below): embed() returns its input.
+    supports_refinement: bool = False
+    fit_needs_grad: bool = False
     # fit_head() applies: features are vectors scored by a linear function of the prototypes,
     # so a logistic-regression head can start from them (the many-shot head, adapt="head")
     linear_head: bool = False
@@ -44,6 +49,12 @@ class FewShotClassifier(nn.Module, ABC):
     def __init__(self, backbone: nn.Module) -> None:
         super().__init__()
         self.backbone = backbone
+
+    @property
+    def embed_is_identity(self) -> bool:
+        """Whether :meth:`embed` returns the preprocessed image unchanged (full MAML): the
+        engine then caches pixels and skips the embedding backend."""
+        return False
 
     # -- the cacheable part -------------------------------------------------------------
     def embed(self, images: Tensor) -> Tensor:

@@ -234,10 +234,15 @@ class MAMLClassifier(FewShotClassifier):
     fit_needs_grad = True  # fit() runs a gradient-based inner loop
 
     @property  # type: ignore[override]
-    def can_refine(self) -> bool:
+    def supports_refinement(self) -> bool:
         """ANIL predictors have :meth:`MAMLPredictor.refine` (the backbone's features are
         fixed); full MAML's do not."""
         return bool(self.anil)
+
+    @property
+    def embed_is_identity(self) -> bool:
+        """Full MAML caches the preprocessed image (every weight adapts); ANIL, features."""
+        return not self.anil
 
     def __init__(self, backbone: nn.Module, inner_steps: int = 1, inner_lr: float = 0.4,
                  first_order: bool = False, meta_sgd: bool = False, anil: bool = False,

@@ -78,7 +78,7 @@ class ProtoNet(FewShotClassifier):
     """
 
     method_name = "protonet"
-    can_refine = True
+    supports_refinement = True
     linear_head = True
 
     def __init__(self, backbone: nn.Module, distance: str = "euclidean",

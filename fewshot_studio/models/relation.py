@@ -118,7 +118,7 @@ class RelationPredictor:
         """Transductive refinement of mean class representations: soft k-means over
         ``(n_q, *feature_shape)`` query features, assigning queries by the softmax of the
         relation scores (Ren et al. 2018's prototype refinement with this model's scoring)."""
-        if not self.model.can_refine or self.support_features is None \
+        if not self.model.supports_refinement or self.support_features is None \
                 or self.support_labels is None:
             raise ValueError("refinement needs mean class representations (aggregate='mean')")
         classes = Fn.soft_kmeans_refine(
@@ -160,7 +160,7 @@ class RelationNetwork(FewShotClassifier):
             raise ValueError(f"skip must be one of {SKIPS}, got {skip!r}")
         self.module_kind = module
         self.aggregate = aggregate
-        self.can_refine = aggregate == "mean"  # soft k-means refines class means
+        self.supports_refinement = aggregate == "mean"  # soft k-means refines class means
         self.hidden = int(hidden if hidden is not None else (64 if module == "conv" else 256))
         self.fc_hidden = fc_hidden
         shape = _backbone_feature_shape(backbone)

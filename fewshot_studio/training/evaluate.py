@@ -102,13 +102,8 @@ def default_query(shot: int, min_images_per_class: int, cap: int = 15) -> int:
 
 
 def fit_needs_grad(model: FewShotClassifier) -> bool:
-    """Whether ``fit()`` differentiates (MAML's inner loop). Methods say so with a
-    ``fit_needs_grad`` attribute; by default gradients are enabled only when some parameter
-    outside the backbone requires them and the method is not known to be closed-form."""
-    flag = getattr(model, "fit_needs_grad", None)
-    if flag is not None:
-        return bool(flag)
-    return model.method_name == "maml"
+    """Whether ``fit()`` differentiates (MAML's inner loop), as the method declares."""
+    return model.fit_needs_grad
 
 
 def _normalize(x_uint8: Tensor, pre: Preprocess) -> Tensor:
@@ -145,7 +140,7 @@ def episode_logits(model: FewShotClassifier, support_feats: Tensor, support_labe
     """Fit on ``(n_s, *f)`` support features -> detached ``(n_q, n_way)`` logits of the
     ``(n_q, *f)`` queries. ``transductive``: refine the predictor over the episode's queries
     with that many soft k-means iterations first (what the app's "Transductive refinement"
-    does; methods whose predictor has ``refine``, see ``FewShotClassifier.can_refine``)."""
+    does; methods whose predictor has ``refine``, see ``FewShotClassifier.supports_refinement``)."""
     with torch.enable_grad() if needs_grad else torch.no_grad():
         predictor = model.fit(support_feats, support_labels, n_way)
         if transductive:
@@ -252,7 +247,7 @@ def evaluate_iter(model: FewShotClassifier, images: Any, preprocess: Preprocess,
                   temperature: float = 1.0) -> Iterator[Progress]:
     """Like :func:`evaluate`, as a generator of :class:`Progress`; the last one's
     ``payload`` is the :class:`EvalResult`."""
-    if transductive and not model.can_refine:
+    if transductive and not model.supports_refinement:
         raise ValueError(f"{model.method_name} has no transductive refinement")
     device = torch.device(device)
     eps, query, sampler = fixed_episode_sampler(images, way, shot, query, episodes, seed,
