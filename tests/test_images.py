@@ -28,8 +28,11 @@ from fewshot_studio.data.images import (
     load_and_preprocess,
     load_image,
     load_uint8,
+    normalize_constants,
     normalize_uint8,
     preprocess_image,
+    read_image_file,
+    resize_box,
     resize_image,
 )
 from fewshot_studio.data.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess
@@ -285,3 +288,33 @@ def test_fifo_and_specials_are_refused_without_opening(tmp_path: Path) -> None:
     (tmp_path / "dangling.jpg").symlink_to(tmp_path / "nowhere.jpg")
     with pytest.raises(ImageLoadError, match=r"^file not found$"):
         load_image(tmp_path / "dangling.jpg", 3)
+
+
+def test_read_image_file_reads_small_files_and_defers_big_ones(tmp_path: Path) -> None:
+    from fewshot_studio.data.images import READ_WHOLE_BYTES
+
+    small = tmp_path / "a.png"
+    data = image_bytes(pattern_image(0, 1, 16), "PNG")
+    small.write_bytes(data)
+    assert read_image_file(small) == data
+    big = tmp_path / "big.png"
+    big.write_bytes(data)
+    with open(big, "r+b") as f:
+        f.truncate(READ_WHOLE_BYTES + 1)
+    assert read_image_file(big) is None  # opened by path later, header first
+    with pytest.raises(ImageLoadError, match=r"^file not found$"):
+        read_image_file(tmp_path / "gone.png")
+    (tmp_path / "empty.png").write_bytes(b"")
+    with pytest.raises(ImageLoadError, match=r"^empty file$"):
+        read_image_file(tmp_path / "empty.png")
+
+
+def test_normalize_constants_and_resize_box() -> None:
+    pre = Preprocess(image_size=16, channels=3, mean=(0.5,), std=(0.25,))
+    scale, shift = normalize_constants(pre, 3)
+    assert scale.shape == shift.shape == (3, 1, 1) and scale.dtype == np.float32
+    np.testing.assert_allclose(scale, 1 / (255 * 0.25))
+    np.testing.assert_allclose(shift, 2.0)
+    crop = Preprocess(image_size=32, resize="center_crop", crop_fraction=0.5)
+    assert resize_box(200, 100, crop, 32) == (75.0, 25.0, 125.0, 75.0)
+    assert resize_box(200, 100, Preprocess(image_size=32), 32) == (0.0, 0.0, 200.0, 100.0)

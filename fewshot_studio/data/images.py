@@ -108,6 +108,20 @@ def check_regular_file(path: str | os.PathLike, max_bytes: int = MAX_FILE_BYTES
     return st
 
 
+def read_image_file(path: str | os.PathLike) -> bytes | None:
+    """The bytes of an image file checked by :func:`check_regular_file`, read in one call
+    (fast, handle closed at once), or None for a file over :data:`READ_WHOLE_BYTES`, which
+    must be opened by path so its header (and pixel-count check) is read before the pixels.
+    Raises :class:`ImageLoadError` ("file not found", "permission denied", ...)."""
+    st = check_regular_file(path)
+    if st.st_size > READ_WHOLE_BYTES:
+        return None
+    try:
+        return Path(path).read_bytes()
+    except OSError as e:
+        raise _file_error(e) from None
+
+
 def _open(source: ImageSource) -> Image.Image:
     """Open lazily (header only); map file-system errors to ImageLoadError. Paths are checked
     with :func:`check_regular_file` first; small files are read whole, big ones opened by path
@@ -118,13 +132,8 @@ def _open(source: ImageSource) -> Image.Image:
             raise ImageLoadError("empty file")
         fp = io.BytesIO(source)
     else:
-        st = check_regular_file(source)
-        fp = os.fspath(source)
-        if st.st_size <= READ_WHOLE_BYTES:
-            try:  # one syscall, and the handle is closed at once
-                fp = io.BytesIO(Path(fp).read_bytes())
-            except OSError as e:
-                raise _file_error(e) from None
+        data = read_image_file(source)
+        fp = os.fspath(source) if data is None else io.BytesIO(data)
     try:
         return Image.open(fp)
     except Image.UnidentifiedImageError:
@@ -219,7 +228,7 @@ def load_image(
         raise
 
 
-def _resize_box(w: int, h: int, pre: Preprocess, size: int) -> tuple[float, float, float, float]:
+def resize_box(w: int, h: int, pre: Preprocess, size: int) -> tuple[float, float, float, float]:
     """Source box to resize into a ``size`` square (whole image for "squash", centre crop for
     "center_crop": shorter side scaled to size/crop_fraction, then the central square)."""
     if pre.resize == "squash":
@@ -244,7 +253,7 @@ def resize_image(img: Image.Image, pre: Preprocess, size: int | None = None) -> 
     """Resize (antialiased bilinear) to a ``size`` square (default ``pre.image_size``) as
     ``pre.resize`` says. One PIL call with a source box, so a crop costs nothing extra."""
     s = size or pre.image_size
-    box = _resize_box(img.width, img.height, pre, s)
+    box = resize_box(img.width, img.height, pre, s)
     if img.size == (s, s) and box == (0.0, 0.0, float(s), float(s)):
         return img
     return img.resize((s, s), Image.Resampling.BILINEAR, box=box, reducing_gap=3.0)
@@ -260,7 +269,14 @@ def image_to_uint8(img: Image.Image) -> np.ndarray:
 
 def normalize_uint8(a: np.ndarray, pre: Preprocess) -> np.ndarray:
     """uint8 (C, H, W) or (B, C, H, W) -> float32 ``(x / 255 - mean) / std`` per channel."""
-    c = a.shape[-3]
+    scale, shift = normalize_constants(pre, a.shape[-3])
+    return (a.astype(np.float32) * scale - shift).astype(np.float32, copy=False)
+
+
+def normalize_constants(pre: Preprocess, c: int) -> tuple[np.ndarray, np.ndarray]:
+    """float32 ``(scale, shift)``, each ``(c, 1, 1)``: normalised = ``x * scale - shift`` for
+    uint8 values ``x`` (``scale = 1 / (255 std)``, ``shift = mean / std``). The GPU decode
+    (:mod:`.gpu_decode`) applies the same two float32 operations."""
     mean = np.asarray(pre.mean, dtype=np.float32)
     std = np.asarray(pre.std, dtype=np.float32)
     if mean.size == 1 and c > 1:
@@ -269,7 +285,7 @@ def normalize_uint8(a: np.ndarray, pre: Preprocess) -> np.ndarray:
         std = np.repeat(std, c)
     scale = (1.0 / (255.0 * std)).reshape(c, 1, 1)
     shift = (mean / std).reshape(c, 1, 1)
-    return (a.astype(np.float32) * scale - shift).astype(np.float32, copy=False)
+    return scale, shift
 
 
 def preprocess_uint8(img: Image.Image, pre: Preprocess, size: int | None = None) -> np.ndarray:
