@@ -15,6 +15,7 @@ from PIL import Image
 from fewshot_studio.data.splits import default_data_dir
 from fewshot_studio.models import BACKBONES, create_backbone
 from fewshot_studio.models.backbones import efficientnet_lite0 as lite0
+from fewshot_studio.models.layers import BatchStatNorm2d, batch_stat_norms, has_running_stats
 
 
 def test_registered() -> None:
@@ -51,6 +52,26 @@ def test_conv4_batch_statistics_mode_has_no_running_stats() -> None:
         assert not torch.allclose(net(x)[:1], net(x[:1]))
     with pytest.raises(ValueError):
         create_backbone("conv4", image_size=8)
+
+
+@pytest.mark.parametrize("name", ["conv4", "resnet12", "efficientnet_lite0"])
+def test_entry_preprocess_matches_the_constructor_and_batch_statistics(name: str) -> None:
+    """The registry entry's default preprocessing is the input the backbone is built for;
+    every trainable backbone takes ``track_running_stats=False`` (full MAML): batch
+    statistics in eval mode too, no running buffers, and its config rebuilds it."""
+    pre = BACKBONES.get(name).cfg.preprocess
+    net = create_backbone(name)
+    assert (net.image_size, net.in_channels) == (pre.image_size, pre.channels)
+    small = create_backbone(name, image_size=32, track_running_stats=False).eval()
+    assert batch_stat_norms(small) and not has_running_stats(small)
+    assert not any(k.endswith(("running_mean", "running_var")) for k in small.state_dict())
+    x = torch.randn(3, pre.channels, 32, 32)
+    with torch.no_grad():
+        assert not torch.allclose(small(x)[:2], small(x[:2]), atol=1e-5)
+    again = create_backbone(name, **small.config())
+    again.load_state_dict(small.state_dict())
+    assert small.config()["track_running_stats"] is False
+    assert isinstance(batch_stat_norms(small)[0], BatchStatNorm2d)
 
 
 @pytest.mark.parametrize(("kwargs", "shape"), [

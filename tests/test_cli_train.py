@@ -98,9 +98,44 @@ def test_bad_inputs_exit_2_with_one_line(glyphs: Path, tmp_path: Path,
     assert main([*base_args(short, tmp_path / "c"), "--split", "none"]) == 2
     assert "glyph05" in capsys.readouterr().err
 
-    assert main([*base_args(glyphs, tmp_path / "d"), "--method", "nonsense"]) == 2
-    assert "nonsense" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:  # argparse: --method reads the registry
+        main([*base_args(glyphs, tmp_path / "d"), "--method", "nonsense"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "invalid choice: 'nonsense'" in err and "'maml', 'protonet', 'relation'" in err
     assert not (tmp_path / "d").exists()
+
+
+def test_method_and_backbone_choices_and_preprocessing_come_from_the_registries(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from fewshot_studio.cli.train import BACKBONE_NAMES, METHOD_NAMES, default_preprocess
+    from fewshot_studio.data.preprocess import Preprocess
+    from fewshot_studio.models import BACKBONES, METHODS
+    from fewshot_studio.models.registry import BackboneCfg
+
+    assert list(METHOD_NAMES) == METHODS.names()
+    assert list(BACKBONE_NAMES) == [e.name for e in BACKBONES.entries() if e.cfg.trainable]
+    assert "onnx" in BACKBONES and "onnx" not in BACKBONE_NAMES  # a graph has no gradients
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "a registered method: maml, protonet, relation" in help_text
+    assert "a registered trainable backbone: conv4, efficientnet_lite0, resnet12" in help_text
+    for name in BACKBONES.names():  # the defaults are the entry's own
+        assert default_preprocess(name) == BACKBONES.get(name).cfg.preprocess
+    assert default_preprocess("resnet12") == Preprocess(84, 3, (0.5,) * 3, (0.5,) * 3,
+                                                        "center_crop")
+    assert default_preprocess("conv4", image_size=32, channels=3) == Preprocess(
+        32, 3, (0.5,) * 3, (0.5,) * 3, "center_crop")  # another channel count: generic
+    assert default_preprocess("efficientnet_lite0", mean=[0.4]).mean == (0.4,)
+    # a backbone registered with its own preprocessing gets it, no code here changes
+    BACKBONES.register("_test_only", cfg=BackboneCfg(Preprocess(40, 1, (0.2,), (0.3,))))(
+        lambda **kw: None)
+    try:
+        assert default_preprocess("_test_only") == Preprocess(40, 1, (0.2,), (0.3,))
+        assert "_test_only" in BACKBONE_NAMES
+    finally:
+        BACKBONES._entries.pop("_test_only")
 
 
 def test_entry_point_error_has_no_traceback(tmp_path: Path) -> None:

@@ -1,6 +1,6 @@
-"""MAML: the wrapper's inner step and meta-gradient against explicit formulas and hand-written
-autograd; the vectorised (torch.func) meta-loss against the per-task loop; Proto-MAML heads for
-any number of classes; ANIL transductive refinement."""
+"""MAML, the few-shot method: Proto-MAML heads for any number of classes, fit and its
+predictors (query normalisation), configs and the backbone it needs, batch-statistics
+norms, ANIL transductive refinement."""
 
 from __future__ import annotations
 
@@ -9,235 +9,28 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from maml_fixtures import DT, Pixels, image_tasks, small_maml
 from torch import Tensor, nn
 
 from fewshot_studio.data.scan import scan_images
-from fewshot_studio.models import METHODS, build_model, create_backbone, model_spec
-from fewshot_studio.models import functional as Fn
-from fewshot_studio.models.backbones.conv4 import BatchStatNorm2d
-from fewshot_studio.models.maml import (
-    MAML,
-    MAMLClassifier,
-    meta_loss_loop,
-    proto_head,
-    use_vmap_safe_norms,
+from fewshot_studio.models import (
+    METHODS,
+    build_model,
+    create_backbone,
+    create_model,
+    model_spec,
 )
+from fewshot_studio.models import functional as Fn
+from fewshot_studio.models.layers import BatchStatNorm2d, has_running_stats, use_vmap_safe_norms
+from fewshot_studio.models.maml import MAMLClassifier, proto_head
 from fewshot_studio.models.protonet import ProtoNet
-
-DT = torch.float64
-
-
-def _mse(out: Tensor, target: Tensor) -> Tensor:
-    return ((out - target) ** 2).mean()
-
-
-# -- the wrapper against closed forms (linear regression) ------------------------------------
-
-def _linear_task(g: torch.Generator) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    xs, xq = torch.randn(5, 3, generator=g, dtype=DT), torch.randn(4, 3, generator=g, dtype=DT)
-    ys, yq = torch.randn(5, 1, generator=g, dtype=DT), torch.randn(4, 1, generator=g, dtype=DT)
-    return xs, ys, xq, yq
-
-
-@pytest.mark.parametrize("first_order", [False, True])
-def test_inner_step_and_meta_gradient_closed_form(first_order: bool) -> None:
-    """f(x) = x.w, MSE. Inner step w' = w - a (2/n) Xs^T (Xs w - ys); meta-gradient
-    (I - a H_s) grad L_q(w') with H_s = (2/n) Xs^T Xs, or grad L_q(w') for first order."""
-    g = torch.Generator().manual_seed(0)
-    xs, ys, xq, yq = _linear_task(g)
-    net = nn.Linear(3, 1, bias=False).to(DT)
-    alpha = 0.3
-    maml = MAML(net, lr=alpha, first_order=first_order)
-    learner = maml.clone()
-    learner.adapt(_mse(learner(xs), ys))
-    loss = _mse(learner(xq), yq)
-    loss.backward()
-
-    w = net.weight.detach().reshape(3, 1)
-    grad_s = 2 / 5 * xs.t() @ (xs @ w - ys)
-    w1 = w - alpha * grad_s
-    assert torch.allclose(learner.params["weight"].reshape(3, 1), w1, atol=1e-12)
-    grad_q = 2 / 4 * xq.t() @ (xq @ w1 - yq)
-    h_s = 2 / 5 * xs.t() @ xs
-    expected = grad_q if first_order else (torch.eye(3, dtype=DT) - alpha * h_s) @ grad_q
-    assert torch.allclose(net.weight.grad.reshape(3, 1), expected, atol=1e-12)
-    assert loss.item() == pytest.approx(float(((xq @ w1 - yq) ** 2).mean()), abs=1e-12)
-
-
-@pytest.mark.parametrize("first_order", [False, True])
-def test_meta_sgd_closed_form(first_order: bool) -> None:
-    """Meta-SGD, w' = w - a * g (a per parameter): dL/da = -g * grad L_q(w');
-    dL/dw = (I - H_s diag(a)) grad L_q(w') (second order) or grad L_q(w')."""
-    g = torch.Generator().manual_seed(1)
-    xs, ys, xq, yq = _linear_task(g)
-    net = nn.Linear(3, 1, bias=False).to(DT)
-    maml = MAML(net, lr=0.2, first_order=first_order, meta_sgd=True).to(DT)
-    with torch.no_grad():
-        maml.lrs["weight"].copy_(torch.tensor([[0.1, 0.2, 0.3]], dtype=DT))
-    learner = maml.clone()
-    learner.adapt(_mse(learner(xs), ys))
-    _mse(learner(xq), yq).backward()
-
-    w = net.weight.detach().reshape(3, 1)
-    a = torch.tensor([[0.1], [0.2], [0.3]], dtype=DT)
-    grad_s = 2 / 5 * xs.t() @ (xs @ w - ys)
-    w1 = w - a * grad_s
-    grad_q = 2 / 4 * xq.t() @ (xq @ w1 - yq)
-    h_s = 2 / 5 * xs.t() @ xs
-    assert torch.allclose(maml.lrs["weight"].grad.reshape(3, 1), -grad_s * grad_q, atol=1e-12)
-    expected = grad_q if first_order else (torch.eye(3, dtype=DT) - h_s @ torch.diag(a[:, 0])) \
-        @ grad_q
-    assert torch.allclose(net.weight.grad.reshape(3, 1), expected, atol=1e-12)
-
-
-# -- the wrapper against hand-written functional code (tiny MLP) ----------------------------
-
-def _mlp() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 4)).to(DT)
-
-
-def _mlp_forward(p: list[Tensor], x: Tensor) -> Tensor:
-    w1, b1, w2, b2 = p
-    return torch.tanh(x @ w1.t() + b1) @ w2.t() + b2
-
-
-def _classification_tasks(t: int, seed: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    sx = torch.randn(t, 8, 3, generator=g, dtype=DT)
-    qx = torch.randn(t, 6, 3, generator=g, dtype=DT)
-    sy = torch.randint(0, 4, (t, 8), generator=g)
-    qy = torch.randint(0, 4, (t, 6), generator=g)
-    return sx, sy, qx, qy
-
-
-@pytest.mark.parametrize("first_order", [False, True])
-@pytest.mark.parametrize("steps", [1, 2])
-def test_wrapper_matches_hand_written_reference(first_order: bool, steps: int) -> None:
-    net = _mlp()
-    alpha = 0.5
-    sx, sy, qx, qy = (a[0] for a in _classification_tasks(1))
-    # reference: explicit functional MLP, torch.autograd.grad on it
-    p0 = [q.detach().clone().requires_grad_(True) for q in net.parameters()]
-    p = p0
-    for _ in range(steps):
-        grads = torch.autograd.grad(F.cross_entropy(_mlp_forward(p, sx), sy), p,
-                                    create_graph=not first_order)
-        p = [pi - alpha * gi for pi, gi in zip(p, grads, strict=True)]
-    ref_loss = F.cross_entropy(_mlp_forward(p, qx), qy)
-    ref_grads = torch.autograd.grad(ref_loss, p0)
-
-    maml = MAML(net, lr=alpha, first_order=first_order)
-    learner = maml.clone()
-    for _ in range(steps):
-        learner.adapt(F.cross_entropy(learner(sx), sy))
-    for mine, ref in zip(learner.params.values(), p, strict=True):
-        assert torch.allclose(mine, ref, atol=1e-12)
-    loss = F.cross_entropy(learner(qx), qy)
-    loss.backward()
-    assert loss.item() == pytest.approx(ref_loss.item(), abs=1e-12)
-    for q, ref in zip(net.parameters(), ref_grads, strict=True):
-        assert torch.allclose(q.grad, ref, atol=1e-10)
-    if not first_order:  # second order really differs from first order here
-        fo = [pi - alpha * gi.detach() for pi, gi in zip(p0, torch.autograd.grad(
-            F.cross_entropy(_mlp_forward(p0, sx), sy), p0), strict=True)]
-        fo_grads = torch.autograd.grad(F.cross_entropy(_mlp_forward(fo, qx), qy), p0)
-        if steps == 1:
-            assert max((a - b).abs().max() for a, b in zip(fo_grads, ref_grads,
-                                                           strict=True)) > 1e-4
-
-
-@pytest.mark.parametrize(("first_order", "meta_sgd"),
-                         [(False, False), (True, False), (False, True), (True, True)])
-def test_wrapper_vectorised_meta_loss_equals_loop(first_order: bool, meta_sgd: bool) -> None:
-    net = _mlp()
-    maml = MAML(net, lr=0.4, first_order=first_order, meta_sgd=meta_sgd,
-                adapt=lambda name: not name.startswith("0.")
-                if meta_sgd else True).to(DT)
-    sx, sy, qx, qy = _classification_tasks(4)
-    params = list(maml.parameters())
-    vec = maml.meta_loss(sx, sy, qx, qy, steps=2)
-    g_vec = torch.autograd.grad(vec, params, allow_unused=True)
-    losses = []
-    for t in range(4):
-        learner = maml.clone()
-        for _ in range(2):
-            learner.adapt(F.cross_entropy(learner(sx[t]), sy[t]))
-        losses.append(F.cross_entropy(learner(qx[t]), qy[t]))
-    loop = torch.stack(losses).mean()
-    g_loop = torch.autograd.grad(loop, params, allow_unused=True)
-    assert vec.item() == pytest.approx(loop.item(), abs=1e-12)
-    for a, b in zip(g_vec, g_loop, strict=True):
-        assert (a is None) == (b is None)
-        if a is not None:
-            assert torch.allclose(a, b, atol=1e-10)
-
-
-# -- the few-shot method -------------------------------------------------------------------
-
-def _maml(**kw: object) -> MAMLClassifier:
-    torch.manual_seed(0)
-    anil = bool(kw.get("anil", False))
-    bb = create_backbone("conv4", in_channels=1, image_size=14, hidden=8, pool_layers=3,
-                         track_running_stats=anil)
-    return MAMLClassifier(bb, **kw).to(DT)  # type: ignore[arg-type]
-
-
-def _image_tasks(t: int, n_way: int, shots: int, queries: int,
-                 seed: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    sx = torch.randn(t, n_way * shots, 1, 14, 14, generator=g, dtype=DT)
-    qx = torch.randn(t, n_way * queries, 1, 14, 14, generator=g, dtype=DT)
-    sy = torch.arange(n_way).repeat(shots).expand(t, -1)
-    qy = torch.arange(n_way).repeat(queries).expand(t, -1)
-    return sx, sy, qx, qy
-
-
-@pytest.mark.parametrize("kw", [
-    {},
-    {"first_order": True},
-    {"meta_sgd": True},
-    {"meta_sgd": True, "first_order": True},
-    {"anil": True},
-    {"anil": True, "meta_sgd": True},
-    {"anil": True, "first_order": True},
-], ids=lambda kw: "-".join(kw) or "second-order")
-def test_vectorised_meta_loss_equals_per_task_loop(kw: dict) -> None:
-    model = _maml(inner_steps=2, inner_lr=0.1, **kw).train()
-    tasks = _image_tasks(3, 3, 2, 2)
-    params = [p for p in model.parameters() if p.requires_grad]
-    loss_v, acc_v = model.meta_loss(*tasks)
-    g_v = torch.autograd.grad(loss_v, params, allow_unused=True)
-    loss_l, acc_l = meta_loss_loop(model, *tasks)
-    g_l = torch.autograd.grad(loss_l, params, allow_unused=True)
-    assert loss_v.item() == pytest.approx(loss_l.item(), abs=1e-10)
-    assert acc_v.item() == pytest.approx(acc_l.item())
-    n_checked = 0
-    for (name, _), a, b in zip(model.named_parameters(), g_v, g_l, strict=True):
-        assert (a is None) == (b is None), name
-        if a is not None:
-            assert torch.allclose(a, b, atol=1e-9, rtol=1e-7), name
-            n_checked += 1
-    assert n_checked >= 10
-    if kw.get("meta_sgd"):
-        assert any(n.startswith("inner_lrs.") for n, _ in model.named_parameters())
-
-
-def test_base_forward_loop_equals_vectorised() -> None:
-    """The generic FewShotClassifier path (forward = embed + fit + predictor) computes the
-    same training loss as the vectorised meta-loss."""
-    model = _maml(inner_steps=1, inner_lr=0.2).train()
-    tasks = _image_tasks(2, 3, 1, 2, seed=3)
-    generic, _ = super(MAMLClassifier, model).meta_loss(*tasks)
-    vec, _ = model.meta_loss(*tasks)
-    assert generic.item() == pytest.approx(vec.item(), abs=1e-10)
 
 
 def test_proto_head_starts_as_protonet() -> None:
     """Before adaptation the Proto-MAML head scores like ProtoNet (same softmax)."""
-    model = _maml(inner_steps=0, anil=True).eval()
+    model = small_maml(inner_steps=0, anil=True).eval()
     proto = ProtoNet(model.backbone).eval()
-    sx, sy, qx, _ = (a[0] for a in _image_tasks(1, 4, 2, 3))
+    sx, sy, qx, _ = (a[0] for a in image_tasks(1, 4, 2, 3))
     with torch.no_grad():
         p_maml = model(sx, sy, qx).softmax(-1)
         p_proto = proto(sx, sy, qx).softmax(-1)
@@ -251,7 +44,7 @@ def test_proto_head_starts_as_protonet() -> None:
 @pytest.mark.parametrize("anil", [False, True])
 @pytest.mark.parametrize(("n_way", "shots"), [(2, [1, 3]), (7, [2, 1, 1, 3, 1, 2, 1])])
 def test_any_n_way_fit_under_no_grad(anil: bool, n_way: int, shots: list[int]) -> None:
-    model = _maml(inner_steps=1, test_inner_steps=5, inner_lr=0.5, anil=anil).eval()
+    model = small_maml(inner_steps=1, test_inner_steps=5, inner_lr=0.5, anil=anil).eval()
     g = torch.Generator().manual_seed(n_way)
     labels = torch.cat([torch.full((k,), c) for c, k in enumerate(shots)])
     images = torch.randn(len(labels), 1, 14, 14, generator=g, dtype=DT)
@@ -273,8 +66,8 @@ def test_any_n_way_fit_under_no_grad(anil: bool, n_way: int, shots: list[int]) -
 
 
 def test_fit_keeps_graph_in_training() -> None:
-    model = _maml(inner_steps=1).train()
-    sx, sy, qx, qy = (a[0] for a in _image_tasks(1, 3, 1, 1))
+    model = small_maml(inner_steps=1).train()
+    sx, sy, qx, qy = (a[0] for a in image_tasks(1, 3, 1, 1))
     logits = model(sx, sy, qx)
     assert logits.requires_grad
     model.loss(logits, qy).backward()
@@ -283,8 +76,8 @@ def test_fit_keeps_graph_in_training() -> None:
 
 def test_embed_identity_for_full_maml_and_features_for_anil() -> None:
     x = torch.randn(3, 1, 14, 14, dtype=DT)
-    assert torch.equal(_maml().embed(x), x)
-    anil = _maml(anil=True, pool="avg").eval()
+    assert torch.equal(small_maml().embed(x), x)
+    anil = small_maml(anil=True, pool="avg").eval()
     assert anil.embed(x).shape == (3, 8)
 
 
@@ -300,6 +93,24 @@ def test_config_round_trip_and_errors() -> None:
     rebuilt.load_state_dict(model.state_dict())  # meta-SGD rates included
     with pytest.raises(ValueError, match="track_running_stats"):
         MAMLClassifier(create_backbone("conv4", in_channels=1, image_size=28))
+
+
+@pytest.mark.parametrize("backbone", ["conv4", "resnet12"])
+def test_create_model_builds_the_backbone_the_method_needs(backbone: str) -> None:
+    """The "maml" entry declares batch statistics for full MAML (none for ANIL), and
+    create_model builds the backbone that way unless told otherwise, which MAML refuses."""
+    small = {"image_size": 16, "in_channels": 1}
+    full = create_model("maml", backbone, {}, small)
+    assert not has_running_stats(full.backbone)
+    assert full.backbone.config()["track_running_stats"] is False
+    anil = create_model("maml", backbone, {"anil": True}, small)
+    assert has_running_stats(anil.backbone)
+    assert METHODS.get("maml").cfg.backbone_needs({}) == {"track_running_stats": False}
+    assert METHODS.get("protonet").cfg.backbone_needs({}) == {}
+    with pytest.raises(ValueError, match="track_running_stats"):
+        create_model("maml", backbone, {}, {**small, "track_running_stats": True})
+    spec = model_spec(full, backbone, full.backbone.config())
+    build_model(spec).load_state_dict(full.state_dict())  # the spec rebuilds the same net
 
 
 def test_batch_stat_norm_equals_native_and_replacement() -> None:
@@ -333,34 +144,14 @@ def test_batch_stat_norm_under_vmap_equals_native() -> None:
         assert torch.allclose(got[t], ref, atol=1e-12)
 
 
-def test_eval_meta_loss_under_no_grad() -> None:
-    """Validation: both paths run under no_grad in eval mode (test_inner_steps) and agree."""
-    model = _maml(inner_steps=1, test_inner_steps=3, inner_lr=0.2).eval()
-    tasks = _image_tasks(2, 4, 1, 2, seed=5)
-    with torch.no_grad():
-        loss_v, acc_v = model.meta_loss(*tasks)
-        loss_l, acc_l = meta_loss_loop(model, *tasks)
-    assert not loss_v.requires_grad and not loss_l.requires_grad
-    assert loss_v.item() == pytest.approx(loss_l.item(), abs=1e-10)
-    assert acc_v.item() == pytest.approx(acc_l.item())
-    # and fit() with the same number of steps gives the same query loss on task 0 when its
-    # predictor normalises queries as meta_loss does (query-batch statistics)
-    sx, sy, qx, qy = (a[0] for a in tasks)
-    model.query_norm = "batch"
-    with torch.no_grad():
-        logits = model.fit(model.embed(sx), sy, 4)(model.embed(qx))
-    single, _ = meta_loss_loop(model, *(a[:1] for a in tasks))
-    assert F.cross_entropy(logits, qy).item() == pytest.approx(single.item(), abs=1e-10)
-
-
 @pytest.mark.parametrize("query_norm", ["support", "support+query"])
 def test_full_maml_query_prediction_independent_of_batch(query_norm: str) -> None:
     """Eval mode: a query scored alone, in a tiny chunk or in a big batch gets the same
     logits (the engine scores queries in chunks); the "batch" statistics of Finn et al. do
     not have this property."""
-    model = _maml(inner_steps=1, test_inner_steps=2, inner_lr=0.3,
+    model = small_maml(inner_steps=1, test_inner_steps=2, inner_lr=0.3,
                   query_norm=query_norm).eval()
-    sx, sy, qx, _ = (a[0] for a in _image_tasks(1, 3, 2, 4, seed=5))
+    sx, sy, qx, _ = (a[0] for a in image_tasks(1, 3, 2, 4, seed=5))
     with torch.no_grad():
         predictor = model.fit(sx, sy, 3)
         batch = predictor(qx)
@@ -379,15 +170,15 @@ def test_full_maml_query_prediction_independent_of_batch(query_norm: str) -> Non
     assert not torch.allclose(b_batch, b_chunks, atol=1e-6)
     assert model.config()["query_norm"] == "batch"
     with pytest.raises(ValueError, match="query_norm"):
-        _maml(query_norm="running")
+        small_maml(query_norm="running")
 
 
 def test_normalized_head_starts_as_cosine_classifier() -> None:
     """``normalize=True``: features are unit vectors times a trained scale, and before
     adaptation a task scores ``scale * cos(q, c) - scale / 2`` (``c``: the class's mean
     normalised feature), for one shot and for several."""
-    model = _maml(inner_steps=0, anil=True, normalize=True, scale=8.0, pool="avg").eval()
-    sx, sy, qx, _ = (a[0] for a in _image_tasks(1, 4, 3, 3))
+    model = small_maml(inner_steps=0, anil=True, normalize=True, scale=8.0, pool="avg").eval()
+    sx, sy, qx, _ = (a[0] for a in image_tasks(1, 4, 3, 3))
     with torch.no_grad():
         logits = model(sx, sy, qx, n_way=4)
         pooled_q = model.backbone(qx).mean(dim=(-2, -1))
@@ -396,22 +187,6 @@ def test_normalized_head_starts_as_cosine_classifier() -> None:
         norms = model.embed(qx).norm(dim=-1)
     assert torch.allclose(logits, expected, atol=1e-10)
     assert torch.allclose(norms, torch.full((12,), 2.0, dtype=DT))
-
-
-@pytest.mark.parametrize("anil", [False, True])
-def test_normalized_vectorised_equals_loop_and_scale_trains(anil: bool) -> None:
-    model = _maml(inner_steps=2, inner_lr=0.1, anil=anil, normalize=True, meta_sgd=True).train()
-    tasks = _image_tasks(2, 3, 2, 2)
-    loss_v, _ = model.meta_loss(*tasks)
-    loss_l, _ = meta_loss_loop(model, *tasks)
-    assert loss_v.item() == pytest.approx(loss_l.item(), abs=1e-10)
-    (g,) = torch.autograd.grad(loss_v, [model.feature_scale])
-    (g_l,) = torch.autograd.grad(loss_l, [model.feature_scale])
-    assert g.abs() > 0 and torch.allclose(g, g_l, atol=1e-9)
-    spec = model_spec(model, "conv4", model.backbone.config())
-    rebuilt = build_model(spec)
-    assert rebuilt.config() == model.config() and rebuilt.config()["normalize"] is True
-    rebuilt.load_state_dict(model.state_dict())  # the trained scale included
 
 
 # -- transductive refinement (ANIL) ------------------------------------------------------------
@@ -432,8 +207,8 @@ def _clusters(seed: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
 
 
 def test_supports_refinement_exactly_for_anil() -> None:
-    assert _maml(anil=True).supports_refinement
-    full = _maml()
+    assert small_maml(anil=True).supports_refinement
+    full = small_maml()
     assert not full.supports_refinement
     x = torch.randn(4, 1, 14, 14, dtype=DT)
     with torch.no_grad(), pytest.raises(ValueError, match="ANIL"):
@@ -445,7 +220,7 @@ def test_refine_shape_under_no_grad_and_chains(normalize: bool) -> None:
     """Under ``torch.no_grad()`` (as the labeling engine calls it) ``refine`` returns a
     detached ``(n_q, n_way)`` predictor; ``n_iters=0`` changes nothing, and refining twice
     by one iteration equals refining once by two."""
-    model = _maml(anil=True, inner_steps=1, test_inner_steps=3, normalize=normalize,
+    model = small_maml(anil=True, inner_steps=1, test_inner_steps=3, normalize=normalize,
                   meta_sgd=True, pool="avg").eval()
     g = torch.Generator().manual_seed(5)
     with torch.no_grad():
@@ -468,7 +243,7 @@ def test_refine_shape_under_no_grad_and_chains(normalize: bool) -> None:
 def test_refine_without_inner_steps_equals_protonet_refinement() -> None:
     """With no inner step the Proto-MAML head is ProtoNet's scoring (same softmax), so the
     refined predictor equals ProtoNet's soft k-means refinement (Ren et al. 2018)."""
-    model = _maml(anil=True, test_inner_steps=0).eval()
+    model = small_maml(anil=True, test_inner_steps=0).eval()
     proto = ProtoNet(model.backbone).eval()
     sx, sy, qx, _ = _clusters()
     with torch.no_grad():
@@ -481,7 +256,7 @@ def test_refine_without_inner_steps_equals_protonet_refinement() -> None:
 def test_refine_recovers_from_a_misleading_support_set(steps: int) -> None:
     """Support points far off their clusters: the adapted head misclassifies half the
     queries; soft k-means over the queries pulls the prototypes into the clusters."""
-    model = _maml(anil=True, test_inner_steps=steps, inner_lr=0.4).eval()
+    model = small_maml(anil=True, test_inner_steps=steps, inner_lr=0.4).eval()
     sx, sy, qx, qy = _clusters()
     with torch.no_grad():
         pred = model.fit(sx, sy, 2)
@@ -491,16 +266,7 @@ def test_refine_recovers_from_a_misleading_support_set(steps: int) -> None:
     assert refined == 1.0
 
 
-class _Pixels(nn.Module):
-    """A parameter-free backbone: ``(n, 1, 14, 14)`` images -> ``(n, 196)`` pixels."""
-
-    feature_shape = (196,)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return x.flatten(1)
-
-
-def test_evaluate_transductive_runs_for_anil_and_refuses_full_maml() -> None:
+def test_evaluate_transductive_runs_for_anil_and_refuses_fullsmall_maml() -> None:
     """``evaluate(..., transductive=2)`` scores each episode with the ANIL predictor refined
     over that episode's queries (checked against ``fit(...).refine(...)`` written out);
     on noisy images of a pattern per class it beats the plain predictor."""
@@ -515,7 +281,7 @@ def test_evaluate_transductive_runs_for_anil_and_refuses_full_maml() -> None:
     images = InMemoryImages((pattern + noise).to(torch.uint8), targets,
                             [str(i) for i in range(6)])
     pre = Preprocess(image_size=14, channels=1)
-    anil = MAMLClassifier(_Pixels(), inner_steps=1, inner_lr=0.01, anil=True).eval()
+    anil = MAMLClassifier(Pixels(), inner_steps=1, inner_lr=0.01, anil=True).eval()
     got = ev.evaluate(anil, images, pre, 3, 1, 4, 6, seed=0, transductive=2)
     plain = ev.evaluate(anil, images, pre, 3, 1, 4, 6, seed=0)
     assert got.n == 6 and got.transductive == 2
@@ -529,7 +295,7 @@ def test_evaluate_transductive_runs_for_anil_and_refuses_full_maml() -> None:
         expected.append(Fn.accuracy(logits, e.query_labels).item())
     assert got.per_episode == pytest.approx(expected)
     with pytest.raises(ValueError, match="transductive"):
-        ev.evaluate(_maml().float(), images, pre, 3, 1, 4, 2, transductive=1)
+        ev.evaluate(small_maml().float(), images, pre, 3, 1, 4, 2, transductive=1)
 
 
 def test_labeling_session_refines_anil_predictions(tmp_path: Path) -> None:

@@ -9,7 +9,6 @@ Under ``torchrun --nproc_per_node N -m fewshot_studio train ...`` it trains data
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import os
 import sys
@@ -21,6 +20,7 @@ from fewshot_studio.cli import help_texts
 from fewshot_studio.data.preprocess import Preprocess
 from fewshot_studio.errors import UserError
 from fewshot_studio.progress import ProgressBar
+from fewshot_studio.registry import LazyNames, Registry
 from fewshot_studio.training.config import AUGMENTS, DEVICES, SCHEDULES, SPLITS, TrainConfig
 
 
@@ -35,6 +35,27 @@ def _kv(text: str) -> tuple[str, Any]:
         return key.strip().replace("-", "_"), value
 
 
+def _backbones() -> Registry[Any, Any]:
+    from fewshot_studio.models import BACKBONES
+
+    return BACKBONES
+
+
+def _method_names() -> list[str]:
+    from fewshot_studio.models import METHODS
+
+    return METHODS.names()
+
+
+def _trainable_backbones() -> list[str]:
+    return [e.name for e in _backbones().entries() if e.cfg.trainable]
+
+
+# the registries' names, read when needed (building the parser imports no torch)
+METHOD_NAMES = LazyNames(_method_names)
+BACKBONE_NAMES = LazyNames(_trainable_backbones)
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     d = TrainConfig()
     p = subparsers.add_parser(
@@ -45,12 +66,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "fewshot-studio train --method protonet --backbone conv4 \\\n"
             "    --data my_classes/ --val-classes 0.2 --way 5 --shot 5 --out runs/mine"))
     m = p.add_argument_group("model")
-    m.add_argument("--method", default=d.method, help="protonet | relation | maml (default "
-                   "%(default)s)")
+    m.add_argument("--method", default=d.method, choices=METHOD_NAMES, metavar="NAME",
+                   help="a registered method: %(choices)s (default %(default)s); trains "
+                        "with its defaults on every backbone")
     m.add_argument("--method-arg", action="append", type=_kv, default=[], metavar="KEY=VALUE",
                    help="method option, e.g. distance=cosine, first_order=true (repeatable)")
-    m.add_argument("--backbone", default=d.backbone, help="conv4 | resnet12 | "
-                   "efficientnet_lite0 (default %(default)s)")
+    m.add_argument("--backbone", default=d.backbone, choices=BACKBONE_NAMES, metavar="NAME",
+                   help="a registered trainable backbone: %(choices)s (default "
+                        "%(default)s)")
     m.add_argument("--backbone-arg", action="append", type=_kv, default=[], metavar="KEY=VALUE",
                    help="backbone option, e.g. hidden=64, pretrained=true (repeatable)")
     m.add_argument("--image-size", type=int, help="input side in px (default: the "
@@ -162,26 +185,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def default_preprocess(backbone: str, image_size: int | None = None,
                        channels: int | None = None, mean: list[float] | None = None,
                        std: list[float] | None = None, resize: str | None = None) -> Preprocess:
-    """Preprocessing for ``backbone``: explicit values win; else the backbone factory's
-    ``default_preprocess`` (if it has one), its ``image_size`` / ``in_channels`` defaults,
-    and 1 channel: mean 0 / std 1, squash; 3 channels: mean 0.5 / std 0.5, centre crop."""
-    from fewshot_studio.models import BACKBONES
-
+    """Preprocessing for ``backbone``: explicit values win; else the ``preprocess`` its
+    registry entry declares; for a channel count other than that entry's, 1 channel: mean 0 /
+    std 1, squash; 3 channels: mean 0.5 / std 0.5, centre crop."""
     try:
-        factory = BACKBONES.get(backbone).factory
+        base = _backbones().get(backbone).cfg.preprocess
     except KeyError as e:
         raise UserError(str(e).strip("'\"")) from None
-    base = getattr(factory, "default_preprocess", None)
-    if isinstance(base, Preprocess):
-        size, ch = base.image_size, base.channels
-    else:
-        params = inspect.signature(factory).parameters
-        size = int(params["image_size"].default) if "image_size" in params else 28
-        ch = int(params["in_channels"].default) if "in_channels" in params else 1
-        base = None
-    ch = channels or ch
-    size = image_size or size
-    if base is not None and ch == base.channels:
+    ch = channels or base.channels
+    size = image_size or base.image_size
+    if ch == base.channels:
         dm, ds, dr = base.mean, base.std, base.resize
     else:
         dm, ds = ((0.0,), (1.0,)) if ch == 1 else ((0.5,) * 3, (0.5,) * 3)

@@ -11,6 +11,7 @@ from fewshot_studio.models.registry import (
     build_model,
     create_backbone,
     create_method,
+    create_model,
     model_spec,
 )
 
@@ -22,5 +23,6 @@ __all__ = [
     "build_model",
     "create_backbone",
     "create_method",
+    "create_model",
     "model_spec",
 ]

@@ -2,18 +2,14 @@
 2020), with a Proto-MAML head (Triantafillou et al. 2020) so one model serves any number of
 classes.
 
-Two layers:
-
-* :class:`MAML` (:mod:`.maml_wrapper`, re-exported here), a learn2learn-style wrapper:
-  ``learner = maml.clone()``,
-  ``learner.adapt(loss)`` (one differentiable SGD step; second order through
-  ``create_graph=True`` unless ``first_order``; learnable per-parameter rates with
-  ``meta_sgd``), ``learner(x)``; and :meth:`MAML.meta_loss`, the same algorithm vectorised
-  over a task batch with ``torch.func`` (``functional_call``, ``grad``, ``vmap``).
-* :class:`MAMLClassifier`, the few-shot method registered as ``"maml"``. Its
-  :meth:`~MAMLClassifier.meta_loss` is vectorised over tasks with ``torch.func``;
-  :func:`meta_loss_loop` is the per-task Python-loop reference (``torch.autograd.grad``) that
-  tests and benchmarks compare it with.
+:class:`MAMLClassifier`, the few-shot method registered as ``"maml"``, adapts with the one
+MAML inner loop, :class:`~fewshot_studio.models.maml_core.MAMLLearner` (``torch.func.grad``;
+second order unless ``first_order``; Meta-SGD rates), whose learner runs the network with a
+Proto-MAML head: ANIL = backbone features + MAML(head); full MAML = MAML(backbone + head).
+:meth:`~MAMLClassifier.fit` adapts one task; :meth:`~MAMLClassifier.meta_loss` runs the same
+per-task function vectorised over a task batch (``torch.func.vmap``); :func:`meta_loss_loop`
+runs it one task at a time (the benchmarks' baseline). :class:`MAML`, the learn2learn-style
+face of the same learner for any module, is re-exported here.
 
 The head: for a task with ``n_way`` classes the linear head is initialised from the support
 prototypes ``c_k`` of the (current) features, ``W = 2 c_k``, ``b = -||c_k||^2`` (so before
@@ -27,29 +23,26 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import functional_call, grad, vmap
+from torch.func import functional_call, vmap
 
 from fewshot_studio.models import functional as Fn
 from fewshot_studio.models.base import FewShotClassifier
-from fewshot_studio.models.maml_wrapper import MAML as MAML  # re-exported public API
-from fewshot_studio.models.maml_wrapper import LossFn as LossFn
-from fewshot_studio.models.maml_wrapper import MAMLLearner as MAMLLearner
-from fewshot_studio.models.maml_wrapper import (
-    Params,
-    Rates,
-    _key,
-    _rate,
-    sgd_step,
+from fewshot_studio.models.layers import (
+    batch_stat_norms,
+    has_running_stats,
+    reference_statistics,
     use_vmap_safe_norms,
 )
-from fewshot_studio.models.registry import METHODS
+from fewshot_studio.models.maml_core import MAML as MAML  # re-exported public API
+from fewshot_studio.models.maml_core import MAMLLearner, Params, Rates, _key
+from fewshot_studio.models.registry import METHODS, MethodCfg
 
 HEAD_W, HEAD_B = "head.weight", "head.bias"
 _BB = "backbone."
@@ -76,46 +69,10 @@ def head_from_prototypes(protos: Tensor, norm: Tensor | float | None = None) -> 
 QUERY_NORMS = ("support", "support+query", "batch")
 
 
-def _batch_stat_norms(module: nn.Module) -> list[nn.Module]:
-    """The batch-statistics norm layers of ``module`` (BatchStatNorm2d, or BatchNorm without
-    running statistics)."""
-    from fewshot_studio.models.backbones.conv4 import BatchStatNorm2d
-
-    return [m for m in module.modules()
-            if isinstance(m, BatchStatNorm2d)
-            or (isinstance(m, nn.modules.batchnorm._BatchNorm) and not m.track_running_stats)]
-
-
-@contextlib.contextmanager
-def reference_statistics(module: nn.Module, groups: int, ref_rows: int) -> Iterator[None]:
-    """Within the block, every batch-statistics norm layer of ``module`` normalises its input
-    ``(n, C, *spatial)``, viewed as ``groups`` groups of ``n // groups`` consecutive rows, with
-    the mean and (biased) variance of the first ``ref_rows`` rows of each group, then applies
-    its (possibly fast, via ``functional_call``) ``weight`` and ``bias``.
-
-    ``groups=1, ref_rows=n_s`` on ``cat([support, queries])``: statistics of the support set
-    only, so a query's output does not depend on the other queries."""
-
-    def hook(mod: nn.Module, inputs: tuple[Tensor, ...], _out: Tensor) -> Tensor:
-        x = inputs[0]
-        g = x.reshape(groups, x.shape[0] // groups, *x.shape[1:])
-        ref = g[:, :ref_rows]
-        dims = [1, *range(3, g.dim())]
-        var, mean = torch.var_mean(ref, dim=dims, unbiased=False, keepdim=True)
-        y = (g - mean) * torch.rsqrt(var + mod.eps)
-        shape = (1, 1, -1, *([1] * (g.dim() - 3)))
-        if getattr(mod, "weight", None) is not None:
-            y = y * mod.weight.view(shape)
-        if getattr(mod, "bias", None) is not None:
-            y = y + mod.bias.view(shape)
-        return y.reshape(x.shape)
-
-    handles = [m.register_forward_hook(hook) for m in _batch_stat_norms(module)]
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
+def _backbone_needs(method_kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """What a configuration needs of its backbone: full MAML, batch statistics (Finn et al.);
+    ANIL, nothing."""
+    return {} if method_kwargs.get("anil", False) else {"track_running_stats": False}
 
 
 @dataclass(frozen=True, eq=False)
@@ -206,7 +163,7 @@ class MAMLPredictor:
         return MAMLPredictor(weights, model, None, sf, sy, refined)
 
 
-@METHODS.register("maml")
+@METHODS.register("maml", cfg=MethodCfg(backbone_needs=_backbone_needs))
 class MAMLClassifier(FewShotClassifier):
     """MAML / FOMAML / Meta-SGD / ANIL with a Proto-MAML head (any ``n_way`` at test time).
 
@@ -223,11 +180,13 @@ class MAMLClassifier(FewShotClassifier):
     better by angle than by distance.
 
     Full MAML needs a backbone whose BatchNorm layers use batch statistics
-    (``track_running_stats=False``, as in Finn et al.). Training (:meth:`meta_loss`) uses the
-    statistics of the query batch, as in Finn et al.; in eval mode the predictor that
-    :meth:`fit` returns normalises queries as ``query_norm`` says (default ``"support"``:
-    statistics of the support set under the adapted weights), so a query's prediction does
-    not depend on the queries scored with it (see :class:`MAMLPredictor`).
+    (``track_running_stats=False``, as in Finn et al.): its registry entry declares it, so
+    :func:`~fewshot_studio.models.create_model` builds the backbone that way. Training
+    (:meth:`meta_loss`) uses the statistics of the query batch, as in Finn et al.; in eval
+    mode the predictor that :meth:`fit` returns normalises queries as ``query_norm`` says
+    (default ``"support"``: statistics of the support set under the adapted weights), so a
+    query's prediction does not depend on the queries scored with it (see
+    :class:`MAMLPredictor`).
     """
 
     method_name = "maml"
@@ -256,8 +215,7 @@ class MAMLClassifier(FewShotClassifier):
             raise ValueError(f"query_norm must be one of {QUERY_NORMS}, got {query_norm!r}")
         self.query_norm = query_norm
         if not anil:
-            if any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
-                   for m in backbone.modules()):
+            if has_running_stats(backbone):
                 raise ValueError("full MAML needs a backbone with track_running_stats=False "
                                  "(batch statistics, as in Finn et al.); or use anil=True")
             use_vmap_safe_norms(backbone)
@@ -343,38 +301,43 @@ class MAMLClassifier(FewShotClassifier):
     def _adapted_names(self, weights: Mapping[str, Tensor]) -> list[str]:
         return [n for n in weights if not self.anil or n in (HEAD_W, HEAD_B)]
 
-    # -- adaptation: autograd (per task) -----------------------------------------------------
+    # -- adaptation: the one inner loop -----------------------------------------------------
+    def learner(self, support: Tensor, support_labels: Tensor, n_way: int,
+                first_order: bool | None = None) -> MAMLLearner:
+        """The MAML learner of one task before adaptation: the fast weights of
+        :meth:`init_weights` (the Proto-MAML head from the ``(n_s, *feature_shape)`` support),
+        :meth:`logits` as its forward, the adapted names, :meth:`rates`."""
+        weights = self.init_weights(support, support_labels, n_way)
+        fo = self.first_order if first_order is None else first_order
+        return MAMLLearner(self.logits, weights, self._adapted_names(weights), self.rates(), fo)
+
     def adapt(self, support: Tensor, support_labels: Tensor, n_way: int, steps: int,
               first_order: bool | None = None) -> Params:
-        """The inner loop on one task with ``torch.autograd.grad`` (:func:`sgd_step`):
-        ``(n_s, *feature_shape)`` support, ``(n_s,)`` labels -> adapted fast weights."""
-        fo = self.first_order if first_order is None else first_order
-        weights = self.init_weights(support, support_labels, n_way)
-        names = self._adapted_names(weights)
-        rates = self.rates()
+        """The inner loop on one task: ``(n_s, *feature_shape)`` support, ``(n_s,)`` labels ->
+        fast weights after ``steps`` SGD steps on the support cross-entropy. Runs under
+        ``torch.func.vmap`` (:meth:`meta_loss`) and under ``torch.no_grad()``."""
+        learner = self.learner(support, support_labels, n_way, first_order)
         for _ in range(steps):
-            # fresh views: the head was computed from the backbone weights, but the inner step
-            # takes partial derivatives, treating every fast weight as an independent variable
-            weights = {n: (v.view_as(v) if n in names else v) for n, v in weights.items()}
-            loss = F.cross_entropy(self.logits(weights, support), support_labels)
-            weights = sgd_step(loss, weights, rates, names, first_order=fo)
-        return weights
+            learner.adapt(lambda lr: F.cross_entropy(lr(support), support_labels))
+        return learner.params
 
     def fit(self, support_features: Tensor, support_labels: Tensor,
             n_way: int | None = None) -> MAMLPredictor:
         """Adapt to a support set (``inner_steps`` in training mode, ``test_inner_steps`` in
         eval mode) and return a predictor over the adapted weights.
 
-        Runs under ``torch.enable_grad()`` even when called under ``no_grad``; then (or in
-        eval mode) nothing outside is differentiated: the result is detached."""
+        Differentiable (second order unless ``first_order``) only in training mode with
+        autograd enabled; otherwise (eval mode, or under ``no_grad``) the inner loop runs
+        first order under ``no_grad`` and the result is detached."""
         n_way = Fn.infer_n_way(support_labels, n_way)
         keep_graph = torch.is_grad_enabled() and self.training
         steps = self.inner_steps if self.training else self.test_inner_steps
-        with torch.enable_grad():
-            if keep_graph:
-                weights = self.adapt(support_features, support_labels, n_way, steps)
-            else:
-                weights = self._adapt_detached(support_features, support_labels, n_way, steps)
+        if keep_graph:
+            weights = self.adapt(support_features, support_labels, n_way, steps)
+        else:
+            with torch.no_grad():
+                weights = self.adapt(support_features, support_labels, n_way, steps,
+                                     first_order=True)
         if self.anil:  # what refine() needs; detached unless fit keeps the graph
             sf = support_features if keep_graph else support_features.detach()
             return MAMLPredictor(weights, self, None, sf, support_labels,
@@ -382,63 +345,34 @@ class MAMLClassifier(FewShotClassifier):
         # eval mode: queries normalised by `query_norm`; training keeps Finn et al.'s query-batch
         # statistics, exactly as meta_loss computes them
         support = None
-        if not self.training and _batch_stat_norms(self.backbone):
+        if not self.training and batch_stat_norms(self.backbone):
             support = support_features.detach()
         return MAMLPredictor(weights, self, support)
 
-    def _adapt_detached(self, support: Tensor, labels: Tensor, n_way: int,
-                        steps: int) -> Params:
-        support = support.detach()
-        weights = {n: v.detach() for n, v in self.init_weights(support, labels, n_way).items()}
-        names = self._adapted_names(weights)
-        rates = self.rates()
-        rates = ({n: r.detach() for n, r in rates.items()} if isinstance(rates, Mapping)
-                 else rates)
-        for _ in range(steps):
-            weights = {n: (v.requires_grad_(True) if n in names else v)
-                       for n, v in weights.items()}
-            loss = F.cross_entropy(self.logits(weights, support), labels)
-            weights = {n: v.detach() for n, v in
-                       sgd_step(loss, weights, rates, names, first_order=True).items()}
-        return weights
+    # -- the task batch: the same per-task loss, vectorised with torch.func.vmap ------------
+    def task_loss(self, support: Tensor, support_labels: Tensor, query: Tensor,
+                  query_labels: Tensor, n_way: int) -> tuple[Tensor, Tensor]:
+        """One task's query loss and accuracy after the inner loop (``inner_steps`` in
+        training mode, ``test_inner_steps`` in eval mode): ``(n_s, *feature_shape)``,
+        ``(n_s,)``, ``(n_q, *feature_shape)``, ``(n_q,)`` -> two scalars."""
+        steps = self.inner_steps if self.training else self.test_inner_steps
+        logits = self.logits(self.adapt(support, support_labels, n_way, steps), query)
+        return F.cross_entropy(logits, query_labels), (logits.argmax(-1) == query_labels) \
+            .float().mean()
 
-    # -- adaptation: torch.func, vectorised over tasks ---------------------------------------
     def meta_loss(self, support_images: Tensor, support_labels: Tensor,
                   query_images: Tensor, query_labels: Tensor,
                   n_way: int | None = None) -> tuple[Tensor, Tensor]:
-        """Mean query loss and accuracy over a task batch, vectorised with ``torch.func``
-        (``vmap`` over tasks; ``grad`` for the inner steps; second order unless
-        ``first_order``). Shapes: ``(T, n_s, C, H, W)``, ``(T, n_s)``, ``(T, n_q, C, H, W)``,
-        ``(T, n_q)``; every task has the same ``n_way`` (given, else ``max label + 1``, which
-        costs a device sync)."""
+        """Mean query loss and accuracy over a task batch: :meth:`task_loss` vectorised with
+        ``torch.func.vmap``. Shapes: ``(T, n_s, C, H, W)``, ``(T, n_s)``,
+        ``(T, n_q, C, H, W)``, ``(T, n_q)``; every task has the same ``n_way`` (given, else
+        ``max label + 1``, which costs a device sync)."""
         if n_way is None:
             n_way = _batch_n_way(support_labels, query_labels)
         sx, qx = self._embed_tasks(support_images), self._embed_tasks(query_images)
-        steps = self.inner_steps if self.training else self.test_inner_steps
-        first_order = self.first_order
-        rates = self.rates()
 
         def task(sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor) -> tuple[Tensor, Tensor]:
-            weights = self.init_weights(sx, sy, n_way)
-            names = self._adapted_names(weights)
-            for _ in range(steps):
-                # first order: the gradient is a constant, so evaluate it on detached inputs
-                if first_order:
-                    base = {n: v.detach() for n, v in weights.items()}
-                    s_in = sx.detach()
-                else:
-                    base, s_in = weights, sx
-                point = {n: base[n] for n in names}
-
-                def inner(a: Params, base: Params = base, s_in: Tensor = s_in,
-                          sy: Tensor = sy) -> Tensor:
-                    return F.cross_entropy(self.logits({**base, **a}, s_in), sy)
-
-                g = grad(inner)(point)
-                weights = {**weights,
-                           **{n: weights[n] - _rate(rates, n) * g[n] for n in names}}
-            logits = self.logits(weights, qx)
-            return F.cross_entropy(logits, qy), (logits.argmax(-1) == qy).float().mean()
+            return self.task_loss(sx, sy, qx, qy, n_way)
 
         losses, accs = vmap(task)(sx, support_labels, qx, query_labels)
         return losses.mean(), accs.mean().detach()
@@ -466,22 +400,11 @@ def _batch_n_way(support_labels: Tensor, query_labels: Tensor) -> int:
 def meta_loss_loop(model: MAMLClassifier, support_images: Tensor, support_labels: Tensor,
                    query_images: Tensor, query_labels: Tensor,
                    n_way: int | None = None) -> tuple[Tensor, Tensor]:
-    """The per-task Python-loop reference for :meth:`MAMLClassifier.meta_loss`: same inputs,
-    same result (loss, accuracy), inner steps by ``torch.autograd.grad`` one task at a time.
-    Under ``no_grad`` it still adapts (locally enabling grad) and returns detached values."""
-    if not torch.is_grad_enabled():
-        with torch.enable_grad():
-            loss, acc = meta_loss_loop(model, support_images, support_labels, query_images,
-                                       query_labels, n_way)
-        return loss.detach(), acc
+    """:meth:`MAMLClassifier.meta_loss` without ``vmap``: the same :meth:`task_loss`, one task
+    at a time in a Python loop (the baseline ``benchmarks/train_speed.py`` times)."""
     if n_way is None:
         n_way = _batch_n_way(support_labels, query_labels)
-    steps = model.inner_steps if model.training else model.test_inner_steps
     sx, qx = model._embed_tasks(support_images), model._embed_tasks(query_images)
-    losses, accs = [], []
-    for s, sy, q, qy in zip(sx, support_labels, qx, query_labels, strict=True):
-        weights = model.adapt(s, sy, n_way, steps)
-        logits = model.logits(weights, q)
-        losses.append(F.cross_entropy(logits, qy))
-        accs.append((logits.argmax(-1) == qy).float().mean())
+    losses, accs = zip(*(model.task_loss(s, sy, q, qy, n_way) for s, sy, q, qy
+                         in zip(sx, support_labels, qx, query_labels, strict=True)), strict=True)
     return torch.stack(losses).mean(), torch.stack(accs).mean().detach()

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from fewshot_studio.data.preprocess import Preprocess
 from fewshot_studio.data.sampler import stack_episodes
 from fewshot_studio.errors import UserError
-from fewshot_studio.models import FewShotClassifier, create_backbone, create_method, model_spec
+from fewshot_studio.models import FewShotClassifier, create_model, model_spec
 from fewshot_studio.training.config import TrainConfig
 
 
@@ -22,13 +22,12 @@ def build_model(config: TrainConfig) -> tuple[FewShotClassifier, dict[str, Any]]
     pre = config.preprocess
     bkw = {"in_channels": pre.channels, "image_size": pre.image_size, **config.backbone_kwargs}
     try:
-        backbone = create_backbone(config.backbone, **bkw)
-        model = create_method(config.method, backbone, **config.method_kwargs)
+        model = create_model(config.method, config.backbone, config.method_kwargs, bkw)
     except KeyError as e:
         raise UserError(str(e).strip("'\"")) from None
     except (TypeError, ValueError) as e:
         raise UserError(f"cannot build {config.method} on {config.backbone}: {e}") from None
-    config_fn = getattr(backbone, "config", None)
+    config_fn = getattr(model.backbone, "config", None)
     bcfg = config_fn() if callable(config_fn) else bkw
     return model, model_spec(model, config.backbone, bcfg)
 

@@ -11,11 +11,13 @@ from fewshot_studio.models.backbones.efficientnet_lite0 import (
     convert_pretrained_lite0,
     pretrained_lite0_path,
 )
+from fewshot_studio.models.backbones.onnx_graph import OnnxGraph
 from fewshot_studio.models.backbones.resnet12 import ResNet12
 
 __all__ = [
     "Conv4",
     "EfficientNetLite0",
+    "OnnxGraph",
     "ResNet12",
     "convert_pretrained_lite0",
     "pretrained_lite0_path",

@@ -5,36 +5,11 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
-from fewshot_studio.models import functional as Fn
-from fewshot_studio.models.registry import BACKBONES
-
-
-class BatchStatNorm2d(nn.Module):
-    """``nn.BatchNorm2d(track_running_stats=False)`` built from elementary ops
-    (:func:`~fewshot_studio.models.functional.batch_stat_norm`): always the current batch's
-    statistics, in training and evaluation. Same parameter names (``weight``, ``bias``) and
-    values; unlike the native op, exact second-order gradients under ``torch.func.vmap``
-    (vectorised MAML)."""
-
-    def __init__(self, num_features: int, eps: float = 1e-5) -> None:
-        super().__init__()
-        self.num_features = num_features
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(num_features))
-        self.bias = nn.Parameter(torch.zeros(num_features))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return Fn.batch_stat_norm(x, self.weight, self.bias, self.eps)
-
-
-def norm2d(channels: int, track_running_stats: bool = True) -> nn.Module:
-    """BatchNorm2d with running statistics, or :class:`BatchStatNorm2d` without."""
-    if track_running_stats:
-        return nn.BatchNorm2d(channels)
-    return BatchStatNorm2d(channels)
+from fewshot_studio.data.preprocess import Preprocess
+from fewshot_studio.models.layers import norm2d
+from fewshot_studio.models.registry import BACKBONES, BackboneCfg
 
 
 def conv_block(in_channels: int, out_channels: int, pool: bool,
@@ -50,14 +25,16 @@ def conv_block(in_channels: int, out_channels: int, pool: bool,
     return nn.Sequential(*layers)
 
 
-@BACKBONES.register("conv4")
+@BACKBONES.register("conv4", cfg=BackboneCfg(Preprocess(
+    image_size=28, channels=1, mean=(0.0,), std=(1.0,), resize="squash")))
 class Conv4(nn.Module):
     """4 x [conv3x3-hidden, BN, ReLU, maxpool 2]; any channels and input size.
 
     ``pool_layers``: how many of the first blocks pool (4 as in ProtoNet/MAML; 2 for the
     Relation Network, giving 64x7x7 maps at 28 px). ``track_running_stats=False`` makes every
-    BatchNorm use the statistics of the current batch, in training and evaluation alike
-    (MAML, as in Finn et al. 2017; also what lets torch.func.vmap run it per task).
+    BatchNorm a :class:`~fewshot_studio.models.layers.BatchStatNorm2d`: the statistics of the
+    current batch, in training and evaluation alike (full MAML, as in Finn et al. 2017; also
+    what lets torch.func.vmap run it per task). Default input: 28 px grayscale (Omniglot).
 
     ``(n, in_channels, H, W)`` -> ``(n, hidden, h, w)`` feature maps; ``feature_shape`` is
     ``(hidden, h, w)`` for ``image_size``.

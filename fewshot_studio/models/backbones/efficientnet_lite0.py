@@ -22,14 +22,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fewshot_studio.data.preprocess import Preprocess
 from fewshot_studio.errors import UserError
-from fewshot_studio.models.registry import BACKBONES
+from fewshot_studio.models.layers import norm2d
+from fewshot_studio.models.registry import BACKBONES, BackboneCfg
 
 LITE0_MEAN = (0.5, 0.5, 0.5)
 LITE0_STD = (0.5, 0.5, 0.5)
 WEIGHTS_FILENAME = "efficientnet_lite0_imagenet.safetensors"
 _BN_EPS = 1e-3
 _BN_MOMENTUM = 0.01
+_RUNNING = ("running_mean", "running_var", "num_batches_tracked")
 
 # (kernel, stride, expand ratio, out channels, repeats) per stage, as in EfficientNet-B0.
 _STAGES = (
@@ -73,8 +76,8 @@ class SameConv2d(nn.Conv2d):
         return super().forward(x)
 
 
-def _bn(c: int) -> nn.BatchNorm2d:
-    return nn.BatchNorm2d(c, eps=_BN_EPS, momentum=_BN_MOMENTUM)
+def _bn(c: int, track_running_stats: bool = True) -> nn.Module:
+    return norm2d(c, track_running_stats, eps=_BN_EPS, momentum=_BN_MOMENTUM)
 
 
 class MBConv(nn.Module):
@@ -82,17 +85,19 @@ class MBConv(nn.Module):
     BN (+ identity when the shape is kept)."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int,
-                 expand_ratio: int) -> None:
+                 expand_ratio: int, track_running_stats: bool = True) -> None:
         super().__init__()
         mid = in_channels * expand_ratio
+        trs = track_running_stats
         self.expand: nn.Module
         if expand_ratio != 1:
-            self.expand = nn.Sequential(SameConv2d(in_channels, mid, 1), _bn(mid), nn.ReLU6())
+            self.expand = nn.Sequential(SameConv2d(in_channels, mid, 1), _bn(mid, trs),
+                                        nn.ReLU6())
         else:
             self.expand = nn.Identity()
         self.depthwise = nn.Sequential(SameConv2d(mid, mid, kernel_size, stride, groups=mid),
-                                       _bn(mid), nn.ReLU6())
-        self.project = nn.Sequential(SameConv2d(mid, out_channels, 1), _bn(out_channels))
+                                       _bn(mid, trs), nn.ReLU6())
+        self.project = nn.Sequential(SameConv2d(mid, out_channels, 1), _bn(out_channels, trs))
         self.residual = stride == 1 and in_channels == out_channels
 
     def forward(self, x: Tensor) -> Tensor:
@@ -100,7 +105,8 @@ class MBConv(nn.Module):
         return out + x if self.residual else out
 
 
-@BACKBONES.register("efficientnet_lite0")
+@BACKBONES.register("efficientnet_lite0", cfg=BackboneCfg(Preprocess(
+    image_size=224, channels=3, mean=LITE0_MEAN, std=LITE0_STD, resize="center_crop")))
 class EfficientNetLite0(nn.Module):
     """EfficientNet-Lite0 feature extractor (optionally ImageNet-pretrained).
 
@@ -109,12 +115,13 @@ class EfficientNetLite0(nn.Module):
     :func:`lite0_readout`). ``pretrained=True`` loads the converted ImageNet weights
     (converting the pip package's file on first use); ``in_channels=1`` sums the pretrained
     stem over RGB. ``block_weight``: the multilevel readout's initial weight of the block
-    part (a trained parameter).
+    part (a trained parameter). ``track_running_stats=False``: every BatchNorm uses the
+    current batch's statistics (full MAML; the ImageNet running statistics are then unused).
     """
 
     def __init__(self, in_channels: int = 3, image_size: int = 224,
                  pretrained: bool = False, readout: str = "head",
-                 block_weight: float = 0.7) -> None:
+                 block_weight: float = 0.7, track_running_stats: bool = True) -> None:
         super().__init__()
         if readout not in READOUTS:
             raise ValueError(f"readout must be one of {READOUTS}, got {readout!r}")
@@ -122,25 +129,29 @@ class EfficientNetLite0(nn.Module):
         self.image_size = image_size
         self.pretrained = pretrained
         self.readout = readout
+        self.track_running_stats = track_running_stats
         multilevel = readout == "multilevel"
         self.out_channels = HEAD_CHANNELS + (BLOCK_CHANNELS if multilevel else 0)
         self.block_weight: nn.Parameter | None = (
             nn.Parameter(torch.tensor(float(block_weight))) if multilevel else None)
         self.stem = nn.Sequential(SameConv2d(in_channels, STEM_CHANNELS, 3, 2),
-                                  _bn(STEM_CHANNELS), nn.ReLU6())
+                                  _bn(STEM_CHANNELS, track_running_stats), nn.ReLU6())
         blocks: list[nn.Module] = []
         c = STEM_CHANNELS
         for k, s, e, out, repeats in _STAGES:
             for r in range(repeats):
-                blocks.append(MBConv(c, out, k, s if r == 0 else 1, e))
+                blocks.append(MBConv(c, out, k, s if r == 0 else 1, e, track_running_stats))
                 c = out
         self.blocks = nn.Sequential(*blocks)
-        self.head = nn.Sequential(SameConv2d(c, HEAD_CHANNELS, 1), _bn(HEAD_CHANNELS),
-                                  nn.ReLU6())
+        self.head = nn.Sequential(SameConv2d(c, HEAD_CHANNELS, 1),
+                                  _bn(HEAD_CHANNELS, track_running_stats), nn.ReLU6())
         self._init_weights()
         self.feature_shape = self.feature_shape_for(image_size)
         if pretrained:
-            self.load_state_dict(load_pretrained_lite0_state(in_channels))
+            state = load_pretrained_lite0_state(in_channels)
+            if not track_running_stats:  # batch statistics: no running ones to load
+                state = {k: v for k, v in state.items() if not k.endswith(_RUNNING)}
+            self.load_state_dict(state)
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str,
                               *args: Any) -> None:
@@ -175,6 +186,8 @@ class EfficientNetLite0(nn.Module):
                                   "image_size": self.image_size, "pretrained": False}
         if self.readout != "head":
             config["readout"] = self.readout
+        if not self.track_running_stats:
+            config["track_running_stats"] = False
         return config
 
     def forward(self, x: Tensor) -> Tensor:

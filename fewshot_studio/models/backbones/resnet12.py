@@ -8,8 +8,9 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from fewshot_studio.models.backbones.conv4 import norm2d
-from fewshot_studio.models.registry import BACKBONES
+from fewshot_studio.data.preprocess import Preprocess
+from fewshot_studio.models.layers import norm2d
+from fewshot_studio.models.registry import BACKBONES, BackboneCfg
 
 
 class ResidualBlock(nn.Module):
@@ -41,12 +42,14 @@ class ResidualBlock(nn.Module):
         return self.pool(self.act(out + self.shortcut(x)))
 
 
-@BACKBONES.register("resnet12")
+@BACKBONES.register("resnet12", cfg=BackboneCfg(Preprocess(
+    image_size=84, channels=3, mean=(0.5,) * 3, std=(0.5,) * 3, resize="center_crop")))
 class ResNet12(nn.Module):
     """ResNet-12, widths 64-160-320-640 by default (``widths`` configurable).
 
     ``(n, in_channels, H, W)`` -> ``(n, widths[-1], H/16, W/16)`` (floor at each pool): 5x5 at
-    84 px. ``track_running_stats=False``: batch statistics always (MAML).
+    84 px. ``track_running_stats=False``: batch statistics always (full MAML). Default input:
+    84 px RGB (miniImageNet).
     """
 
     def __init__(self, in_channels: int = 3, image_size: int = 84,
