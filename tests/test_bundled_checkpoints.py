@@ -21,7 +21,6 @@ from fewshot_studio.data.images import load_and_preprocess
 from fewshot_studio.data.preprocess import Preprocess
 from fewshot_studio.io.checkpoint import load_checkpoint, read_metadata
 from fewshot_studio.paths import bundled_checkpoints, resources_dir
-from fewshot_studio.training.evaluate import fit_needs_grad
 
 BUNDLED = bundled_checkpoints()
 EXPECTED = ("omniglot-protonet", "omniglot-relation", "omniglot-maml", "natural-protonet",
@@ -85,7 +84,7 @@ def _one_shot_accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
     for j in range(per_class):
         s = torch.arange(n_way) * per_class + j
         q = torch.tensor([i for i in range(len(y)) if i % per_class != j])
-        with torch.enable_grad() if fit_needs_grad(model) else torch.no_grad():
+        with torch.enable_grad() if model.fit_needs_grad else torch.no_grad():
             logits = model.fit(feats[s], y[s], n_way)(feats[q]).detach()
         correct += int((logits.argmax(-1) == y[q]).sum())
         total += len(q)

@@ -1,12 +1,16 @@
 """Data-parallel training: 2 CPU processes with gloo on a tiny generated dataset. One
-checkpoint set is written (rank 0), and the ranks' parameters stay identical."""
+checkpoint set is written (rank 0), and the ranks' parameters stay identical.
+
+The workers meet through a file store (``file://``), not a TCP port: a port picked free
+beforehand can be taken by another process before rank 0 binds it (a flaky test). The trainer
+joins the process group it finds, as under torchrun."""
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.multiprocessing as mp
 from fixtures_train import make_glyphs
 from safetensors.torch import load_file, save_file
@@ -18,18 +22,20 @@ from fewshot_studio.training.trainer import TrainResult, load_train_state, train
 WORLD = 2
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _worker(rank: int, port: int, data: str, out: str, report: str) -> None:
+def _worker(rank: int, store: str, data: str, out: str, report: str) -> None:
     import os
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank))
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank,
+                            world_size=WORLD)
+    try:
+        _train_and_report(rank, data, out, report)
+    finally:
+        dist.destroy_process_group()
+
+
+def _train_and_report(rank: int, data: str, out: str, report: str) -> None:
     cfg = TrainConfig(data=(data,), way=4, shot=1, query=3, episodes=6, val_every=3,
                       val_episodes=5, val_way=3, val_fraction=0.3, out=out, log_every=2,
                       backbone_kwargs={"hidden": 16}, device="cpu", seed=0)
@@ -47,7 +53,8 @@ def test_two_process_gloo_run(tmp_path: Path) -> None:
     make_glyphs(data, n_classes=10, n_per_class=8, seed=2)
     out, report = tmp_path / "run", tmp_path / "report"
     report.mkdir()
-    mp.spawn(_worker, args=(_free_port(), str(data), str(out), str(report)), nprocs=WORLD,
+    store = tmp_path / "store"  # created by the process group; must not exist yet
+    mp.spawn(_worker, args=(str(store), str(data), str(out), str(report)), nprocs=WORLD,
              join=True)
 
     written = sorted(p.name for p in out.iterdir())

@@ -376,3 +376,26 @@ def test_known_n_way_gives_the_same_loss_as_inferring_it(method: str, tmp_path: 
     train_step(step_module, opt, batch, n_way=5)
     train_step(step_module, opt, batch)
     assert seen == [5, None]
+
+
+def test_run_state_round_trips_through_the_resume_file(tmp_path: Path) -> None:
+    from fewshot_studio.training.evaluate import EvalResult
+    from fewshot_studio.training.train_state import RunState, model_state
+
+    model, _ = build_model(TrainConfig(backbone_kwargs={"hidden": 4}))
+    opt = torch.optim.Adam(model.parameters())
+    val = EvalResult(0.75, 0.02, 60, [0.5, 1.0], 5, 1, 5, 1)
+    state = RunState(step=12, best_acc=0.75, best_val=val, elapsed_before=3.0)
+    path = tmp_path / RESUME
+    state.save(path, model, opt, config={"way": 5}, elapsed_s=4.5, sampler_states=[None],
+               world_size=1, rng_states=[torch.Generator().get_state()])
+    tensors, meta = load_train_state(path)
+    back = RunState.from_saved(meta)
+    assert (back.step, back.best_acc, back.elapsed_before) == (12, 0.75, 4.5)
+    assert back.best_val == EvalResult(0.75, 0.02, 60, [], 5, 1, 5, 1)  # no per-episode list
+    assert meta["config"] == {"way": 5} and meta["world_size"] == 1
+    weights = model_state(tensors)
+    assert weights.keys() == model.state_dict().keys()
+    for k, v in model.state_dict().items():
+        assert torch.equal(weights[k], v), k
+    assert RunState.from_saved({"step": 3}) == RunState(step=3)

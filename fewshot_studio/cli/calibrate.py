@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fewshot_studio.cli import help_texts
-from fewshot_studio.cli.evaluate import add_episode_args, data_paths, load_for_episodes
+from fewshot_studio.cli.episode_args import add_episode_args, data_paths, load_for_episodes
 from fewshot_studio.progress import ProgressBar, run_with_bar
 
 if TYPE_CHECKING:
@@ -62,21 +62,6 @@ def calibrate_with_bar(model: Any, images: Any, preprocess: Any, way: int, shot:
         ProgressBar("calibrate", unit="ep"), CalibrationResult)
 
 
-def write_calibration(path: Path, record: dict[str, Any]) -> None:
-    """Store ``record`` as the checkpoint's ``evaluation["calibration"]``: an atomic rewrite
-    through ``save_checkpoint`` that keeps the stored weights' dtype (fp16 stays fp16)."""
-    import torch
-    from safetensors import safe_open
-
-    from fewshot_studio.io.checkpoint import CALIBRATION_KEY, load_checkpoint, save_checkpoint
-
-    ckpt = load_checkpoint(path)
-    with safe_open(str(path), framework="pt") as f:
-        half = any(f.get_slice(k).get_dtype() == "F16" for k in f.keys())  # noqa: SIM118
-    ckpt.evaluation = {**ckpt.evaluation, CALIBRATION_KEY: record}
-    save_checkpoint(path, ckpt, dtype=torch.float16 if half else None)
-
-
 def run(args: argparse.Namespace) -> int:
     """Fit (or with ``--check`` measure) the temperature; ``--write`` records it."""
     from fewshot_studio.errors import UserError
@@ -97,7 +82,10 @@ def run(args: argparse.Namespace) -> int:
         print("recorded temperature (not fitted):", file=sys.stderr)
     print(result)
     if args.write:
-        write_calibration(path, result.to_metadata(
+        from fewshot_studio.io.checkpoint import CALIBRATION_KEY
+        from fewshot_studio.training.records import record_result
+
+        record_result(path, CALIBRATION_KEY, result.to_metadata(
             data=[Path(d).name for d in data_paths(args)], classes=args.classes))
         print(f"recorded temperature {result.temperature:.4f} in {path}", file=sys.stderr)
     return 0

@@ -38,12 +38,12 @@ def run_headless_demo(train_seconds: float = 45.0, eval_episodes: int = 200,
     ``train_seconds`` on images_background, then print its 5-way and 20-way 1-shot accuracy
     on images_evaluation (``eval_episodes`` episodes each, 15 queries per class). Returns the
     exit code; the checkpoint stays in ``out`` (default: the user cache directory)."""
-    from fewshot_studio.cli.evaluate import evaluate_with_bar
     from fewshot_studio.data.preprocess import Preprocess
     from fewshot_studio.io.checkpoint import load_checkpoint
     from fewshot_studio.paths import user_cache_dir
     from fewshot_studio.training.config import TrainConfig
     from fewshot_studio.training.distributed import resolve_device
+    from fewshot_studio.training.evaluate import evaluate_with_bar
     from fewshot_studio.training.train_data import load_eval_images
     from fewshot_studio.training.trainer import TrainResult, train
 

@@ -29,11 +29,7 @@ from torch import Tensor
 from fewshot_studio.data.preprocess import Preprocess
 from fewshot_studio.models.base import FewShotClassifier
 from fewshot_studio.progress import Progress
-from fewshot_studio.training.evaluate import (
-    episode_features,
-    fit_needs_grad,
-    fixed_episodes,
-)
+from fewshot_studio.training.evaluate import episode_features, fixed_episodes
 
 ECE_BINS = 15
 _LOG_T_RANGE = (-6.0, 6.0)  # search interval of log T: T in [0.0025, 403]
@@ -140,7 +136,7 @@ def collect_logits_iter(model: FewShotClassifier, images: Any, preprocess: Prepr
     eps, query = fixed_episodes(images, way, shot, query, episodes, seed)
     was_training = model.training
     model.eval()
-    needs_grad = fit_needs_grad(model)
+    needs_grad = model.fit_needs_grad
     all_logits: list[Tensor] = []
     all_labels: list[Tensor] = []
     try:

@@ -135,46 +135,53 @@ class TrainConfig:
 
     # -- checks --------------------------------------------------------------------------
     def validate(self) -> None:
-        """Raise :class:`UserError` for settings that cannot work (before any work starts)."""
-        def bad(msg: str) -> None:
-            raise UserError(msg)
+        """Raise :class:`UserError` for settings that cannot work (before any work starts):
+        the first of :meth:`_check_choices`' and then :meth:`_check_numbers`' problems."""
+        self._check_choices()
+        self._check_numbers()
 
+    def _check_choices(self) -> None:
+        """Data given; registry names, split, schedule, augmentation, device and rotations
+        known."""
         if not self.data:
-            bad("no training data given (--data)")
+            raise UserError("no training data given (--data)")
         from fewshot_studio.models import BACKBONES, METHODS
 
         for registry, name in ((METHODS, self.method), (BACKBONES, self.backbone)):
             if name not in registry:
-                bad(f"unknown {registry.kind} {name!r} (known: {', '.join(registry.names())})")
-        if self.split not in SPLITS:
-            bad(f"unknown split {self.split!r} (choose from {', '.join(SPLITS)})")
-        if self.schedule not in SCHEDULES:
-            bad(f"unknown schedule {self.schedule!r} (choose from {', '.join(SCHEDULES)})")
-        if self.augment not in AUGMENTS:
-            bad(f"unknown augmentation {self.augment!r} (choose from {', '.join(AUGMENTS)})")
-        if self.device not in DEVICES:
-            bad(f"unknown device {self.device!r} (choose from {', '.join(DEVICES)})")
+                raise UserError(f"unknown {registry.kind} {name!r} "
+                                f"(known: {', '.join(registry.names())})")
+        for what, value, choices in (("split", self.split, SPLITS),
+                                     ("schedule", self.schedule, SCHEDULES),
+                                     ("augmentation", self.augment, AUGMENTS),
+                                     ("device", self.device, DEVICES)):
+            if value not in choices:
+                raise UserError(f"unknown {what} {value!r} (choose from {', '.join(choices)})")
         for r in self.rotations:
             if r not in ROTATIONS:
-                bad(f"rotation {r} not supported (choose from 0, 90, 180, 270)")
+                raise UserError(f"rotation {r} not supported (choose from 0, 90, 180, 270)")
+
+    def _check_numbers(self) -> None:
+        """Episode sizes, counts, rates and fractions in range; options that need another."""
         for name in ("way", "shot", "query", "meta_batch", "val_way", "val_shot", "val_query"):
             value = getattr(self, name)
             if value is not None and value < 1:
-                bad(f"{name.replace('_', '-')} must be at least 1")
-        if self.way < 2 or self.val_way < 2:
-            bad("way must be at least 2")
-        if self.episodes < 1:
-            bad("episodes must be at least 1")
-        if not 0.0 <= self.within_alphabet_fraction <= 1.0:
-            bad("--within-alphabet-fraction must be between 0 and 1")
-        if self.lr <= 0:
-            bad("lr must be positive")
-        if not 0.0 < self.val_fraction < 1.0 and self.split in ("random", "groups"):
-            bad("--val-classes fraction must be between 0 and 1")
-        if self.fit_schedule and not self.time_limit_s:
-            bad("--fit-schedule needs --time-limit")
-        if self.split == "files" and not self.val_classes:
-            bad("split 'files' needs a validation class list (--val-classes FILE)")
+                raise UserError(f"{name.replace('_', '-')} must be at least 1")
+        problems = (
+            (self.way < 2 or self.val_way < 2, "way must be at least 2"),
+            (self.episodes < 1, "episodes must be at least 1"),
+            (not 0.0 <= self.within_alphabet_fraction <= 1.0,
+             "--within-alphabet-fraction must be between 0 and 1"),
+            (self.lr <= 0, "lr must be positive"),
+            (not 0.0 < self.val_fraction < 1.0 and self.split in ("random", "groups"),
+             "--val-classes fraction must be between 0 and 1"),
+            (self.fit_schedule and not self.time_limit_s, "--fit-schedule needs --time-limit"),
+            (self.split == "files" and not self.val_classes,
+             "split 'files' needs a validation class list (--val-classes FILE)"),
+        )
+        for bad, message in problems:
+            if bad:
+                raise UserError(message)
 
     @property
     def has_validation(self) -> bool:

@@ -17,7 +17,11 @@ import torch
 
 from fewshot_studio.data.preprocess import Preprocess
 from fewshot_studio.errors import UserError
+from fewshot_studio.io.checkpoint import Checkpoint, load_checkpoint
+from fewshot_studio.models.base import FewShotClassifier
+from fewshot_studio.paths import resolve_checkpoint
 from fewshot_studio.training.config import TrainConfig
+from fewshot_studio.training.distributed import resolve_device
 from fewshot_studio.training.evaluate import default_query
 
 
@@ -278,3 +282,21 @@ def load_eval_images(data: Sequence[str], pre: Preprocess, classes: str | None =
         listed = "; ".join(f"{m} ({why})" for m, why in images.skipped[:10])
         warnings.warn(f"skipped {len(images.skipped)} unreadable files: {listed}", stacklevel=2)
     return images
+
+
+def load_for_episodes(checkpoint: str, data: Sequence[str], classes: str | None = None,
+                      splits_dir: str | None = None, device: str = "auto"
+                      ) -> tuple[Path, Checkpoint, FewShotClassifier, Any, torch.device]:
+    """What running fixed episodes of a checkpoint needs (``eval``, ``calibrate``):
+    ``(checkpoint path, Checkpoint, model in eval mode on the device, InMemoryImages,
+    device)``. ``checkpoint``: a bundled name or a file; the other arguments as
+    :func:`load_eval_images` takes them. One-line UserErrors on bad input."""
+    path = resolve_checkpoint(checkpoint)
+    ckpt = load_checkpoint(path)
+    dev = resolve_device(device)
+    images = load_eval_images(data, ckpt.preprocess, classes, splits_dir, dev)
+    try:
+        model = ckpt.build(dev)
+    except (KeyError, RuntimeError, TypeError, ValueError) as e:
+        raise UserError(f"{path}: cannot build the model it describes ({e})") from None
+    return path, ckpt, model, images, dev

@@ -16,9 +16,9 @@ into the run directory:
 Closing the generator (the GUI's cancel) or Ctrl-C saves ``last`` and ``resume`` first.
 Under ``torchrun`` each rank samples its own episodes and only rank 0 writes files.
 
-The loop lives here; data preparation in :mod:`.train_data`, the model / schedule / batch /
-step pieces in :mod:`.steps` and the resume state in :mod:`.train_state` (all importable from
-here too).
+The loop lives here (:class:`_Run`, one method per stage of a step); data preparation in
+:mod:`.train_data`, the model / schedule / batch / step pieces in :mod:`.steps` and the resume
+state (:class:`~.train_state.RunState`) in :mod:`.train_state` (all importable from here too).
 """
 
 from __future__ import annotations
@@ -61,11 +61,12 @@ from fewshot_studio.training.steps import (
     make_optimizer,
     train_step,
 )
-from fewshot_studio.training.train_data import prepare_data
+from fewshot_studio.training.train_data import TrainData, prepare_data
 from fewshot_studio.training.train_state import (
-    _optimizer_from_flat,
+    RunState,
     load_train_state,
-    save_train_state,
+    model_state,
+    optimizer_from_flat,
 )
 
 BEST = "best.safetensors"
@@ -140,44 +141,87 @@ def train(config: TrainConfig, resume: bool = False) -> Iterator[Progress]:
         distributed.teardown(info)
 
 
-def _train(config: TrainConfig, resume: bool, info: distributed.DistInfo
-           ) -> Iterator[Progress]:
-    device = info.device
-    if device.type == "cuda":  # fixed episode shapes: let cuDNN pick its fastest kernels
-        torch.backends.cudnn.benchmark = True
-    run_dir = Path(config.out).expanduser()
+def _load_resume(config: TrainConfig, resume: bool, run_dir: Path
+                 ) -> tuple[dict[str, Tensor], dict[str, Any]] | None:
+    """The saved state to continue from (``resume``), else None; UserError when resuming a
+    different model, or when a fresh run would overwrite one."""
     state_path = run_dir / RESUME
-    saved: tuple[dict[str, Tensor], dict[str, Any]] | None = None
-    if resume:
-        saved = load_train_state(state_path)
-        old = TrainConfig.from_dict(saved[1]["config"])
-        for key in ("method", "method_kwargs", "backbone", "backbone_kwargs", "preprocess"):
-            if getattr(old, key) != getattr(config, key):
-                raise UserError(f"cannot resume: {key} differs from the run in {run_dir}")
-    elif state_path.exists():
-        raise UserError(f"{run_dir} already holds a run: pass --resume to continue it, or "
-                        "choose another --out")
+    if not resume:
+        if state_path.exists():
+            raise UserError(f"{run_dir} already holds a run: pass --resume to continue it, "
+                            "or choose another --out")
+        return None
+    saved = load_train_state(state_path)
+    old = TrainConfig.from_dict(saved[1]["config"])
+    for key in ("method", "method_kwargs", "backbone", "backbone_kwargs", "preprocess"):
+        if getattr(old, key) != getattr(config, key):
+            raise UserError(f"cannot resume: {key} differs from the run in {run_dir}")
+    return saved
 
-    first = int(saved[1]["step"]) if saved is not None else 0
-    yield Progress(first, config.episodes, message="loading data")
+
+def _prepare(config: TrainConfig, device: torch.device) -> TrainData:
+    """The training data on ``device``, warning about the files that could not be read."""
     data = prepare_data(config, device)
     if data.skipped:
         listed = "; ".join(f"{m} ({why})" for m, why in data.skipped[:10])
         more = f" and {len(data.skipped) - 10} more" if len(data.skipped) > 10 else ""
         warnings.warn(f"skipped {len(data.skipped)} unreadable files: {listed}{more}",
-                      stacklevel=2)
+                      stacklevel=3)
+    return data
 
-    torch.manual_seed(config.seed)
-    model, spec = build_model(config)
-    model.to(device)
-    opt = make_optimizer(model.parameters(), config.lr, config.weight_decay, device)
-    step_module = distributed.wrap(model, info)
-    if config.compile:
-        step_module = compile_step(step_module, device)
 
-    def make_sampler(seed: int) -> EpisodeSampler:
+def _train(config: TrainConfig, resume: bool, info: distributed.DistInfo
+           ) -> Iterator[Progress]:
+    if info.device.type == "cuda":  # fixed episode shapes: let cuDNN pick its fastest kernels
+        torch.backends.cudnn.benchmark = True
+    run_dir = Path(config.out).expanduser()
+    saved = _load_resume(config, resume, run_dir)
+    first = int(saved[1]["step"]) if saved is not None else 0
+    yield Progress(first, config.episodes, message="loading data")
+    run = _Run(config, info, _prepare(config, info.device), run_dir)
+    if saved is not None:
+        run.restore(*saved)
+    run.start(resume)
+    yield from run.loop()
+
+
+class _Run:
+    """One training process: the model, optimiser, episode stream and :class:`RunState`, and
+    the stages of a step (schedule, log, validate, save) as methods."""
+
+    def __init__(self, config: TrainConfig, info: distributed.DistInfo, data: TrainData,
+                 run_dir: Path) -> None:
+        self.config, self.info, self.data, self.run_dir = config, info, data, run_dir
+        device = info.device
+        torch.manual_seed(config.seed)
+        self.model, self.spec = build_model(config)
+        self.model.to(device)
+        self.opt = make_optimizer(self.model.parameters(), config.lr, config.weight_decay,
+                                  device)
+        self.step_module = distributed.wrap(self.model, info)
+        if config.compile:
+            self.step_module = compile_step(self.step_module, device)
+        self.sampler = self._sampler(config.seed + info.rank)
+        if config.val_within_alphabet and data.val is not None:  # a UserError now, not later
+            fixed_episodes(data.val, config.val_way, config.val_shot, data.val_query, 1, 0,
+                           True)
+        self.gen = torch.Generator(device=device)
+        self.gen.manual_seed(config.seed + 7919 * (info.rank + 1))
+        self.batches = BatchMaker(data.train.images, config.preprocess, config.augment,
+                                  self.gen, config.augment_strength)
+        self.state = RunState()
+        self.saved_step = -1  # the step of the last checkpoint written
+        self.log: _MetricsLog | None = None  # rank 0's metrics.csv, from start()
+        self.hardware = hardware_name(device)
+        self.t0 = time.perf_counter()  # restarted by start()
+        self.metrics: dict[str, float] = {}
+        self.ckpt_dtype = torch.float16 if config.fp16_checkpoints else None
+        self.amp = config.amp and device.type == "cuda"
+
+    def _sampler(self, seed: int) -> EpisodeSampler:
         """The training stream: random-class episodes, ``within_alphabet_fraction`` of them
         within one alphabet (support and query by different drawers)."""
+        config, data = self.config, self.data
         hard: dict[str, Any] = {}
         if config.within_alphabet_fraction > 0:
             hard = {**within_alphabet_args(data.train),
@@ -185,173 +229,199 @@ def _train(config: TrainConfig, resume: bool, info: distributed.DistInfo
         return EpisodeSampler(data.train.targets, config.way, config.shot, config.query,
                               seed=seed, class_names=data.train_classes, **hard)
 
-    sampler = make_sampler(config.seed + info.rank)
-    if config.val_within_alphabet and data.val is not None:  # a UserError now, not later
-        fixed_episodes(data.val, config.val_way, config.val_shot, data.val_query, 1, 0, True)
-    gen = torch.Generator(device=device)
-    gen.manual_seed(config.seed + 7919 * (info.rank + 1))
-    batches = BatchMaker(data.train.images, config.preprocess, config.augment, gen,
-                         config.augment_strength)
-
-    start = 0
-    best_acc = -1.0
-    best_val: EvalResult | None = None
-    elapsed_before = 0.0
-    if saved is not None:
-        tensors, meta = saved
-        model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-        _optimizer_from_flat(opt, tensors, meta["optimizer"])
-        start = int(meta["step"])
-        best_acc = float(meta.get("best_acc", -1.0))
-        if meta.get("best_val"):
-            b = meta["best_val"]
-            best_val = EvalResult(b["accuracy"], b["ci95"], b["episodes"], [], b["way"],
-                                  b["shot"], b["query"], b["seed"])
-        elapsed_before = float(meta.get("elapsed_s", 0.0))
+    def restore(self, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
+        """Continue from a saved state: weights, optimiser, :class:`RunState`, this rank's
+        episode stream and augmentation RNG (a fresh, distinct stream if none was saved for
+        it), the global torch RNG."""
+        rank = self.info.rank
+        self.model.load_state_dict(model_state(tensors))
+        optimizer_from_flat(self.opt, tensors, meta["optimizer"])
+        self.state = RunState.from_saved(meta)
+        self.saved_step = self.state.step
         samplers = meta.get("sampler_states", [])
-        rng = tensors.get(f"rng.{info.rank}")
-        if (info.rank < len(samplers) and samplers[info.rank] is not None
-                and rng is not None and len(samplers) == info.world_size):
-            sampler.load_state_dict(samplers[info.rank])
-            gen.set_state(rng)
+        rng = tensors.get(f"rng.{rank}")
+        if (rank < len(samplers) and samplers[rank] is not None
+                and rng is not None and len(samplers) == self.info.world_size):
+            self.sampler.load_state_dict(samplers[rank])
+            self.gen.set_state(rng)
         else:  # no saved stream for this rank: a fresh one, distinct from the first run's
-            fresh = config.seed + info.rank + 1_000_003 * start
-            sampler = make_sampler(fresh)
-            gen.manual_seed(fresh + 7919)
+            fresh = self.config.seed + rank + 1_000_003 * self.state.step
+            self.sampler = self._sampler(fresh)
+            self.gen.manual_seed(fresh + 7919)
         if "rng.torch" in tensors:
             torch.set_rng_state(tensors["rng.torch"])
 
-    if info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        log = _MetricsLog(run_dir / METRICS, start if resume else None)
-    val_sampler_seed = config.seed + 1
-    hw = hardware_name(device)
-    t0 = time.perf_counter()
-    amp = config.amp and device.type == "cuda"
-    ckpt_dtype = torch.float16 if config.fp16_checkpoints else None
+    def start(self, resume: bool) -> None:
+        """Open the run directory and its metrics log (rank 0) and start the clock."""
+        if self.info.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self.log = _MetricsLog(self.run_dir / METRICS,
+                                   self.state.step if resume else None)
+        self.t0 = time.perf_counter()
 
-    def elapsed() -> float:
-        return elapsed_before + time.perf_counter() - t0
+    def elapsed(self) -> float:
+        return self.state.elapsed_before + time.perf_counter() - self.t0
 
-    def checkpoint(step: int, val: EvalResult | None) -> Checkpoint:
+    # -- checkpoints -------------------------------------------------------------------------
+    def checkpoint(self, val: EvalResult | None) -> Checkpoint:
+        """The model at ``state.step`` with its training metadata and ``val`` (if any)."""
+        config, data = self.config, self.data
         training = {
-            "config": config.to_dict(), "step": step, "world_size": info.world_size,
-            "hardware": hw, "wall_time_s": round(elapsed(), 1),
+            "config": config.to_dict(), "step": self.state.step,
+            "world_size": self.info.world_size, "hardware": self.hardware,
+            "wall_time_s": round(self.elapsed(), 1),
             "train_classes": len(data.train_classes), "val_classes": len(data.val_classes),
             "skipped_files": len(data.skipped),
         }
         evaluation = {}
         if val is not None:
             evaluation[validation_key(config)] = val.to_dict()
-        return Checkpoint(model=spec, preprocess=config.preprocess,
-                          state_dict={k: v.detach().cpu() for k, v in model.state_dict().items()},
-                          name=config.name or run_dir.name, description=config.description,
-                          training=training, evaluation=evaluation)
+        state_dict = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
+        return Checkpoint(model=self.spec, preprocess=config.preprocess, state_dict=state_dict,
+                          name=config.name or self.run_dir.name,
+                          description=config.description, training=training,
+                          evaluation=evaluation)
 
-    def save_all(step: int, val: EvalResult | None) -> None:
+    def _save_state(self, sampler_states: list[Any], rng_states: list[Tensor]) -> None:
+        self.state.save(self.run_dir / RESUME, self.model, self.opt,
+                        config=self.config.to_dict(), elapsed_s=self.elapsed(),
+                        sampler_states=sampler_states, world_size=self.info.world_size,
+                        rng_states=rng_states)
+
+    def save_all(self, val: EvalResult | None) -> None:
         """Write last (+ best when ``val`` is a new best) and the resume state.
 
         Collective under DDP (every rank sends its RNG state); only rank 0 writes."""
-        sampler_states = distributed.gather_json(sampler.state_dict(), info)
-        rng_states = distributed.all_gather_tensor(gen.get_state(), info)
+        info = self.info
+        sampler_states = distributed.gather_json(self.sampler.state_dict(), info)
+        rng_states = distributed.all_gather_tensor(self.gen.get_state(), info)
         if not info.is_main:
             return
-        ckpt = checkpoint(step, val if val is not None else best_val)
-        save_checkpoint(run_dir / LAST, ckpt, dtype=ckpt_dtype)
-        if val is not None and val.accuracy > best_acc_box[0]:
-            best_acc_box[0] = val.accuracy
-            save_checkpoint(run_dir / BEST, ckpt, dtype=ckpt_dtype)
-        elif not config.has_validation:
-            save_checkpoint(run_dir / BEST, ckpt, dtype=ckpt_dtype)
-        save_train_state(state_path, model, opt, {
-            "step": step, "config": config.to_dict(), "best_acc": best_acc_box[0],
-            "elapsed_s": elapsed(), "sampler_states": sampler_states,
-            "best_val": best_val.to_dict() if best_val is not None else None,
-            "world_size": info.world_size,
-        }, rng_states)
+        ckpt = self.checkpoint(val if val is not None else self.state.best_val)
+        save_checkpoint(self.run_dir / LAST, ckpt, dtype=self.ckpt_dtype)
+        if val is not None and val.accuracy > self.state.best_acc:
+            self.state.best_acc = val.accuracy
+            save_checkpoint(self.run_dir / BEST, ckpt, dtype=self.ckpt_dtype)
+        elif not self.config.has_validation:
+            save_checkpoint(self.run_dir / BEST, ckpt, dtype=self.ckpt_dtype)
+        self._save_state(sampler_states, rng_states)
 
-    best_acc_box = [best_acc]
-    done = start
-    saved_step = start if resume else -1
-    loss_sum = torch.zeros((), device=device)
-    acc_sum = torch.zeros((), device=device)
-    n_sum = 0
-    metrics: dict[str, float] = {}
-    model.train()
-    try:
-        for step in range(start, config.episodes):
-            lr = lr_at(config, step, elapsed() / config.time_limit_s
-                       if config.fit_schedule and config.time_limit_s else 0.0)
-            for g in opt.param_groups:
-                g["lr"] = lr
-            loss, acc = train_step(step_module, opt,
-                                   batches(sampler.sample_batch(config.meta_batch)),
-                                   amp=amp, grad_clip=config.grad_clip, n_way=config.way)
-            done = step + 1
-            loss_sum += loss.detach().float()
-            acc_sum += acc.detach().float()
-            n_sum += 1
+    def save_interrupted(self) -> None:
+        """Cancelled or interrupted: leave a resumable checkpoint (rank 0 alone; no
+        collectives, the other ranks may be gone)."""
+        if self.state.step == self.saved_step or self.state.step == 0 or not self.info.is_main:
+            return
+        sampler_states: list[Any] = [self.sampler.state_dict()]
+        if self.info.distributed:
+            sampler_states = [None] * self.info.world_size
+            sampler_states[0] = self.sampler.state_dict()
+        save_checkpoint(self.run_dir / LAST, self.checkpoint(self.state.best_val),
+                        dtype=self.ckpt_dtype)
+        solo = distributed.DistInfo(device=self.info.device)
+        self._save_state(sampler_states,
+                         distributed.all_gather_tensor(self.gen.get_state(), solo))
+        if not (self.run_dir / BEST).exists():
+            save_checkpoint(self.run_dir / BEST, self.checkpoint(self.state.best_val),
+                            dtype=self.ckpt_dtype)
 
-            last = done == config.episodes
-            if done % config.log_every == 0 or last:
-                metrics = {"loss": float(loss_sum.item()) / n_sum,
-                           "acc": float(acc_sum.item()) / n_sum, "lr": lr,
-                           **({"val_acc": best_val.accuracy} if best_val else {})}
-                if not math.isfinite(metrics["loss"]):
-                    raise UserError(f"training diverged at step {done} (loss is "
-                                    f"{metrics['loss']}); try a smaller --lr")
-                if info.is_main:
-                    log.write({"step": done, "lr": lr, "loss": metrics["loss"],
-                               "acc": metrics["acc"], "elapsed_s": round(elapsed(), 2)})
-                loss_sum.zero_()
-                acc_sum.zero_()
-                n_sum = 0
-            out_of_time = config.time_limit_s is not None and elapsed() >= config.time_limit_s
-            if done % config.log_every == 0 or last:
-                out_of_time = distributed.any_across(out_of_time, info)
-            else:
-                out_of_time = out_of_time and not info.distributed
-            validate = config.has_validation and data.val is not None and (
-                done % config.val_every == 0 or last or out_of_time)
-            if validate or last or out_of_time:
-                val = None
-                if validate and info.is_main:
-                    val = evaluate(model, data.val, config.preprocess, config.val_way,
-                                   config.val_shot, data.val_query, config.val_episodes,
-                                   seed=val_sampler_seed, device=device,
-                                   within_alphabet=config.val_within_alphabet)
-                    model.train()
-                    if best_val is None or val.accuracy > best_val.accuracy:
-                        best_val = val
-                    metrics = {**metrics, "val_acc": val.accuracy}
-                    log.write({"step": done, "lr": lr, "val_acc": val.accuracy,
-                               "val_ci95": val.ci95, "elapsed_s": round(elapsed(), 2)})
-                save_all(done, val)
-                saved_step = done
-            msg = f"val {100 * best_val.accuracy:.2f}% best" if best_val else ""
-            yield Progress(done, config.episodes, message=msg, metrics=dict(metrics))
-            if out_of_time:
-                break
-    except (GeneratorExit, KeyboardInterrupt):
-        if done != saved_step and done > 0 and info.is_main:
-            # Cancelled or interrupted: leave a resumable checkpoint (rank 0 alone; no
-            # collectives, the other ranks may be gone).
-            solo = distributed.DistInfo(device=device)
-            sampler_states = [sampler.state_dict()]
-            if info.distributed:
-                sampler_states = [None] * info.world_size
-                sampler_states[0] = sampler.state_dict()
-            save_checkpoint(run_dir / LAST, checkpoint(done, best_val), dtype=ckpt_dtype)
-            save_train_state(state_path, model, opt, {
-                "step": done, "config": config.to_dict(), "best_acc": best_acc_box[0],
-                "elapsed_s": elapsed(), "sampler_states": sampler_states,
-            "best_val": best_val.to_dict() if best_val is not None else None,
-                "world_size": info.world_size,
-            }, distributed.all_gather_tensor(gen.get_state(), solo))
-            if not (run_dir / BEST).exists():
-                save_checkpoint(run_dir / BEST, checkpoint(done, best_val), dtype=ckpt_dtype)
-        raise
-    yield Progress(done, config.episodes, message="done", metrics=dict(metrics),
-                   payload=TrainResult(run_dir, done, run_dir / BEST if info.is_main else None,
-                                       run_dir / LAST if info.is_main else None, best_val,
-                                       data.skipped, model, done < config.episodes))
+    # -- the stages of a step ----------------------------------------------------------------
+    def optimise(self, step: int) -> tuple[float, Tensor, Tensor]:
+        """Set the schedule's learning rate for ``step`` and take one optimiser step on a
+        sampled task batch; ``(lr, loss, accuracy)``."""
+        config = self.config
+        fraction = (self.elapsed() / config.time_limit_s
+                    if config.fit_schedule and config.time_limit_s else 0.0)
+        lr = lr_at(config, step, fraction)
+        for g in self.opt.param_groups:
+            g["lr"] = lr
+        batch = self.batches(self.sampler.sample_batch(config.meta_batch))
+        loss, acc = train_step(self.step_module, self.opt, batch, amp=self.amp,
+                               grad_clip=config.grad_clip, n_way=config.way)
+        self.state.step = step + 1
+        return lr, loss, acc
+
+    def log_point(self, lr: float, loss_sum: Tensor, acc_sum: Tensor, n: int) -> None:
+        """The running means since the last log point into ``metrics`` (and metrics.csv);
+        UserError when the loss diverged."""
+        done, best_val = self.state.step, self.state.best_val
+        self.metrics = {"loss": float(loss_sum.item()) / n, "acc": float(acc_sum.item()) / n,
+                        "lr": lr, **({"val_acc": best_val.accuracy} if best_val else {})}
+        if not math.isfinite(self.metrics["loss"]):
+            raise UserError(f"training diverged at step {done} (loss is "
+                            f"{self.metrics['loss']}); try a smaller --lr")
+        if self.log is not None:
+            self.log.write({"step": done, "lr": lr, "loss": self.metrics["loss"],
+                            "acc": self.metrics["acc"], "elapsed_s": round(self.elapsed(), 2)})
+
+    def out_of_time(self, at_log_point: bool) -> bool:
+        """Whether the time limit is reached: agreed across ranks at log points; between
+        them only a single process stops."""
+        limit = self.config.time_limit_s
+        out = limit is not None and self.elapsed() >= limit
+        if at_log_point:
+            return distributed.any_across(out, self.info)
+        return out and not self.info.distributed
+
+    def validate(self, lr: float) -> EvalResult | None:
+        """Accuracy on the fixed validation episodes (rank 0; None elsewhere), logged and
+        kept as ``best_val`` when it is the best so far."""
+        if not self.info.is_main:
+            return None
+        config, data = self.config, self.data
+        val = evaluate(self.model, data.val, config.preprocess, config.val_way,
+                       config.val_shot, data.val_query, config.val_episodes,
+                       seed=config.seed + 1, device=self.info.device,
+                       within_alphabet=config.val_within_alphabet)
+        self.model.train()
+        if self.state.best_val is None or val.accuracy > self.state.best_val.accuracy:
+            self.state.best_val = val
+        self.metrics = {**self.metrics, "val_acc": val.accuracy}
+        if self.log is not None:
+            self.log.write({"step": self.state.step, "lr": lr, "val_acc": val.accuracy,
+                            "val_ci95": val.ci95, "elapsed_s": round(self.elapsed(), 2)})
+        return val
+
+    def loop(self) -> Iterator[Progress]:
+        """Train from ``state.step`` to ``config.episodes`` (or the time limit), yielding a
+        :class:`Progress` per step and finally the :class:`TrainResult`."""
+        config, device = self.config, self.info.device
+        loss_sum = torch.zeros((), device=device)
+        acc_sum = torch.zeros((), device=device)
+        n_sum = 0
+        self.model.train()
+        try:
+            for step in range(self.state.step, config.episodes):
+                lr, loss, acc = self.optimise(step)
+                done = self.state.step
+                loss_sum += loss.detach().float()
+                acc_sum += acc.detach().float()
+                n_sum += 1
+                last = done == config.episodes
+                at_log_point = done % config.log_every == 0 or last
+                if at_log_point:
+                    self.log_point(lr, loss_sum, acc_sum, n_sum)
+                    loss_sum.zero_()
+                    acc_sum.zero_()
+                    n_sum = 0
+                out_of_time = self.out_of_time(at_log_point)
+                validate = config.has_validation and self.data.val is not None and (
+                    done % config.val_every == 0 or last or out_of_time)
+                if validate or last or out_of_time:
+                    self.save_all(self.validate(lr) if validate else None)
+                    self.saved_step = done
+                best = self.state.best_val
+                msg = f"val {100 * best.accuracy:.2f}% best" if best else ""
+                yield Progress(done, config.episodes, message=msg, metrics=dict(self.metrics))
+                if out_of_time:
+                    break
+        except (GeneratorExit, KeyboardInterrupt):
+            self.save_interrupted()
+            raise
+        yield Progress(self.state.step, config.episodes, message="done",
+                       metrics=dict(self.metrics), payload=self.result())
+
+    def result(self) -> TrainResult:
+        main, done = self.info.is_main, self.state.step
+        return TrainResult(self.run_dir, done, self.run_dir / BEST if main else None,
+                           self.run_dir / LAST if main else None, self.state.best_val,
+                           self.data.skipped, self.model, done < self.config.episodes)
