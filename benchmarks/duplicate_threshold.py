@@ -154,7 +154,7 @@ def main() -> int:
                 with LabelingSession(args.embeddings, LabelSettings(device="cpu"),
                                      cache_path=Path(tmp) / "cache.sqlite") as s:
                     out: list[np.ndarray] = []
-                    for _, res in s._embed_stream(paths):
+                    for _, res in s.embedding.stream(paths):
                         out.extend(np.asarray(r).reshape(-1) for r in res)
                 return np.stack(out)
 

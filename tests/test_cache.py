@@ -371,7 +371,7 @@ def test_cached_rerun_equals_fresh_run_bit_for_bit(tmp_path: Path,
             embedded, hits = s.counters.embedded, s.counters.cache_hits
             assert s._store.feats is not None
             feats = s._store.feats.copy()
-            sup = {p: np.array(f) for p, f in s._support_feats.items()}
+            sup = {p: np.array(f) for p, f in s._support.feats.items()}
             out = tmp_path / f"{run}.csv"
             export.write_csv(s.predictions(), out, tmp_path / "query")
         results.append((embedded, hits, feats, sup, out.read_bytes()))

@@ -122,12 +122,13 @@ def test_engine_applies_temperature(tmp_path: Path) -> None:
                 g = torch.Generator().manual_seed(0)
                 x = torch.randn(9, 64, generator=g) * 3
                 predictor = s.model.fit(x, torch.arange(3).repeat(3), 3)
-                fast = s.scorer(predictor)
-                assert fast.__name__ == "fast"
+                fast = s.head.scorer(predictor)
+                assert fast.linear
                 q = torch.randn(20, 64, generator=g) * 3
                 expected = torch.softmax(predictor(q) / 3.0, -1)
-                torch.testing.assert_close(fast(q), expected, atol=1e-5, rtol=1e-4)
-                torch.testing.assert_close(s._probabilities(predictor(q)), expected)
+                torch.testing.assert_close(fast.probabilities(q), expected, atol=1e-5,
+                                           rtol=1e-4)
+                torch.testing.assert_close(s.head.probabilities(predictor(q)), expected)
     a, b = preds["plain"], preds["hot"]
     assert [p.path for p in a] == [p.path for p in b]
     assert [p.label for p in a] == [p.label for p in b]  # argmax unchanged

@@ -300,11 +300,11 @@ def test_fast_protonet_scorer_equals_the_model(env: dict, tmp_path: Path, scale:
         labels = torch.arange(3).repeat(3)
         query = torch.randn(50, 64, generator=g) * 3
         predictor = s.model.fit(support, labels, 3)
-        fast = s.scorer(predictor)
-        assert fast.__name__ == "fast"
+        fast = s.head.scorer(predictor)
+        assert fast.linear  # the declared one-matrix-product path
         expected = torch.softmax(predictor(query), dim=-1)
-        torch.testing.assert_close(fast(query), expected, atol=1e-5, rtol=1e-4)
-        _, top_logit = s._scorer(predictor)(query)  # the top logit keeps -s |q|^2
+        torch.testing.assert_close(fast.probabilities(query), expected, atol=1e-5, rtol=1e-4)
+        _, top_logit = fast(query)  # the top logit keeps -s |q|^2
         torch.testing.assert_close(top_logit, predictor(query).max(-1).values,
                                    atol=1e-3, rtol=1e-4)
 

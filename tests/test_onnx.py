@@ -130,6 +130,8 @@ def test_select_backend(ckpt: Path, tmp_path: Path) -> None:
             select_backend(model, c.preprocess, onnx_path, device="cuda", prefer="torch")
 
     class Identity(torch.nn.Module):
+        embed_is_identity = True  # declared, never probed
+
         def embed(self, x: torch.Tensor) -> torch.Tensor:
             return x
 

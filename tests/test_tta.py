@@ -108,12 +108,13 @@ def test_engine_caches_averaged_features_under_their_own_key(tmp_path: Path) -> 
     with LabelingSession(ckpt, settings, cache_path=cache) as s:
         s.set_support(support)
         list(s.run(queries))
-        key = s._feature_id()
+        key = s.embedding.feature_id()
         assert key.endswith(":tta2")  # RGB: the image and its mirror
-        got = s._cache.lookup(key, [FileKey.of(queries[0])])[str(queries[0])].feature
-        x = s._decode(str(queries[0]))
-        assert s._backend is not None
-        want = (s._backend.embed(x[None]) + s._backend.embed(x[None, ..., ::-1].copy())) / 2
+        got = s.embedding.cache.lookup(key, [FileKey.of(queries[0])])[str(queries[0])].feature
+        x = s.embedding.decode(str(queries[0]))
+        b = s.embedding.embedder
+        assert b is not None and not isinstance(x, str)
+        want = (b.embed(x[None]) + b.embed(x[None, ..., ::-1].copy())) / 2
         np.testing.assert_allclose(got, want[0], rtol=2e-3, atol=2e-3)  # fp16 in the cache
         for p in s.predictions():
             assert p.label == truth[p.path.relative_to(query_root).as_posix()]

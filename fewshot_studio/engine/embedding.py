@@ -1,27 +1,42 @@
-"""The embedding pipeline of a labeling session: a decode thread pool, the embedding backend
-(ONNX Runtime or torch, see :mod:`.backends`) and the SQLite feature cache. Query images stream
-in batches: the pool decodes the next batches while the backend embeds the current one."""
+"""The embedding pipeline of a labeling session: image paths -> decode (a thread pool) ->
+the embedding backend (ONNX Runtime or torch, see :mod:`.backends`) -> the SQLite feature
+cache. Images stream in batches: the pool decodes the next batches while the backend embeds
+the current one. A backend that declares ``decodes_on_device`` (torch on CUDA) gets its images
+decoded onto its device instead (:class:`_DeviceDecoder`: reads in the pool, nvJPEG and the
+resize in one thread on a side CUDA stream), with the same error rows."""
 
 from __future__ import annotations
 
 import copy
 import os
 from collections import deque
-from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from fewshot_studio.data.gpu_decode import DecodedBatch, PendingBatch, finish_batch, start_batch
 from fewshot_studio.data.images import ImageLoadError, load_and_preprocess
 from fewshot_studio.data.preprocess import Preprocess
 from fewshot_studio.data.tta import TTA_VIEWS, effective_views, embed_tta, tta_kind
 from fewshot_studio.engine.api import BackendInfo, EngineCounters, LabelSettings
-from fewshot_studio.engine.backends import EmbedBackend, decode_workers, select_backend
+from fewshot_studio.engine.backends import (
+    EmbedBackend,
+    decode_workers,
+    plan_backend,
+    select_backend,
+    torch_cuda_works,
+)
 from fewshot_studio.engine.cache import EmbeddingCache, FileKey, file_keys
 from fewshot_studio.io.atomic import remove_stale_temps
+from fewshot_studio.models.base import FewShotClassifier
+
+Result = np.ndarray | str  # an image's feature, or why it has none
+Decoded = np.ndarray | torch.Tensor  # a preprocessed (C, H, W) image, on the host or a device
 
 
 def _decode_error(e: BaseException) -> str:
@@ -30,33 +45,125 @@ def _decode_error(e: BaseException) -> str:
     return f"unreadable image ({type(e).__name__}: {' '.join(str(e).split())[:160]})"
 
 
+class _DeviceRows:
+    """One batch's misses decoded onto a device: ``result()`` waits for the decode thread's
+    :class:`~fewshot_studio.data.gpu_decode.DecodedBatch` (once) and gives, per file, its
+    ``(C, S, S)`` image on the device or why it has none (``_decode_error``, as the pool's
+    path says it). ``cancel()`` drops the decode if it has not started, and the reads."""
+
+    def __init__(self, done: Future[DecodedBatch], pending: PendingBatch,
+                 count: Callable[[str, int], None]) -> None:
+        self._done, self._pending, self._count = done, pending, count
+        self._rows: list[torch.Tensor | str] | None = None
+
+    def result(self) -> list[torch.Tensor | str]:
+        if self._rows is None:
+            batch = self._done.result()
+            images = batch.wait()
+            self._count("nvjpeg_decoded", sum(batch.nvjpeg))
+            self._rows = [images[i] if e is None else _decode_error(e)
+                          for i, e in enumerate(batch.errors)]
+        return self._rows
+
+    def cancel(self) -> None:
+        self._done.cancel()
+        for f in self._pending.items:
+            if isinstance(f, Future):
+                f.cancel()
+
+
+class _DeviceDecoder:
+    """Decodes batches onto ``device`` for a backend that ``decodes_on_device``: the reads
+    (and Pillow's decodes) in the pipeline's pool, submitted at once; the device work
+    (:func:`~fewshot_studio.data.gpu_decode.finish_batch`) in one dedicated thread, never a
+    pool worker (it waits on the pool), in order, on a side CUDA stream: batch k+1 decodes
+    while the consumer embeds batch k on its own stream."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="fewshot-device-decode")
+        self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+
+    def submit(self, paths: Sequence[str], pre: Preprocess, pool: ThreadPoolExecutor,
+               count: Callable[[str, int], None]) -> _DeviceRows:
+        pending = start_batch(paths, pre, self.device, pool)
+        return _DeviceRows(self._thread.submit(finish_batch, pending, self._stream), pending,
+                           count)
+
+    def close(self) -> None:
+        self._thread.shutdown(wait=True, cancel_futures=True)
+
+
+def _stack(images: Sequence[Decoded]) -> Decoded:
+    """``(C, H, W)`` images, all numpy or all tensors on one device -> ``(n, C, H, W)``."""
+    if isinstance(images[0], torch.Tensor):
+        return torch.stack(list(images))  # type: ignore[arg-type]
+    return np.stack(images)  # type: ignore[arg-type]
+
+
+@dataclass
+class _Batch:
+    """One batch in flight: ``slots[j]`` is a result (cache hit or stat error) or a pending
+    ``(kind, future, position)``: "embedded" (decoded and embedded in a pool worker; the
+    future's result is a list), "decoded" (decoded in the pool, embedded when collected) or
+    "device" (a :class:`_DeviceRows`, the ``position``-th of its list; embedded when
+    collected)."""
+
+    start: int
+    keys: list[FileKey | None]
+    slots: list[Any] = field(default_factory=list)
+
+
 class EmbeddingPipeline:
-    """Mixin of :class:`~fewshot_studio.engine.session.LabelingSession`: backend selection,
-    decoding and cached, streamed embedding. Uses the session's state."""
+    """Paths -> cached features, for one checkpoint's ``model.embed``. Owns the decode pool,
+    the backend (built lazily by :meth:`prepare`) and the cache; counts into ``counters``.
 
-    model: Any
-    preprocess: Preprocess
-    settings: LabelSettings
-    counters: EngineCounters
-    checkpoint_metadata: dict[str, Any]
-    model_id: str
-    backend: BackendInfo
-    _prefer: str
-    _cache: EmbeddingCache
-    _backend: EmbedBackend | None
-    _built_precision: str = ""  # settings.precision the backend was built for
-    _pool: ThreadPoolExecutor | None
+    ``settings``: what it reads of them is ``device``, ``precision``, ``batch_size`` and
+    ``tta``; :meth:`configure` changes them. ``prefer``: "auto" | "onnxruntime" | "torch"."""
 
-    def _expected_backend(self) -> BackendInfo:
-        from fewshot_studio.engine.backends import onnxruntime_providers, torch_cuda_works
+    def __init__(self, model: FewShotClassifier, preprocess: Preprocess,
+                 checkpoint_metadata: dict[str, Any], model_id: str, cache: EmbeddingCache,
+                 counters: EngineCounters, settings: LabelSettings, prefer: str) -> None:
+        self.model = model
+        self.preprocess = preprocess
+        self.checkpoint_metadata = checkpoint_metadata
+        self.model_id = model_id
+        self.cache = cache
+        self.counters = counters
+        self.settings = settings
+        self.prefer = prefer
+        self.embedder: EmbedBackend | None = None  # built by prepare()
+        self._built_precision = ""  # settings.precision the backend was built for
+        self._pool: ThreadPoolExecutor | None = None
+        self._device: _DeviceDecoder | None = None  # for a backend that decodes_on_device
+        self.note_cache()
 
-        dev = self.settings.device
-        cuda_torch = dev != "cpu" and torch_cuda_works()
-        providers = onnxruntime_providers()
-        if self._prefer == "torch" or not providers or (self._prefer == "auto" and cuda_torch):
-            return BackendInfo("torch", "cuda" if cuda_torch else "cpu", "not started")
-        ort_cuda = dev != "cpu" and "CUDAExecutionProvider" in providers
-        return BackendInfo("onnxruntime", "cuda" if ort_cuda else "cpu", "not started")
+    @property
+    def backend(self) -> BackendInfo:
+        """What runs: the built backend's info, or before :meth:`prepare` what will
+        (:func:`~fewshot_studio.engine.backends.plan_backend`, detail "not started")."""
+        if self.embedder is not None:
+            return self.embedder.info
+        return plan_backend(self.settings.device, self.prefer,
+                            self.model.embed_is_identity).info()
+
+    def configure(self, settings: LabelSettings) -> None:
+        """New settings; a new device or precision drops the backend (rebuilt on next use)."""
+        old, self.settings = self.settings, settings
+        if (settings.device != old.device or settings.precision != old.precision) \
+                and self.embedder is not None:
+            self.embedder.close()
+            self.embedder = None
+
+    def use_model(self, model: FewShotClassifier, model_id: str, prefer: str) -> None:
+        """Embed with ``model`` from now on, its features cached under ``model_id`` (the
+        session's fine-tuned copy, and back); a new model drops the backend."""
+        if model is self.model and model_id == self.model_id:
+            return
+        if self.embedder is not None:
+            self.embedder.close()
+            self.embedder = None
+        self.model, self.model_id, self.prefer = model, model_id, prefer
 
     def onnx_path(self) -> Path:
         """The exported ``model.embed`` for this checkpoint (built once, cached by identity)
@@ -70,7 +177,7 @@ class EmbeddingPipeline:
         if not out.is_file():
             export_embed_onnx(copy.deepcopy(self.model), self.preprocess, out,
                               metadata=self.checkpoint_metadata)
-            self.counters.extra["onnx_exports"] = self.counters.extra.get("onnx_exports", 0) + 1
+            self._count("onnx_exports")
         return out
 
     def int8_onnx_path(self) -> Path:
@@ -92,39 +199,35 @@ class EmbeddingPipeline:
         if not out.is_file():
             quantize_embed_onnx(src, out, synthetic_calibration(self.preprocess),
                                 weight_bits=int8_weight_bits())
-            n = self.counters.extra.get("onnx_quantizations", 0)
-            self.counters.extra["onnx_quantizations"] = n + 1
+            self._count("onnx_quantizations")
         return out
 
     def prepare(self) -> BackendInfo:
         """Build the backend now (export to ONNX, and quantise for int8, on first use);
         returns what runs. A backend built for another ``settings.precision`` is rebuilt."""
-        if self._backend is not None and self._built_precision != self.settings.precision:
-            self._backend.close()
-            self._backend = None
-        if self._backend is None:
-            from fewshot_studio.engine.backends import torch_cuda_works
-
+        if self.embedder is not None and self._built_precision != self.settings.precision:
+            self.embedder.close()
+            self.embedder = None
+        if self.embedder is None:
             model = self.model
             if self.settings.device != "cpu" and torch_cuda_works():
                 model = copy.deepcopy(self.model)  # a CUDA copy must not move the head
-            self._backend = select_backend(model, self.preprocess, self.onnx_path,
-                                           self.settings.device, self._prefer,
+            self.embedder = select_backend(model, self.preprocess, self.onnx_path,
+                                           self.settings.device, self.prefer,
                                            self.settings.precision, self.int8_onnx_path)
             self._built_precision = self.settings.precision
-            self.backend = self._backend.info
-        return self.backend
+        return self.embedder.info
 
-    def _feature_id(self) -> str:
+    def feature_id(self) -> str:
         """The cache key of the features the backend computes: ``model_id``, plus ``:int8``
         (``:int8w7`` with 7-bit weights) when an int8 model computes them (they differ slightly
         from fp32's), plus ``:ttaN`` with N test-time views. Asking for int8 builds the backend
         first: whether int8 really runs is known only then."""
-        if self.settings.precision != "fp32" or self._backend is not None:
+        if self.settings.precision != "fp32" or self.embedder is not None:
             self.prepare()
         from fewshot_studio.engine.onnx_export import int8_variant
 
-        int8 = self._backend is not None and self._backend.precision == "int8"
+        int8 = self.embedder is not None and self.embedder.precision == "int8"
         views = self._tta_views()
         return (self.model_id + (f":{int8_variant()}" if int8 else "")
                 + (f":tta{views}" if views > 1 else ""))
@@ -133,29 +236,34 @@ class EmbeddingPipeline:
         """Test-time views per image (1: none), see ``LabelSettings.tta``."""
         if not self.settings.tta:
             return 1
-        kind = tta_kind(self.preprocess)
-        return effective_views(TTA_VIEWS, kind)
+        return effective_views(TTA_VIEWS, tta_kind(self.preprocess))
 
-    def _embed_arrays(self, x: np.ndarray) -> np.ndarray:
-        """``(n, C, H, W)`` preprocessed float32 images -> ``(n, *feature_shape)`` features
-        from the backend, averaged over the test-time views when ``settings.tta``."""
-        assert self._backend is not None
+    def embed_arrays(self, x: np.ndarray | torch.Tensor) -> np.ndarray:
+        """``(n, C, H, W)`` preprocessed float32 images (numpy, or a tensor on the device of
+        a backend that ``decodes_on_device``) -> ``(n, *feature_shape)`` numpy features from
+        the backend, averaged over the test-time views when ``settings.tta``."""
+        backend = self.embedder
+        assert backend is not None
         views = self._tta_views()
         if views <= 1:
-            return self._backend.embed(x)
-        backend = self._backend
-        return embed_tta(lambda v: torch.from_numpy(backend.embed(v.numpy())),
-                         torch.from_numpy(x), views, tta_kind(self.preprocess)).numpy()
+            return backend.embed(x) if isinstance(x, np.ndarray) else backend.embed_tensor(x)
+        t = torch.from_numpy(x) if isinstance(x, np.ndarray) else x
+        return embed_tta(lambda v: torch.from_numpy(backend.embed_tensor(v)), t, views,
+                         tta_kind(self.preprocess)).numpy()
 
-    def _note_cache(self) -> None:
+    def note_cache(self) -> None:
         """Copy the cache's state into the counters: its failures, why it is off, where a
         damaged file went (see :class:`~fewshot_studio.engine.cache.EmbeddingCache`)."""
-        c = self._cache
+        c = self.cache
         self.counters.cache_failures = c.failures
         self.counters.cache_disabled = c.disabled
         self.counters.cache_moved_aside = str(c.moved_aside or "")
 
-    def _decode(self, path: str) -> np.ndarray | str:
+    def _count(self, name: str, n: int = 1) -> None:
+        self.counters.extra[name] = self.counters.extra.get(name, 0) + n
+
+    def decode(self, path: str) -> Result:
+        """``path`` -> its ``(C, H, W)`` preprocessed float32 image, or why it has none."""
         try:
             return load_and_preprocess(path, self.preprocess)
         except Exception as e:
@@ -166,114 +274,157 @@ class EmbeddingPipeline:
             self._pool = ThreadPoolExecutor(decode_workers(), thread_name_prefix="fewshot-decode")
         return self._pool
 
-    def _decode_embed(self, paths: Sequence[str]) -> list[np.ndarray | str]:
+    def _device_decoder(self, device: torch.device) -> _DeviceDecoder:
+        """The decoder onto ``device`` (a new one when the backend's device changed)."""
+        if self._device is not None and self._device.device != device:
+            self._device.close()
+            self._device = None
+        if self._device is None:
+            self._device = _DeviceDecoder(device)
+        return self._device
+
+    def _decode_embed(self, paths: Sequence[str]) -> list[Result]:
         """Decode and embed a micro-batch in a pool worker (backends that run concurrently:
         ONNX Runtime on the CPU with one thread per call)."""
-        results: list[np.ndarray | str] = [self._decode(p) for p in paths]
+        results: list[Result] = [self.decode(p) for p in paths]
         ok = [j for j, r in enumerate(results) if not isinstance(r, str)]
         if ok:
-            feats = self._embed_arrays(np.stack([results[j] for j in ok]))
+            feats = self.embed_arrays(np.stack([results[j] for j in ok]))
             for j, f in zip(ok, feats, strict=True):
                 results[j] = f
         return results
 
-    def _embed_stream(self, paths: Sequence[Path], prefetch: int = 2
-                      ) -> Iterator[tuple[int, list[np.ndarray | str]]]:
+    def _lookup(self, feature_id: str, chunk: Sequence[Path]) -> tuple[_Batch, list[int]]:
+        """A batch of ``chunk`` with its cache hits and stat errors filled in, and the
+        positions of its misses."""
+        keys = file_keys(chunk)
+        hits = self.cache.lookup(feature_id, [k for k in keys if k is not None])
+        batch = _Batch(0, keys)
+        misses: list[int] = []
+        for p, k in zip(chunk, keys, strict=True):
+            if k is None:
+                batch.slots.append("file not found" if not os.path.lexists(p)
+                                   else "cannot read file")
+                continue
+            e = hits.get(k.path)
+            if e is not None:
+                self.counters.cache_hits += 1
+                batch.slots.append(e.feature if e.feature is not None else e.error)
+            else:
+                misses.append(len(batch.slots))
+                batch.slots.append(None)
+        return batch, misses
+
+    def _submit(self, feature_id: str, paths: Sequence[Path], start: int) -> _Batch:
+        """Start batch ``paths[start:start + batch_size]``: cache lookups now; misses go to
+        the pool, decoded and embedded together by micro-batches with a concurrent backend
+        (ONNX Runtime on the CPU), decoded onto the device for a backend that
+        ``decodes_on_device`` (:class:`_DeviceDecoder`), else decoded only (embedded in
+        :meth:`_collect`)."""
+        bs = self._batch_size()
+        batch, misses = self._lookup(feature_id, paths[start:start + bs])
+        batch.start = start
+        if not misses:
+            return batch
+        self.prepare()
+        backend = self.embedder
+        assert backend is not None
+        pool = self._get_pool()
+        paths_of = [k.path if k is not None else "" for k in batch.keys]
+        if backend.decodes_on_device:
+            rows = self._device_decoder(backend.device).submit(
+                [paths_of[j] for j in misses], self.preprocess, pool, self._count)
+            for pos, j in enumerate(misses):
+                batch.slots[j] = ("device", rows, pos)
+        elif backend.concurrent:
+            m = backend.micro_batch
+            for c0 in range(0, len(misses), m):
+                group = misses[c0:c0 + m]
+                fut: Future[Any] = pool.submit(self._decode_embed, [paths_of[j] for j in group])
+                for pos, j in enumerate(group):
+                    batch.slots[j] = ("embedded", fut, pos)
+        else:
+            for j in misses:
+                batch.slots[j] = ("decoded", pool.submit(self.decode, paths_of[j]), 0)
+        return batch
+
+    def _collect(self, batch: _Batch) -> tuple[list[Result],
+                                               list[tuple[FileKey, np.ndarray | None, str]]]:
+        """Wait for a batch: its results in order and the new cache rows."""
+        decoded: list[tuple[int, Decoded]] = []
+        results: list[Result] = []
+        new_rows: list[tuple[FileKey, np.ndarray | None, str]] = []
+        for j, slot in enumerate(batch.slots):
+            if not isinstance(slot, tuple):
+                results.append(slot)  # cache hit or stat error
+                continue
+            kind, fut, pos = slot
+            r = fut.result() if kind == "decoded" else fut.result()[pos]
+            k = batch.keys[j]
+            assert k is not None
+            if isinstance(r, str):
+                self._count("decode_errors")
+                new_rows.append((k, None, r))
+            elif kind == "embedded":
+                self.counters.embedded += 1
+                new_rows.append((k, r, ""))
+            else:
+                decoded.append((j, r))
+            results.append(r)
+        if decoded:
+            feats = self.embed_arrays(_stack([a for _, a in decoded]))
+            self.counters.embedded += len(decoded)
+            for (j, _), f in zip(decoded, feats, strict=True):
+                results[j] = f
+                k = batch.keys[j]
+                assert k is not None
+                new_rows.append((k, f, ""))
+        return results, new_rows
+
+    def _batch_size(self) -> int:
+        return max(1, int(self.settings.batch_size))
+
+    def stream(self, paths: Sequence[Path], prefetch: int = 2
+               ) -> Iterator[tuple[int, list[Result]]]:
         """Features (or error reasons) of ``paths`` in order, by batch of
         ``settings.batch_size``: yields ``(offset, results)``.
 
-        Cache first. Misses are, with a concurrent backend (ONNX Runtime on the CPU), decoded
-        and embedded together in pool workers by micro-batches; otherwise decoded in the pool
-        and embedded here in one batch (torch, CUDA). ``prefetch`` batches are in flight ahead
-        of the one being collected, which bounds memory. New results go to the cache."""
-        bs = max(1, int(self.settings.batch_size))
-        starts = list(range(0, len(paths), bs))
-        pool = self._get_pool()
-        feature_id = self._feature_id()
-        pending: deque[tuple[int, list[Any], list[FileKey | None]]] = deque()
-
-        def submit(start: int) -> None:
-            chunk = paths[start:start + bs]
-            keys = file_keys(chunk)
-            hits = self._cache.lookup(feature_id, [k for k in keys if k is not None])
-            slots: list[Any] = []
-            misses: list[int] = []
-            for p, k in zip(chunk, keys, strict=True):
-                if k is None:
-                    slots.append("file not found" if not os.path.lexists(p)
-                                 else "cannot read file")
-                    continue
-                e = hits.get(k.path)
-                if e is not None:
-                    self.counters.cache_hits += 1
-                    slots.append(e.feature if e.feature is not None else e.error)
-                else:
-                    misses.append(len(slots))
-                    slots.append(None)
-            if misses:
-                self.prepare()
-                assert self._backend is not None
-                if self._backend.concurrent:
-                    m = self._backend.micro_batch
-                    for c0 in range(0, len(misses), m):
-                        group = misses[c0:c0 + m]
-                        fut = pool.submit(self._decode_embed,
-                                          [keys[j].path for j in group])  # type: ignore[union-attr]
-                        for pos, j in enumerate(group):
-                            slots[j] = ("embedded", fut, pos)
-                else:
-                    for j in misses:
-                        slots[j] = ("decoded", pool.submit(self._decode, keys[j].path), 0)  # type: ignore[union-attr]
-            pending.append((start, slots, keys))
-
-        def count_decode_error() -> None:
-            self.counters.extra["decode_errors"] = self.counters.extra.get("decode_errors", 0) + 1
-
-        it = iter(starts)
+        Cache first; misses are decoded and embedded (:meth:`_submit`, :meth:`_collect`).
+        ``prefetch`` batches are in flight ahead of the one being collected, which bounds
+        memory. New results go to the cache."""
+        starts = iter(range(0, len(paths), self._batch_size()))
+        feature_id = self.feature_id()
+        pending: deque[_Batch] = deque()
         try:
-            for s in it:
-                submit(s)
+            for s in starts:
+                pending.append(self._submit(feature_id, paths, s))
                 if len(pending) > prefetch:
                     break
             while pending:
-                start, slots, keys = pending.popleft()
-                nxt = next(it, None)
+                batch = pending.popleft()
+                nxt = next(starts, None)
                 if nxt is not None:
-                    submit(nxt)
-                decoded: list[tuple[int, np.ndarray]] = []
-                results: list[np.ndarray | str] = []
-                new_rows: list[tuple[FileKey, np.ndarray | None, str]] = []
-                for j, slot in enumerate(slots):
-                    if not isinstance(slot, tuple):
-                        results.append(slot)  # cache hit or stat error
-                        continue
-                    kind, fut, pos = slot
-                    r = fut.result()[pos] if kind == "embedded" else fut.result()
-                    k = keys[j]
-                    assert k is not None
-                    if isinstance(r, str):
-                        count_decode_error()
-                        new_rows.append((k, None, r))
-                    elif kind == "embedded":
-                        self.counters.embedded += 1
-                        new_rows.append((k, r, ""))
-                    else:
-                        decoded.append((j, r))
-                    results.append(r)
-                if decoded:
-                    feats = self._embed_arrays(np.stack([a for _, a in decoded]))
-                    self.counters.embedded += len(decoded)
-                    for (j, _), f in zip(decoded, feats, strict=True):
-                        results[j] = f
-                        k = keys[j]
-                        assert k is not None
-                        new_rows.append((k, f, ""))
-                self._cache.store(feature_id, new_rows)
-                self._note_cache()
-                yield start, results
+                    pending.append(self._submit(feature_id, paths, nxt))
+                results, new_rows = self._collect(batch)
+                self.cache.store(feature_id, new_rows)
+                self.note_cache()
+                yield batch.start, results
         finally:
-            self._note_cache()
-            for _, slots, _ in pending:
-                for slot in slots:
+            self.note_cache()
+            for batch in pending:
+                for slot in batch.slots:
                     if isinstance(slot, tuple):
                         slot[1].cancel()
+
+    def close(self) -> None:
+        """Stop the device decoder and the pool, release the backend, close the cache."""
+        if self._device is not None:
+            self._device.close()
+            self._device = None
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+        if self.embedder is not None:
+            self.embedder.close()
+            self.embedder = None
+        self.cache.close()

@@ -64,8 +64,11 @@ class _QueryStore:
         return t.reshape(stop - start, *self.feature_shape)
 
     def rows(self, idx: np.ndarray) -> torch.Tensor:
-        """``(len(idx), *feature_shape)`` float32 features of rows ``idx``."""
+        """``(len(idx), *feature_shape)`` float32 features of rows ``idx`` (sorted, unique:
+        all of them gives :meth:`block`'s view, not a copy)."""
         assert self.feats is not None
+        if len(idx) == self.n:
+            return self.block(0, self.n)
         if self._tensor is not None:
             t = self._tensor[torch.from_numpy(idx)]
         else:

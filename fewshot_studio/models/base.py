@@ -15,6 +15,7 @@ Every method splits into two parts:
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
@@ -26,6 +27,20 @@ class Predictor(Protocol):
     """An adapted classifier: ``(n_query, *feature_shape)`` -> ``(n_query, n_way)`` logits."""
 
     def __call__(self, query_features: Tensor) -> Tensor: ...
+
+
+@dataclass(frozen=True, eq=False)
+class LinearLogits:
+    """A predictor's logits as one matrix product, declared by
+    :meth:`FewShotClassifier.linear_logits`: for flattened ``(n_q, d)`` queries ``q``,
+    ``logits(q) = scale * (q @ weight.T + bias - norm_coef * |q|^2)``, ``weight (n_way, d)``,
+    ``bias (n_way,)``. The last term is the same for every class of a query: the softmax
+    ignores it (the engine scores with the rest and adds it back to the largest logit only)."""
+
+    weight: Tensor
+    bias: Tensor
+    scale: float = 1.0
+    norm_coef: float = 0.0
 
 
 class FewShotClassifier(nn.Module, ABC):
@@ -62,6 +77,22 @@ class FewShotClassifier(nn.Module, ABC):
         return self.backbone(images)
 
     # -- the support-dependent part -----------------------------------------------------
+    def probabilities(self, logits: Tensor, temperature: float = 1.0) -> Tensor:
+        """``(n, n_way)`` logits -> ``(n, n_way)`` class probabilities of
+        ``logits / temperature`` (the calibration temperature; the softmax by default).
+        Methods override it if their logits need another link; an override must ignore a
+        per-query shift of the logits if the method declares :meth:`linear_logits`."""
+        t = float(temperature)
+        if t != 1.0:
+            logits = logits / t
+        return torch.softmax(logits.float(), dim=-1)
+
+    def linear_logits(self, predictor: Predictor) -> LinearLogits | None:
+        """The declared fast path: ``predictor``'s logits as a :class:`LinearLogits` (one
+        matrix product over every query) when it is one of this method's predictors that
+        scores that way; None (the default) to call the predictor."""
+        return None
+
     @abstractmethod
     def fit(self, support_features: Tensor, support_labels: Tensor,
             n_way: int | None = None) -> Predictor:

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fewshot_studio.models import functional as Fn
-from fewshot_studio.models.base import FewShotClassifier
+from fewshot_studio.models.base import FewShotClassifier, LinearLogits, Predictor
 from fewshot_studio.models.registry import METHODS
 
 DISTANCES = ("euclidean", "cosine")
@@ -118,6 +118,21 @@ class ProtoNet(FewShotClassifier):
         """Prototypes of ``(n_s, d)`` support features -> a :class:`ProtoPredictor`."""
         protos = Fn.prototypes(support_features, support_labels, n_way)
         return ProtoPredictor(protos, support_features, support_labels, self)
+
+    def linear_logits(self, predictor: Predictor) -> LinearLogits | None:
+        """With the Euclidean distance this model's predictors score in one matrix product:
+        prototypes ``-s ||q - p||^2 = s (2 q.p - |p|^2 - |q|^2)``, the many-shot head
+        ``q @ W + b - s |q|^2`` (:meth:`head_offset`). None for the cosine distance (it
+        normalises the queries) and for another model's predictors."""
+        if self.distance != "euclidean":
+            return None
+        if isinstance(predictor, ProtoPredictor) and predictor.model is self:
+            p = predictor.prototypes.detach().reshape(predictor.prototypes.shape[0], -1).float()
+            return LinearLogits(2.0 * p, -p.pow(2).sum(-1), float(self.scale), 1.0)
+        if isinstance(predictor, LinearPredictor) and predictor.model is self:
+            return LinearLogits(predictor.weight.detach().t().float(),
+                                predictor.bias.detach().float(), 1.0, float(self.scale))
+        return None
 
     def head_features(self, features: Tensor) -> Tensor:
         """``(n, d)`` features -> the linear head's inputs: unit vectors (cosine) or as they
