@@ -4,6 +4,7 @@ random-init checkpoint and generated class-coloured images (nothing downloaded).
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 from PIL import Image
@@ -85,6 +86,7 @@ class FakeSession:
         self.checkpoint, self.settings = checkpoint, settings
         self.backend = BackendInfo(*self.backend_info)
         self.model_id = "fake:v2"
+        self.embedding = SimpleNamespace(feature_id=lambda: self.model_id)
         self.classes: dict[str, list[Path]] = {}
         self.names: list[str] = []
         self.paths: list[Path] = []

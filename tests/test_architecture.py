@@ -1,6 +1,7 @@
 """Architecture rules: the core never imports Qt, the engine never imports training, there are
-no import cycles among ``fewshot_studio`` modules, and the GUI never calls the engine on the UI
-thread (every session call happens inside a worker)."""
+no import cycles among ``fewshot_studio`` modules, the GUI never calls the engine on the UI
+thread (every session call happens inside a worker), no source file in ``fewshot_studio`` or
+``scripts`` is over 500 lines, and no function there is over ruff's mccabe limit (15)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import ast
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
+from types import SimpleNamespace
 from typing import ClassVar
 
 import pytest
@@ -192,10 +194,9 @@ def test_no_import_cycles() -> None:
     assert not cycle, "import cycle among fewshot_studio modules: " + " -> ".join(cycle)
 
 
-# Known debt (issue 18): typing-only imports (under ``if TYPE_CHECKING:``) never run, so they
-# are left out above; the one cycle they still close is listed here, and no new one may appear.
-KNOWN_TYPING_CYCLES = [["fewshot_studio.gui.actions", "fewshot_studio.gui.main_window",
-                        "fewshot_studio.gui.actions"]]
+# Typing-only imports (under ``if TYPE_CHECKING:``) never run, so they are left out above; a
+# cycle they close would be listed here as known debt, and no new one may appear (none now).
+KNOWN_TYPING_CYCLES: list[list[str]] = []
 
 
 def test_typing_only_imports_close_no_new_cycle() -> None:
@@ -235,9 +236,14 @@ class RecordingSession:
         self.settings = settings
         self.backend = BackendInfo("torch", "cpu")
         self.model_id = "recording:v2"
+        self.embedding = SimpleNamespace(feature_id=self._feature_id)
         self.class_names: list[str] = []
         self._corr: dict[Path, str] = {}
         self._paths: list[Path] = []
+
+    def _feature_id(self) -> str:
+        self._rec("feature_id")
+        return self.model_id
 
     def _rec(self, name: str) -> None:
         RecordingSession.calls.append((name, threading.get_ident()))
@@ -332,3 +338,54 @@ def test_gui_never_calls_the_engine_on_the_ui_thread(qtbot, tmp_path: Path) -> N
     assert not on_main, f"engine called on the UI thread: {on_main}"
     assert win.gallery_model.prediction_for(first) is not None
     win.close()
+
+
+# -- size guards: no source file over 500 lines, no function over ruff's mccabe limit --------
+ROOT = PKG.parent
+MAX_LINES = 500
+
+
+def _python_sources() -> list[Path]:
+    return sorted([*PKG.rglob("*.py"), *(ROOT / "scripts").rglob("*.py")])
+
+
+def _max_complexity() -> int:
+    """The limit ruff's mccabe check runs with, from pyproject.toml (one place to change it)."""
+    import tomllib
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+    lint = config["tool"]["ruff"]["lint"]
+    assert "C901" in lint["select"], "ruff must run its complexity check (C901)"
+    return int(lint["mccabe"]["max-complexity"])
+
+
+def _too_complex(paths: Sequence[Path]) -> list[str]:
+    """``path:line name (complexity)`` of each function over the limit, as ruff reports it."""
+    import json
+    import subprocess
+    import sys
+    out = subprocess.run(
+        [sys.executable, "-m", "ruff", "check", "--select", "C901", "--output-format", "json",
+         "--config", f"lint.mccabe.max-complexity={_max_complexity()}", "--no-cache",
+         *map(str, paths)], capture_output=True, text=True, cwd=ROOT, check=False)
+    assert out.returncode in (0, 1), out.stderr
+    return [f"{d['filename']}:{d['location']['row']} {d['message']}"
+            for d in json.loads(out.stdout)]
+
+
+def test_no_source_file_is_over_500_lines() -> None:
+    long = {str(p.relative_to(ROOT)): n for p in _python_sources()
+            if (n := len(p.read_text(encoding="utf-8").splitlines())) > MAX_LINES}
+    assert not long, f"split these files (> {MAX_LINES} lines): {long}"
+
+
+def test_no_function_is_over_the_complexity_limit() -> None:
+    assert _max_complexity() == 15
+    assert not _too_complex([PKG, ROOT / "scripts"])
+
+
+def test_the_complexity_check_catches_a_tangled_function(tmp_path: Path) -> None:
+    branches = "\n".join(f"    if x == {i}:\n        return {i}" for i in range(20))
+    (tmp_path / "tangled.py").write_text(f"def tangled(x):\n{branches}\n    return -1\n")
+    (tmp_path / "plain.py").write_text("def plain(x):\n    return x + 1\n")
+    found = _too_complex([tmp_path])
+    assert len(found) == 1 and "tangled" in found[0]

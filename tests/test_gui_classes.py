@@ -15,7 +15,6 @@ from PySide6.QtGui import (
     QImage,
 )
 
-from fewshot_studio.gui import actions
 from fewshot_studio.gui.main_window import MainWindow
 
 # Qt marks the QPoint constructors of drag events deprecated; they are what Qt itself sends.
@@ -89,7 +88,7 @@ def test_paste_image_from_clipboard(qtbot, win: MainWindow) -> None:
     img = QImage(40, 30, QImage.Format.Format_RGB32)
     img.fill(Qt.GlobalColor.magenta)
     QGuiApplication.clipboard().setImage(img)
-    actions.paste(win)
+    win.acts.paste.trigger()
     ex = win.classes.spec(0).examples
     assert len(ex) == 1 and ex[0].is_file()
     back = QImage(str(ex[0]))

@@ -20,7 +20,7 @@ from fewshot_studio.engine.api import LabelSettings, Status
 from fewshot_studio.gui.main_window import MainWindow
 from fewshot_studio.gui.models.gallery import Role
 from fewshot_studio.gui.project_io import PALETTE, ClassSpec, Project
-from fewshot_studio.gui.views.class_panel import QUERY_MIME
+from fewshot_studio.gui.views.class_card import QUERY_MIME
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # QDragEnterEvent(QPoint)
 
@@ -106,7 +106,7 @@ def test_correction_by_key_press_and_undo(qtbot, win: MainWindow, data: dict) ->
     target = sorted(data["query"].glob("red_*.png"))[0].resolve()
     before = win.gallery_model.prediction_for(target)
     assert before is not None and not before.corrected
-    session = win.labeling._session
+    session = win.labeling.host.session
     assert target not in session.support()["blue"]
     other = [p for p in win.gallery_model.predictions() if p.path != target]
 
@@ -248,7 +248,7 @@ def test_project_round_trip(qtbot, win: MainWindow, data: dict, tmp_path: Path) 
     assert win.project.recent.list()[0] == saved
     _label(qtbot, win)  # the reopened corrections reach the engine
     assert win.gallery_model.prediction_for(target).corrected
-    assert win.labeling._session.corrections() == {target: "red"}
+    assert win.labeling.host.session.corrections() == {target: "red"}
 
 
 def test_int8_menu_toggle_runs_the_quantised_network(qtbot, win: MainWindow) -> None:
@@ -278,9 +278,9 @@ def test_tta_menu_toggle_embeds_again_with_averaged_views(qtbot, win: MainWindow
     _idle(qtbot, win)
     assert win.acts.tta.isChecked() and win.labeling.settings.tta
     assert win.project.snapshot().settings.tta
-    embedded = win.labeling._session.counters.embedded
+    embedded = win.labeling.host.session.counters.embedded
     tta = _label(qtbot, win)
-    assert win.labeling._session.counters.embedded > embedded  # not the cached features
+    assert win.labeling.host.session.counters.embedded > embedded  # not the cached features
     assert tta["labeled"] == plain["labeled"] and tta["errors"] == plain["errors"] == 1
     win.acts.tta.trigger()
     _idle(qtbot, win)

@@ -20,7 +20,7 @@ from PySide6.QtGui import QImage
 from fewshot_studio.engine.api import LabelSettings
 from fewshot_studio.gui import project_io as pio
 from fewshot_studio.gui.thumbnails import ThumbnailCache
-from fewshot_studio.gui.workers import GeneratorWorker, function_worker
+from fewshot_studio.gui.workers import FunctionWorker, GeneratorWorker
 
 
 def test_generator_worker_yields_finishes_and_runs_off_thread(qtbot) -> None:
@@ -68,10 +68,35 @@ def test_function_worker_reports_errors(qtbot) -> None:
     def boom() -> None:
         raise ValueError("nope")
 
-    w = function_worker(boom)
+    w = FunctionWorker(boom)
     with qtbot.waitSignal(w.errored, timeout=5000) as sig:
         w.start()
     assert isinstance(sig.args[0], ValueError)
+
+
+def test_function_worker_returns_a_plain_functions_value_off_thread(qtbot) -> None:
+    threads = []
+
+    def add(a: int, b: int = 0) -> int:
+        threads.append(threading.get_ident())
+        return a + b
+
+    w = FunctionWorker(add, 2, b=3)
+    yielded = []
+    w.yielded.connect(yielded.append)
+    with qtbot.waitSignal(w.finished, timeout=5000) as sig:
+        w.start()
+    assert sig.args == [5] and not yielded and w.is_done
+    assert threads == [w.thread_ident] and w.thread_ident != threading.get_ident()
+
+
+def test_a_function_worker_cancelled_before_it_starts_never_runs(qtbot) -> None:
+    ran = []
+    w = FunctionWorker(lambda: ran.append(1))
+    w.cancel()
+    with qtbot.waitSignal(w.signals.cancelled, timeout=5000):
+        w.start()
+    assert not ran
 
 
 def test_thumbnails_load_lazily_and_mark_errors(qtbot, tmp_path: Path) -> None:
@@ -259,22 +284,24 @@ class _SlowSession(FakeSession):
 def test_cancel_labeling_and_autosave(qtbot, tmp_path: Path) -> None:
     from fewshot_studio.gui.main_window import MainWindow
 
-    imgs = [make_image(tmp_path / "q" / f"{i}.png", (i, i, i), i) for i in range(40)]
+    for i in range(40):
+        make_image(tmp_path / "q" / f"{i}.png", (i, i, i), i)
+    ex = [make_image(tmp_path / "s" / f"{i}.png", (i, 0, 0), i) for i in range(2)]
     w = MainWindow(session_factory=_SlowSession, restore_state=False)
     qtbot.addWidget(w)
     w.show_error = lambda *a: pytest.fail(f"error dialog: {a}")
     w.ask_unsaved = lambda: "discard"
-    w.project.apply(pio.Project(classes=[pio.ClassSpec("a", "#111111", imgs[:1]),
-                                         pio.ClassSpec("b", "#222222", imgs[1:2])],
+    w.project.apply(pio.Project(classes=[pio.ClassSpec("a", "#111111", ex[:1]),
+                                         pio.ClassSpec("b", "#222222", ex[1:2])],
                                 query_folder=tmp_path / "q", checkpoint="fake"))
     qtbot.waitUntil(lambda: w.gallery_model.rowCount() == 40, timeout=5000)
-    w.label()
+    w.labeling.label()
     assert w.labeling.busy and not w.acts.label.isEnabled() and w.acts.cancel.isEnabled()
     qtbot.waitUntil(lambda: w.gallery_model.labeled_count() >= 2, timeout=5000)  # streaming
     with qtbot.waitSignal(w.labeling.run_cancelled, timeout=5000):
         w.acts.cancel.trigger()  # Esc
     qtbot.waitUntil(lambda: not w.labeling.busy, timeout=5000)
-    assert w.labeling._session.closed_run.is_set()  # the engine's generator was closed
+    assert w.labeling.host.session.closed_run.is_set()  # the engine's generator was closed
     assert w.gallery_model.labeled_count() < 40 and w.acts.label.isEnabled()
     assert not w.labeling.labeled
     # autosave writes a recovery file only when there are unsaved changes
@@ -288,21 +315,23 @@ def test_cancel_labeling_and_autosave(qtbot, tmp_path: Path) -> None:
 def test_edits_during_a_run_reach_the_engine_after_it(qtbot, tmp_path: Path) -> None:
     from fewshot_studio.gui.main_window import MainWindow
 
-    imgs = [make_image(tmp_path / "q" / f"{i}.png", (i, i, i), i) for i in range(12)]
+    for i in range(12):
+        make_image(tmp_path / "q" / f"{i}.png", (i, i, i), i)
+    ex = [make_image(tmp_path / "s" / f"{i}.png", (i, 0, 0), i) for i in range(2)]
     w = MainWindow(session_factory=_SlowSession, restore_state=False)
     qtbot.addWidget(w)
     w.show_error = lambda *a: pytest.fail(f"error dialog: {a}")
     w.ask_unsaved = lambda: "discard"
-    w.project.apply(pio.Project(classes=[pio.ClassSpec("a", "#111111", imgs[:1]),
-                                         pio.ClassSpec("b", "#222222", imgs[1:2])],
+    w.project.apply(pio.Project(classes=[pio.ClassSpec("a", "#111111", ex[:1]),
+                                         pio.ClassSpec("b", "#222222", ex[1:2])],
                                 query_folder=tmp_path / "q", checkpoint="fake"))
     qtbot.waitUntil(lambda: w.gallery_model.rowCount() == 12, timeout=5000)
     with qtbot.waitSignal(w.labeling.run_finished, timeout=10_000):
-        w.label()
+        w.labeling.label()
         qtbot.waitUntil(lambda: w.gallery_model.labeled_count() >= 1, timeout=5000)
         target = w.gallery_model.paths()[5]
         w.correct_paths([target], 1)  # while the run goes on
-    session = w.labeling._session
+    session = w.labeling.host.session
     qtbot.waitUntil(lambda: session.corr.get(target) == "b", timeout=5000)
     w.close()
 
@@ -352,7 +381,6 @@ def test_tiles_mark_unknown_corrected_and_error_distinctly(qtbot, tmp_path: Path
 def test_bad_project_file_shows_a_normal_message(qtbot, tmp_path: Path, doc: str) -> None:
     """Opening a damaged project reports a one-line message (not the "uncaught exception"
     dialog) and leaves the open project as it was."""
-    from fewshot_studio.gui import actions
     from fewshot_studio.gui.main_window import MainWindow
 
     w = MainWindow(restore_state=False)
@@ -362,7 +390,7 @@ def test_bad_project_file_shows_a_normal_message(qtbot, tmp_path: Path, doc: str
     before = w.project.snapshot()
     bad = tmp_path / "bad.fsproj"
     bad.write_text(doc)
-    actions.open_project(w, bad)  # raises if the error is not a UserError
+    w.commands.open_project(bad)  # raises if the error is not a UserError
     assert len(shown) == 1 and shown[0][0] == "Cannot open the project", shown
     assert str(bad) in shown[0][1] and "\n" not in shown[0][1] and not shown[0][2]
     assert w.project.snapshot() == before and w.project.path is None

@@ -23,7 +23,8 @@ from PySide6.QtCore import QItemSelectionModel
 from fewshot_studio import paths as app_paths
 from fewshot_studio.engine.api import LabelSettings, Prediction, Status
 from fewshot_studio.gui import project_io as pio
-from fewshot_studio.gui.controllers.labeling import _default_factory
+from fewshot_studio.gui import saved_predictions as sp
+from fewshot_studio.gui.controllers.session_host import default_factory
 from fewshot_studio.gui.main_window import MainWindow
 
 N_QUERY = 4  # per class, 3 classes
@@ -37,7 +38,7 @@ class CountingFactory:
         self.sessions: list[Any] = []
 
     def __call__(self, checkpoint: str, settings: LabelSettings, cache_path: Path | None) -> Any:
-        s = _default_factory(checkpoint, settings, cache_path)
+        s = default_factory(checkpoint, settings, cache_path)
         self.sessions.append(s)
         return s
 
@@ -91,7 +92,7 @@ def test_reopen_shows_labels_and_review_state_then_relabels_from_the_cache(
     a.project.apply(_project(data))
     qtbot.waitUntil(lambda: a.gallery_model.rowCount() == n, timeout=10_000)
     _label(qtbot, a)
-    assert a.labeling._session.counters.embedded >= n  # fresh images: embedded once
+    assert a.labeling.host.session.counters.embedded >= n  # fresh images: embedded once
     target = data["query"] / "red_0000.png"
     a.correct_paths([target], 0)  # first class in sorted order: blue
     _idle(qtbot, a)
@@ -125,7 +126,7 @@ def test_reopen_shows_labels_and_review_state_then_relabels_from_the_cache(
     b.correct_paths([data["query"] / "blue_0002.png"], 1)
     qtbot.waitUntil(lambda: bool(factory.sessions), timeout=5_000)
     _idle(qtbot, b)
-    session = b.labeling._session
+    session = b.labeling.host.session
     assert session.counters.embedded == 0 and session.counters.cache_hits >= n
     assert session.corrections() == {target: "blue", data["query"] / "blue_0002.png": "green"}
     _label(qtbot, b)  # and so does Label
@@ -144,8 +145,8 @@ def test_saved_labels_of_changed_files_or_another_checkpoint_are_not_shown(
     preds = [Prediction(p, "red", 0.9, 0.5, Status.OK, (("red", 0.9), ("blue", 0.1)))
              for p in paths]
     project = _project(data)
-    project.predictions = pio.SavedPredictions(
-        _sha256(data["ckpt"]), preds, [pio.file_stamp(p) for p in paths])
+    project.predictions = sp.SavedPredictions(
+        _sha256(data["ckpt"]), preds, [sp.file_stamp(p) for p in paths])
     project.reviewed = {paths[0]: "red"}
     saved = pio.save_project(project, tmp_path / "p.fsproj").path
     changed = make_image(paths[1], (1, 2, 3), 7, size=40)  # edited since: another size

@@ -26,6 +26,7 @@ from PySide6.QtWidgets import QApplication, QLineEdit
 from fewshot_studio.engine.api import Prediction, Status
 from fewshot_studio.gui import actions
 from fewshot_studio.gui import project_io as pio
+from fewshot_studio.gui.controllers import commands
 from fewshot_studio.gui.main_window import MainWindow
 from fewshot_studio.gui.models.gallery import Role
 
@@ -289,7 +290,7 @@ def test_the_model_box_ignores_arrows_end_and_the_wheel(
         qtbot, raw_win: MainWindow, monkeypatch: pytest.MonkeyPatch) -> None:
     w = raw_win
     opened: list[str] = []
-    monkeypatch.setattr(actions.QFileDialog, "getOpenFileName",
+    monkeypatch.setattr(commands.QFileDialog, "getOpenFileName",
                         lambda *a, **k: (opened.append("dialog"), ("", ""))[1])
     combo = w.toolbar.checkpoint
     combo.setCurrentIndex(0)

@@ -130,26 +130,26 @@ def test_a_checkpoint_switch_clears_the_old_labels(qtbot, win: MainWindow,
     _idle(qtbot, win)
     assert win.gallery_model.labeled_count() == 12
     win.labeling.check_checkpoint = lambda name: None  # "other" is no real file
-    win.set_checkpoint("other")
+    win.commands.set_checkpoint("other")
     # no label from the old model is left on screen; the correction stays, shown as such
     assert [p.path for p in win.gallery_model.predictions()] == [first]
     assert win.gallery_model.prediction_for(first).corrected
     assert "Model changed" in win.statusBar().currentMessage()
     assert not win.labeling.labeled
     _label(qtbot, win)  # Label brings them back, from the new model
-    assert win.labeling._session.checkpoint == "other"
+    assert win.labeling.host.session.checkpoint == "other"
     assert win.gallery_model.labeled_count() == 12
 
 
 def test_a_broken_checkpoint_is_reported_when_chosen(
         qtbot, win: MainWindow, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from fewshot_studio.gui import actions
+    from fewshot_studio.gui.controllers import commands
 
     bad = tmp_path / "broken.safetensors"
     bad.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}garbage")
     errors: list[tuple] = []
     win.show_error = lambda *a: errors.append(a)
-    monkeypatch.setattr(actions.QFileDialog, "getOpenFileName",
+    monkeypatch.setattr(commands.QFileDialog, "getOpenFileName",
                         staticmethod(lambda *a, **k: (str(bad), "")))
     win.acts.open_checkpoint.trigger()  # File > Open checkpoint…, no Label pressed
     qtbot.waitUntil(lambda: bool(errors), timeout=20_000)
@@ -233,9 +233,10 @@ def test_label_with_nothing_set_up_gives_guidance_not_an_error(qtbot, win: MainW
 def test_file_import_class_folders_makes_one_card_per_sub_folder(
         qtbot, win: MainWindow, images: dict, monkeypatch: pytest.MonkeyPatch) -> None:
     from fewshot_studio.gui import actions
+    from fewshot_studio.gui.controllers import commands
 
     chosen = images["root"] / "support"
-    monkeypatch.setattr(actions.QFileDialog, "getExistingDirectory",
+    monkeypatch.setattr(commands.QFileDialog, "getExistingDirectory",
                         staticmethod(lambda *a, **k: str(chosen)))
     file_menu = win.menuBar().actions()[0].menu()
     assert win.acts.import_classes in file_menu.actions()
@@ -285,7 +286,7 @@ def test_export_dialogs_start_outside_the_program_and_remember_the_folder(
         qtbot, win: MainWindow, images: dict, tmp_path: Path,
         monkeypatch: pytest.MonkeyPatch) -> None:
     from fewshot_studio import paths as app_paths
-    from fewshot_studio.gui import actions
+    from fewshot_studio.gui.controllers import commands
     from fewshot_studio.gui.settings import qsettings
 
     qsettings().remove("dialogs")
@@ -296,7 +297,7 @@ def test_export_dialogs_start_outside_the_program_and_remember_the_folder(
         asked.append(start)
         return answer["path"], ""
 
-    monkeypatch.setattr(actions.QFileDialog, "getSaveFileName", staticmethod(save_dialog))
+    monkeypatch.setattr(commands.QFileDialog, "getSaveFileName", staticmethod(save_dialog))
     _open(qtbot, win, images)
     _label(qtbot, win)
     win.acts.export_csv.trigger()  # cancelled

@@ -23,8 +23,8 @@ from PySide6.QtWidgets import QMenu
 from fewshot_studio.engine.api import Prediction, Status
 from fewshot_studio.gui import project_io as pio
 from fewshot_studio.gui.main_window import MainWindow
-from fewshot_studio.gui.views import class_panel
-from fewshot_studio.gui.views.class_panel import SUSPICIOUS_ROLE, ClassCard, badged
+from fewshot_studio.gui.views import class_card
+from fewshot_studio.gui.views.class_card import SUSPICIOUS_ROLE, ClassCard, badged
 
 CLASSES = ["red", "green"]
 
@@ -154,7 +154,7 @@ def test_the_thumbnail_menu_offers_the_fix(qtbot, win: MainWindow, monkeypatch) 
         def exec(self, *args: object) -> None:  # type: ignore[override]
             shown.append([x.text() for x in self.actions()])
 
-    monkeypatch.setattr(class_panel, "QMenu", Menu)
+    monkeypatch.setattr(class_card, "QMenu", Menu)
     view = _card(win, "green").examples
     for row in (2, 0):  # the stray example, then a good one
         view.customContextMenuRequested.emit(view.visualItemRect(view.item(row)).center())

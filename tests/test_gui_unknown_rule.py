@@ -101,7 +101,7 @@ def test_adaptive_rule_toggle_reaches_the_session_off_the_ui_thread(
     main = threading.main_thread().ident
     assert [s.unknown_rule for _, s in RuleSession.calls] == ["adaptive"]
     assert all(t != main for t, _ in RuleSession.calls)
-    assert win.labeling._session.settings.unknown_rule == "adaptive"
+    assert win.labeling.host.session.settings.unknown_rule == "adaptive"
     assert _unknown(win) == 0  # relabeled with the new rule, no Label press
     assert not _slider_enabled(win) and not win.toolbar.threshold_caption.isEnabled()
     tip = win.toolbar.threshold.toolTip()

@@ -15,9 +15,10 @@ import pytest
 from fewshot_studio.engine.api import LabelSettings, Prediction, Status
 from fewshot_studio.errors import UserError
 from fewshot_studio.gui import project_io as pio
+from fewshot_studio.gui import saved_predictions as sp
 
 FMT = {"format": pio.FORMAT}
-PRED = {"format": pio.PREDICTIONS_FORMAT, "checkpoint_id": "ab12", "labels": ["A", "B"],
+PRED = {"format": sp.PREDICTIONS_FORMAT, "checkpoint_id": "ab12", "labels": ["A", "B"],
         "path": ["q/1.png", "q/2.png"], "label": [0, None], "confidence": [0.9, 0.4],
         "margin": [0.8, 0.1], "status": ["ok", "unknown"], "top": [[0, 0.9, 1, 0.1], []],
         "error": {}, "size": [10, 20], "mtime": [100, 200]}
@@ -163,7 +164,7 @@ def test_predictions_round_trip_in_columns(tmp_path: Path) -> None:
     classes = [pio.ClassSpec("cat", "#000000"), pio.ClassSpec("dog", "#111111")]
     project = pio.Project(classes=classes, query_folder=base / "q", corrections=corrections,
                           reviewed={preds[2].path: "cat", preds[0].path: None},
-                          predictions=pio.SavedPredictions("feed" * 16, preds, stamps))
+                          predictions=sp.SavedPredictions("feed" * 16, preds, stamps))
     path = pio.save_project(project, base / "p.fsproj").path
     text = path.read_text()
     assert len(text.splitlines()) < 60 and len(text) < 80 * n  # about 70 bytes an image
@@ -189,7 +190,7 @@ def test_cache_beside_a_project_only_if_it_is_there(tmp_path: Path) -> None:
     legacy = tmp_path / "p.embeddings.sqlite"
     legacy.write_bytes(b"")
     assert pio.cache_path_for(path) == legacy
-    assert pio.stamp_matches((5, 100), (5, 102)) and not pio.stamp_matches((5, 100), (5, 103))
-    assert not pio.stamp_matches((5, 100), (6, 100))
-    assert not pio.stamp_matches(pio.NO_STAMP, pio.NO_STAMP)
-    assert pio.file_stamp(tmp_path / "missing.png") == pio.NO_STAMP
+    assert sp.stamp_matches((5, 100), (5, 102)) and not sp.stamp_matches((5, 100), (5, 103))
+    assert not sp.stamp_matches((5, 100), (6, 100))
+    assert not sp.stamp_matches(sp.NO_STAMP, sp.NO_STAMP)
+    assert sp.file_stamp(tmp_path / "missing.png") == sp.NO_STAMP

@@ -1,32 +1,34 @@
-"""Menus, actions and keyboard shortcuts of the main window, and the small dialog flows they
-start (open / save / export). Kept apart from the window's wiring."""
+"""Menus, actions and keyboard shortcuts of the main window. What they do is the
+:class:`~fewshot_studio.gui.controllers.commands.Commands`' (and the review and class
+controllers'); this module only builds the ``QAction`` objects and the menu bar."""
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass, replace
+from collections.abc import Callable
+from dataclasses import dataclass
+from html import escape
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from PySide6.QtCore import QUrl
-from PySide6.QtGui import QAction, QDesktopServices, QGuiApplication, QKeySequence
-from PySide6.QtWidgets import QFileDialog, QMenu, QMessageBox
+from PySide6.QtCore import Qt, QUrl
+from PySide6.QtGui import QAction, QDesktopServices, QKeySequence, QUndoStack
+from PySide6.QtWidgets import (
+    QDialog,
+    QDialogButtonBox,
+    QMainWindow,
+    QMenu,
+    QMessageBox,
+    QTextBrowser,
+    QVBoxLayout,
+)
 
 from fewshot_studio import __version__
 from fewshot_studio import paths as app_paths
 from fewshot_studio.engine.export import EXPORT_FORMATS
-from fewshot_studio.errors import UserError
-from fewshot_studio.gui.project_io import PROJECT_SUFFIX
-from fewshot_studio.gui.settings import last_dir, remember_dir
+from fewshot_studio.gui.controllers.commands import Commands
+from fewshot_studio.gui.controllers.review import ReviewController
 
-if TYPE_CHECKING:
-    from fewshot_studio.gui.main_window import MainWindow
-
-PROJECT_FILTER = f"FewShot Studio project (*{PROJECT_SUFFIX})"
-SHORTCUTS = """<table cellpadding=3>
-<tr><td><b>Ctrl+L</b></td><td>Label all images</td></tr>
-<tr><td><b>Esc</b></td><td>Cancel labeling</td></tr>
-<tr><td colspan=2><i>In the gallery (it has the keyboard from the start)</i></td></tr>
+SHORTCUTS = """<tr><td colspan=2><i>In the gallery (it has the keyboard from the start)</i></td>
+</tr>
 <tr><td><b>1 – 9</b></td><td>Correct the selected images to class 1–9, go to the next</td></tr>
 <tr><td><b>Enter / Space</b></td><td>Accept the prediction (mark reviewed), go to the next
 </td></tr>
@@ -34,15 +36,12 @@ SHORTCUTS = """<table cellpadding=3>
 <tr><td><b>Arrows, Home / End, PgUp / PgDn</b></td><td>Move the cursor (Shift: extend the
 selection)</td></tr>
 <tr><td><b>Ctrl+A</b></td><td>Select all shown images</td></tr>
-<tr><td colspan=2><i>Everywhere</i></td></tr>
-<tr><td><b>Ctrl+Z / Ctrl+Shift+Z</b></td><td>Undo / redo</td></tr>
-<tr><td><b>Delete</b></td><td>Remove the selected examples from a class</td></tr>
-<tr><td><b>Ctrl+V</b></td><td>Paste an image as an example of the current class</td></tr>
-<tr><td><b>Ctrl+Shift+N</b></td><td>Add a class</td></tr>
-<tr><td><b>Ctrl+Shift+O</b></td><td>Choose the query folder</td></tr>
-<tr><td><b>Ctrl+E</b></td><td>Export CSV</td></tr>
-<tr><td><b>Ctrl+N / Ctrl+O / Ctrl+S</b></td><td>New / open / save project</td></tr>
-</table>"""
+<tr><td colspan=2><i>In a class card</i></td></tr>
+<tr><td><b>Delete / Backspace</b></td><td>Remove the selected examples from the class</td></tr>
+"""
+"""The keys no menu action carries (the gallery's and the class cards' own): the fixed part
+of Help > Keyboard shortcuts. The rest is read off the window's actions when the dialog
+opens (:func:`shortcut_rows`), so a new action with a shortcut is listed by itself."""
 
 
 @dataclass
@@ -54,6 +53,8 @@ class Actions:
     demo: QAction
     query_folder: QAction
     import_classes: QAction
+    import_labels_csv: QAction
+    import_labels_folders: QAction
     open_checkpoint: QAction
     exports: dict[str, QAction]  # one per label file format (engine.export.EXPORT_FORMATS)
     export_copy: QAction
@@ -71,6 +72,8 @@ class Actions:
     accept: QAction
     next_unreviewed: QAction
     previous_unreviewed: QAction
+    find_duplicates: QAction
+    keep_one: QAction
     recent_menu: QMenu
 
     @property
@@ -82,7 +85,8 @@ class Actions:
         return self.exports["json"]
 
 
-def _act(win: MainWindow, text: str, slot, shortcut=None, tip: str = "") -> QAction:
+def _act(win: QMainWindow, text: str, slot: Callable[[], object],
+         shortcut: QKeySequence.StandardKey | str | None = None, tip: str = "") -> QAction:
     a = QAction(text, win)
     if shortcut is not None:
         a.setShortcut(QKeySequence(shortcut))
@@ -94,62 +98,82 @@ def _act(win: MainWindow, text: str, slot, shortcut=None, tip: str = "") -> QAct
     return a
 
 
-def build(win: MainWindow) -> Actions:
+def build(win: QMainWindow, cmd: Commands, stack: QUndoStack, review: ReviewController,
+          label: Callable[[], object], cancel: Callable[[], object],
+          add_class: Callable[[], object]) -> Actions:
+    """The actions, wired to ``cmd`` (files, settings), ``review`` (the Review menu) and the
+    ``label`` / ``cancel`` / ``add_class`` slots, in the menu bar of ``win``."""
     K = QKeySequence.StandardKey
-    undo = win.stack.createUndoAction(win, "&Undo")
+    undo = stack.createUndoAction(win, "&Undo")
     undo.setShortcut(QKeySequence(K.Undo))
-    redo = win.stack.createRedoAction(win, "&Redo")
+    redo = stack.createRedoAction(win, "&Redo")
     redo.setShortcuts([QKeySequence("Ctrl+Shift+Z"), QKeySequence("Ctrl+Y")])
     a = Actions(
-        new=_act(win, "&New project", lambda: new_project(win), K.New),
-        open=_act(win, "&Open project…", lambda: open_project(win), K.Open),
-        save=_act(win, "&Save project", lambda: save(win), K.Save),
-        save_as=_act(win, "Save project &as…", lambda: save(win, ask=True), "Ctrl+Shift+S"),
-        demo=_act(win, "Open the &demo project", lambda: open_demo(win)),
-        query_folder=_act(win, "Choose &query folder…", lambda: choose_query_folder(win),
+        new=_act(win, "&New project", cmd.new_project, K.New),
+        open=_act(win, "&Open project…", lambda: cmd.open_project(), K.Open),
+        save=_act(win, "&Save project", lambda: cmd.save(), K.Save),
+        save_as=_act(win, "Save project &as…", lambda: cmd.save(ask=True), "Ctrl+Shift+S"),
+        demo=_act(win, "Open the &demo project", cmd.open_demo),
+        query_folder=_act(win, "Choose &query folder…", cmd.choose_query_folder,
                           "Ctrl+Shift+O", "The folder of images to label"),
-        import_classes=_act(win, "&Import class folders…", lambda: import_class_folders(win),
+        import_classes=_act(win, "&Import class folders…", cmd.import_class_folders,
                             tip="A folder whose sub-folders are the classes: one class per "
                                 "sub-folder, its images the examples"),
-        open_checkpoint=_act(win, "Open &checkpoint…", lambda: open_checkpoint(win)),
+        import_labels_csv=_act(win, "From a &CSV file…", lambda: cmd.import_labels("csv"),
+                               "Ctrl+I", tip="A path,label CSV (the app's or the CLI's own export "
+                                   "works): images in the query folder become corrections, "
+                                   "others examples of their class"),
+        import_labels_folders=_act(win, "From class &folders…",
+                                   lambda: cmd.import_labels("folders"), "Ctrl+Shift+I",
+                                   tip="A folder whose sub-folders are the classes: images in "
+                                       "the query folder become corrections, others examples"),
+        open_checkpoint=_act(win, "Open &checkpoint…", cmd.open_checkpoint),
         exports={f.name: _act(win, f"Export {f.title.split(' (')[0]}…",
-                              lambda k=f.name: export(win, k),
+                              lambda k=f.name: cmd.export(k),
                               "Ctrl+E" if f.name == "csv" else None, f.help)
                  for f in EXPORT_FORMATS.values()},
         export_copy=_act(win, "&Copy images into class folders…",
-                         lambda: export(win, "copy")),
+                         lambda: cmd.export("copy")),
         undo=undo, redo=redo,
-        add_class=_act(win, "Add &class", lambda: win.class_panel.add_class_and_edit(),
+        add_class=_act(win, "Add &class", add_class,
                        "Ctrl+Shift+N"),
-        paste=_act(win, "&Paste image as example", lambda: paste(win), K.Paste),
-        label=_act(win, "Label", win.label, "Ctrl+L", "Label every image (Ctrl+L)"),
-        cancel=_act(win, "Cancel labeling", win.labeling.cancel, "Esc"),
+        paste=_act(win, "&Paste image as example", cmd.paste, K.Paste),
+        label=_act(win, "Label", label, "Ctrl+L", "Label every image (Ctrl+L)"),
+        cancel=_act(win, "Cancel labeling", cancel, "Esc"),
         join_support=_act(win, "Corrected images &join the examples",
-                          lambda: _toggle(win, "corrections_join_support")),
+                          lambda: cmd.toggle("corrections_join_support")),
         transductive=_act(win, "&Transductive refinement",
-                          lambda: _toggle(win, "transductive")),
-        adaptive_unknown=_act(win, "&Adaptive unknown rule", lambda: _toggle_unknown_rule(win),
+                          lambda: cmd.toggle("transductive")),
+        adaptive_unknown=_act(win, "&Adaptive unknown rule", cmd.toggle_unknown_rule,
                               tip="Read which images are unknown off your class examples "
                                   "(each held out in turn) instead of the Unknown below "
                                   "threshold; with one example a class the threshold "
                                   "still applies"),
-        tta=_act(win, "Test-time &augmentation", lambda: _toggle(win, "tta"),
+        tta=_act(win, "Test-time &augmentation", lambda: cmd.toggle("tta"),
                  tip="Average each image's features over slightly changed copies of it "
                      "(small warps for characters, the mirror image for photos): more "
                      "accurate, slower to embed; applies to the next labeling run"),
-        int8=_act(win, "Faster CPU inference (&int8)", lambda: _toggle_int8(win),
+        int8=_act(win, "Faster CPU inference (&int8)", cmd.toggle_int8,
                   tip="Run a quantised copy of the network on the CPU: 1.5-1.9x faster "
                       "labeling, predictions nearly always the same; applies to the next "
                       "labeling run"),
         # Review keys are the gallery's own (they act on its selection, and must not fire
         # while typing a class name): the text after the tab only shows the key in the menu.
-        accept=_act(win, "&Accept prediction\tEnter", lambda: win.reviewing.accept_selected(),
+        accept=_act(win, "&Accept prediction\tEnter", review.accept_selected,
                     tip="Mark the selected images reviewed and go to the next (Enter or "
                         "Space in the gallery)"),
         next_unreviewed=_act(win, "&Next unreviewed\tN",
-                             lambda: win.reviewing.next_unreviewed(1)),
+                             lambda: review.next_unreviewed(1)),
         previous_unreviewed=_act(win, "&Previous unreviewed\tShift+N",
-                                 lambda: win.reviewing.next_unreviewed(-1)),
+                                 lambda: review.next_unreviewed(-1)),
+        find_duplicates=_act(win, "Find &duplicates", cmd.find_duplicates, "Ctrl+D",
+                             tip="Look for near-duplicate images among those to label "
+                                 "(the same file, or resized / re-encoded copies) and show "
+                                 "each group together"),
+        keep_one=_act(win, "&Keep one, mark the rest", cmd.keep_one_mark_rest, "Ctrl+Shift+D",
+                      tip="In each duplicate group keep one image (the selected one, else "
+                          "one you reviewed, else the largest file) and mark the others as "
+                          "its duplicates: exports leave them out; no file is touched"),
         recent_menu=QMenu("Open &recent", win),
     )
     a.cancel.setEnabled(False)
@@ -167,6 +191,9 @@ def build(win: MainWindow) -> Actions:
     f.addSeparator()
     f.addAction(a.query_folder)
     f.addAction(a.import_classes)
+    labels = f.addMenu("Import &labels")
+    labels.addAction(a.import_labels_csv)
+    labels.addAction(a.import_labels_folders)
     f.addAction(a.open_checkpoint)
     f.addSeparator()
     ex = f.addMenu("E&xport")
@@ -193,9 +220,11 @@ def build(win: MainWindow) -> Actions:
     rm = mb.addMenu("&Review")
     for x in (a.accept, a.next_unreviewed, a.previous_unreviewed):
         rm.addAction(x)
+    rm.addSeparator()
+    rm.addAction(a.find_duplicates)
+    rm.addAction(a.keep_one)
     h = mb.addMenu("&Help")
-    h.addAction(_act(win, "&Keyboard shortcuts", lambda: QMessageBox.information(
-        win, "Keyboard shortcuts", SHORTCUTS)))
+    h.addAction(_act(win, "&Keyboard shortcuts", lambda: show_shortcuts(win)))
     h.addAction(_act(win, "Open &log folder", lambda: QDesktopServices.openUrl(
         QUrl.fromLocalFile(str(app_paths.user_log_dir())))))
     h.addAction(_act(win, "&About", lambda: QMessageBox.about(
@@ -206,58 +235,72 @@ def build(win: MainWindow) -> Actions:
     return a
 
 
-def _toggle(win: MainWindow, field: str) -> None:
-    s = win.labeling.settings
-    win.labeling.set_settings(replace(s, **{field: not getattr(s, field)}))
-    win.project.mark_dirty()
-    if field == "corrections_join_support":
-        win.update_corrected_counts()
-
-
-def _toggle_unknown_rule(win: MainWindow) -> None:
-    s = win.labeling.settings
-    rule = "threshold" if s.unknown_rule == "adaptive" else "adaptive"
-    win.labeling.set_settings(replace(s, unknown_rule=rule))
-    win.toolbar.set_adaptive_rule(rule == "adaptive")
-    win.project.mark_dirty()
-
-
-def _toggle_int8(win: MainWindow) -> None:
-    s = win.labeling.settings
-    win.labeling.set_settings(replace(s, precision="fp32" if s.precision == "int8" else "int8"))
-    win.project.mark_dirty()
-
-
-def _in_package(folder: Path) -> bool:
-    """Inside the installed program (the bundled demo, checkpoints): no place for output."""
-    roots = (app_paths.resources_dir(), app_paths.checkpoints_dir(),
-             Path(__file__).resolve().parents[1])
-    folder = folder.resolve()
-    return any(folder == r.resolve() or r.resolve() in folder.parents for r in roots)
-
-
-def _start_dir(win: MainWindow, kind: str = "project",
-               order: tuple[str, ...] = ("last", "project", "query")) -> str:
-    """Where a file dialog of ``kind`` opens: the first existing folder in ``order`` of
-    "last" (the folder last chosen in a dialog of that kind, kept in QSettings), "project"
-    (the project file's folder) and "query" (the query folder), else home; never a folder
-    inside the program itself (the bundled demo's)."""
-    folders = {"last": last_dir(kind), "query": win.labeling.query_folder,
-               "project": win.project.path.parent if win.project.path is not None else None}
-    for c in (folders[k] for k in order):
-        if c is not None and c.is_dir() and not _in_package(c):
-            return str(c)
-    return os.path.expanduser("~")
-
-
 def menu_text(action: QAction) -> str:
     """An action's text as the menu shows it ("Choose query folder…")."""
     return action.text().replace("&", "").split("\t")[0]
 
 
-def setup_guidance(win: MainWindow, missing: list[str]) -> str:
+def key_text(action: QAction) -> str:
+    """An action's shortcuts as the menu shows them ("Ctrl+Shift+Z / Ctrl+Y"); "" if none."""
+    return " / ".join(k.toString(QKeySequence.SequenceFormat.NativeText)
+                      for k in action.shortcuts() if not k.isEmpty())
+
+
+def shortcut_rows(win: QMainWindow) -> list[tuple[str, str]]:
+    """``(keys, where)`` for every action of ``win`` with a shortcut: those in the menu bar
+    in menu order, ``where`` its menu path ("File > Import labels > From a CSV file…"),
+    then any other (``where``: its text). Read when asked, so actions added after
+    :func:`build` (the embedding map's) are there."""
+    rows: list[tuple[str, str]] = []
+    seen: set[QAction] = set()
+
+    def walk(menu: QMenu, path: str) -> None:
+        for a in menu.actions():
+            if a.menu() is not None:
+                walk(a.menu(), f"{path} > {menu_text(a)}")
+            elif a not in seen and not a.isSeparator():
+                seen.add(a)
+                if keys := key_text(a):
+                    rows.append((keys, f"{path} > {menu_text(a)}"))
+
+    for top in win.menuBar().actions():
+        if top.menu() is not None:
+            walk(top.menu(), menu_text(top))
+    for a in win.findChildren(QAction):
+        if a not in seen and (keys := key_text(a)):
+            seen.add(a)
+            rows.append((keys, menu_text(a)))
+    return rows
+
+
+def shortcuts_html(win: QMainWindow) -> str:
+    """Help > Keyboard shortcuts: the actions' keys (:func:`shortcut_rows`), then
+    :data:`SHORTCUTS`."""
+    rows = "".join(f"<tr><td><b>{escape(k)}</b></td><td>{escape(where)}</td></tr>\n"
+                   for k, where in shortcut_rows(win))
+    return (f"<table cellpadding=3><tr><td colspan=2><i>Menu commands (everywhere)</i></td>"
+            f"</tr>\n{rows}{SHORTCUTS}</table>")
+
+
+def show_shortcuts(win: QMainWindow) -> QDialog:
+    """The Help > Keyboard shortcuts dialog (modeless, scrolls if the screen is small)."""
+    dlg = QDialog(win)
+    dlg.setWindowTitle("Keyboard shortcuts")
+    text = QTextBrowser(dlg)
+    text.setHtml(shortcuts_html(win))
+    buttons = QDialogButtonBox(QDialogButtonBox.StandardButton.Close, dlg)
+    buttons.rejected.connect(dlg.close)
+    layout = QVBoxLayout(dlg)
+    layout.addWidget(text)
+    layout.addWidget(buttons)
+    dlg.resize(620, 640)
+    dlg.setAttribute(Qt.WidgetAttribute.WA_DeleteOnClose)
+    dlg.show()
+    return dlg
+
+
+def setup_guidance(a: Actions, missing: list[str]) -> str:
     """The steps still to do before Label can run, naming the real menu entries (HTML)."""
-    a = win.acts
     steps = {
         "classes": ("Add at least two classes, each with example images: "
                     f"<b>+ Class</b> (Edit > {menu_text(a.add_class)}, Ctrl+Shift+N), then "
@@ -273,125 +316,12 @@ def setup_guidance(win: MainWindow, missing: list[str]) -> str:
             f"Or try <b>File > {menu_text(a.demo)}</b>.")
 
 
-def fill_recent(win: MainWindow) -> None:
-    m = win.acts.recent_menu
-    m.clear()
-    items = win.project.recent.list()
+def fill_recent(menu: QMenu, items: list[Path], open_project: Callable[[Path], None]) -> None:
+    """File > Open recent: one entry per project file (most recent first)."""
+    menu.clear()
     for p in items:
-        act = m.addAction(p.name)
+        act = menu.addAction(p.name)
         act.setToolTip(str(p))
-        act.triggered.connect(lambda _=False, p=p: open_project(win, p))
+        act.triggered.connect(lambda _=False, p=p: open_project(p))
     if not items:
-        m.addAction("(none)").setEnabled(False)
-
-
-def new_project(win: MainWindow) -> None:
-    if win.maybe_keep_changes():
-        win.project.new()
-
-
-def open_project(win: MainWindow, path: Path | None = None) -> None:
-    if not win.maybe_keep_changes():
-        return
-    if path is None:
-        f, _ = QFileDialog.getOpenFileName(win, "Open project", _start_dir(win), PROJECT_FILTER)
-        if not f:
-            return
-        path = Path(f)
-        remember_dir("project", path)
-    try:
-        rec = win.project.recoverable(path)
-        win.project.open(path)
-        if rec and QMessageBox.question(
-                win, "Recover changes?", "This project has unsaved changes from an earlier "
-                "session. Recover them?") == QMessageBox.StandardButton.Yes:
-            win.project.recover(rec)
-    except UserError as e:
-        win.report("Cannot open the project", str(e))
-
-
-def open_demo(win: MainWindow) -> None:
-    if win.maybe_keep_changes():
-        try:
-            win.project.open_demo()
-        except UserError as e:
-            win.report("Cannot open the demo", str(e))
-
-
-def save(win: MainWindow, ask: bool = False) -> bool:
-    target = win.project.path
-    if ask or target is None:
-        f, _ = QFileDialog.getSaveFileName(win, "Save project", _start_dir(win), PROJECT_FILTER)
-        if not f:
-            return False
-        target = Path(f)
-        remember_dir("project", target)
-    try:
-        saved = win.project.save(target)
-    except UserError as e:
-        win.report("Cannot save", str(e))
-        return False
-    win.statusBar().showMessage(f"Saved {saved}", 5000)
-    fill_recent(win)
-    return True
-
-
-def choose_query_folder(win: MainWindow) -> None:
-    start = _start_dir(win, "query", ("query", "last", "project"))
-    d = QFileDialog.getExistingDirectory(win, "Choose the folder of images to label", start)
-    if d:
-        remember_dir("query", Path(d))
-        win.set_query_folder(Path(d))
-
-
-def import_class_folders(win: MainWindow) -> None:
-    """File > Import class folders…: one class per sub-folder of the chosen folder (the same
-    code path as a folder dropped on the class panel)."""
-    d = QFileDialog.getExistingDirectory(
-        win, "Import class folders: choose the folder whose sub-folders are the classes",
-        _start_dir(win, "classes"))
-    if d:
-        remember_dir("classes", Path(d))
-        win.classes_ctl.import_class_folders([Path(d)])
-
-
-def open_checkpoint(win: MainWindow) -> None:
-    f, _ = QFileDialog.getOpenFileName(win, "Open checkpoint", _start_dir(win, "checkpoint"),
-                                       "Checkpoints (*.safetensors)")
-    if f:
-        remember_dir("checkpoint", Path(f))
-        win.set_checkpoint(f)
-    else:
-        win.toolbar.set_checkpoints(app_paths.bundled_checkpoints(), win.labeling.checkpoint)
-
-
-def export(win: MainWindow, kind: str) -> None:
-    preds = win.gallery_model.predictions()
-    root = win.labeling.query_folder
-    if not preds or root is None:
-        win.report("Nothing to export", "Label the images first (Ctrl+L).")
-        return
-    start = _start_dir(win, f"export-{kind}", ("last", "query", "project"))
-    if kind == "copy":
-        d = QFileDialog.getExistingDirectory(win, "Copy images into class folders under…",
-                                             start)
-        if d:
-            remember_dir("export-copy", Path(d))
-            win.export.copy_to_folders(preds, Path(d))
-        return
-    fmt = EXPORT_FORMATS[kind]
-    f, _ = QFileDialog.getSaveFileName(win, f"Export {fmt.title.split(' (')[0]}",
-                                       str(Path(start) / f"labels{fmt.suffix}"), fmt.title)
-    if f:
-        remember_dir(f"export-{kind}", Path(f))
-        win.export.export_file(kind, preds, Path(f), root, win.classes.names())
-
-
-def paste(win: MainWindow) -> None:
-    img = QGuiApplication.clipboard().image()
-    if win.classes.rowCount() == 0:
-        win.statusBar().showMessage("Add a class first, then paste", 4000)
-    elif img.isNull():
-        win.statusBar().showMessage("The clipboard holds no image", 4000)
-    else:
-        win.classes_ctl.paste_image(win.class_panel.current_row, img)
+        menu.addAction("(none)").setEnabled(False)

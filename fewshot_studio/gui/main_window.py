@@ -1,5 +1,6 @@
 """The main window: builds the models, controllers and views and wires their signals.
-Behaviour lives in the controllers; menus and shortcuts in :mod:`.actions`."""
+Behaviour lives in the controllers (what the menus do: :class:`.controllers.commands.Commands`);
+the menus and shortcuts are built in :mod:`.actions`."""
 
 from __future__ import annotations
 
@@ -25,11 +26,16 @@ from PySide6.QtWidgets import (
 from fewshot_studio import paths as app_paths
 from fewshot_studio.engine.api import Status
 from fewshot_studio.gui import actions, gc_guard
+from fewshot_studio.gui.controllers import embedding_map
 from fewshot_studio.gui.controllers.classes import ClassesController
+from fewshot_studio.gui.controllers.commands import Commands
+from fewshot_studio.gui.controllers.duplicates import DuplicatesController
 from fewshot_studio.gui.controllers.export import ExportController
-from fewshot_studio.gui.controllers.labeling import LabelingController, SessionFactory
+from fewshot_studio.gui.controllers.label_import import LabelImportController
+from fewshot_studio.gui.controllers.labeling import LabelingController
 from fewshot_studio.gui.controllers.project import ProjectController
 from fewshot_studio.gui.controllers.review import ReviewController
+from fewshot_studio.gui.controllers.session_host import SessionFactory
 from fewshot_studio.gui.excepthook import show_error_dialog
 from fewshot_studio.gui.models.classes import ClassListModel
 from fewshot_studio.gui.models.gallery import GalleryModel, GalleryProxy, Role
@@ -70,17 +76,27 @@ class MainWindow(QMainWindow):
         self.project = ProjectController(self.classes, self.labeling, self.stack, ui,
                                          parent=self)
         self.export = ExportController(self)
+        self.label_import = LabelImportController(self.classes, self.labeling, self.stack, self)
+        self.duplicates = DuplicatesController(self.gallery_model, self.stack, self)
+        self.commands = Commands(self, self.labeling, self.project, self.classes,
+                                 self.classes_ctl, self.export, self.label_import,
+                                 self.duplicates, self.gallery_model,
+                                 lambda: self.class_panel.current_row,
+                                 lambda: self.reviewing.selected_paths(),
+                                 lambda: self.ask_unsaved())
         # -- views -----------------------------------------------------------------------
-        self.acts = actions.build(self)
-        self.toolbar = MainToolBar(self.acts.label, self)
-        self.addToolBar(self.toolbar)
-        self.class_panel = ClassPanel(self.classes, self.classes_ctl, self.thumbs,
-                                      self.correct_paths, self)
         self.gallery = GalleryView()
         self.gallery.setModel(self.proxy)
         self.reviewing = ReviewController(self.gallery_model, self.proxy,
                                           self.gallery.selectionModel(), self.labeling,
                                           self.classes, self.stack, self)
+        self.class_panel = ClassPanel(self.classes, self.classes_ctl, self.thumbs,
+                                      self.correct_paths, self)
+        self.acts = actions.build(self, self.commands, self.stack, self.reviewing,
+                                  self.labeling.label, self.labeling.cancel,
+                                  self.class_panel.add_class_and_edit)
+        self.toolbar = MainToolBar(self.acts.label, self)
+        self.addToolBar(self.toolbar)
         self.review = ReviewBar()
         self.detail = DetailPane(self.classes.color_of)
         center = QWidget()
@@ -105,6 +121,7 @@ class MainWindow(QMainWindow):
         self.setCentralWidget(self.splitter)
         self._build_status_bar()
         self._wire()
+        self.embedding_map = embedding_map.install(self)  # dock + find similar
         self.toolbar.set_checkpoints(app_paths.bundled_checkpoints(), "")
         if restore_state and (sp := restore_window_state(self)) is not None:
             self.split_by_user = self.splitter.restoreState(sp)
@@ -160,7 +177,8 @@ class MainWindow(QMainWindow):
 
     def _wire(self) -> None:
         lab, tb = self.labeling, self.toolbar
-        tb.checkpoint_chosen.connect(self.set_checkpoint)
+        cmd = self.commands
+        tb.checkpoint_chosen.connect(cmd.set_checkpoint)
         tb.open_checkpoint_requested.connect(self.acts.open_checkpoint.trigger)
         tb.checkpoint_chosen.connect(self.focus_gallery)
         tb.open_checkpoint_requested.connect(self.focus_gallery)
@@ -179,8 +197,24 @@ class MainWindow(QMainWindow):
         lab.setup_needed.connect(self._on_setup_needed)
         lab.corrections_changed.connect(self.update_corrected_counts)
         lab.suspicious_changed.connect(self.class_panel.set_suspicious)
+        cmd.message.connect(self.statusBar().showMessage)
+        cmd.failed.connect(self.report)
+        cmd.recent_changed.connect(self._fill_recent)
+        cmd.counts_changed.connect(self.update_corrected_counts)
+        cmd.checkpoint_changed.connect(self._show_checkpoint)
+        cmd.checkpoint_kept.connect(
+            lambda name: tb.set_checkpoints(app_paths.bundled_checkpoints(), name))
+        cmd.adaptive_rule_changed.connect(tb.set_adaptive_rule)
         self.classes_ctl.message.connect(lambda m: self.statusBar().showMessage(m, 5000))
         self.classes_ctl.failed.connect(self.report)
+        self.label_import.message.connect(lambda m: self.statusBar().showMessage(m, 8000))
+        self.label_import.failed.connect(self.report)
+        dup = self.duplicates
+        dup.progress.connect(lambda d, t, m: self.statusBar().showMessage(m, 2000))
+        dup.message.connect(lambda m: self.statusBar().showMessage(m, 8000))
+        dup.failed.connect(self.report)
+        dup.found.connect(self._on_duplicates_found)
+        self.gallery_model.duplicates_changed.connect(self._on_relabeled)
         self.export.failed.connect(self.report)
         self.export.finished.connect(lambda m: self.statusBar().showMessage(m, 8000))
         self.export.progress.connect(
@@ -201,35 +235,13 @@ class MainWindow(QMainWindow):
         rv.cursor_moved.connect(self.gallery.scrollTo)
         rv.message.connect(self.statusBar().showMessage)
         lab.reviewed_changed.connect(self._update_counts)
-        self.gallery.folder_dropped.connect(self.set_query_folder)
+        self.gallery.folder_dropped.connect(cmd.set_query_folder)
         self.gallery.selectionModel().selectionChanged.connect(self._on_selection)
         self.proxy.modelReset.connect(self._on_selection)  # a reset drops the selection
         self.gallery_model.dataChanged.connect(lambda *_: self._counts_timer.start())
         self.gallery_model.modelReset.connect(self._update_counts)
 
     # -- actions ------------------------------------------------------------------------------
-    def set_checkpoint(self, name: str) -> None:
-        """The user chose a checkpoint: use it, and check it in the background (a broken
-        file is reported now, not at the next Label)."""
-        changed = name != self.labeling.checkpoint
-        if self.labeling.set_checkpoint(name):
-            self.statusBar().showMessage("Model changed: the labels were cleared; press Label "
-                                         "(Ctrl+L) to label with the new one")
-        self.toolbar.set_checkpoints(app_paths.bundled_checkpoints(), name)
-        self.toolbar.set_backend("not loaded")
-        if changed:
-            self.labeling.check_checkpoint(name)
-        self.project.mark_dirty()
-
-    def set_query_folder(self, folder: Path) -> None:
-        self.labeling.set_corrections({})
-        self.labeling.set_query_folder(Path(folder))
-        self.project.mark_dirty()
-        self.statusBar().showMessage(f"Scanning {folder}…")
-
-    def label(self) -> None:
-        self.labeling.label()
-
     def correct_selected(self, class_row: int) -> None:
         """Keys 1-9: correct the selected tiles; the cursor moves on to the next image."""
         self.reviewing.correct_selected(class_row)
@@ -250,10 +262,19 @@ class MainWindow(QMainWindow):
         self.show_error(title, message, details)
 
     # -- slots ----------------------------------------------------------------------------------
+    def _show_checkpoint(self, name: str) -> None:
+        """A checkpoint was chosen: the toolbar shows it, its backend not loaded yet."""
+        self.toolbar.set_checkpoints(app_paths.bundled_checkpoints(), name)
+        self.toolbar.set_backend("not loaded")
+
+    def _fill_recent(self) -> None:
+        actions.fill_recent(self.acts.recent_menu, self.project.recent.list(),
+                            self.commands.open_project)
+
     def _on_setup_needed(self, missing: list[str]) -> None:
         """Label pressed before the job is set up: the steps to take (not an error)."""
         self.statusBar().showMessage("Set up the job first: see the steps", 8000)
-        self.show_info("Set up labeling", actions.setup_guidance(self, missing))
+        self.show_info("Set up labeling", actions.setup_guidance(self.acts, missing))
 
     def update_corrected_counts(self) -> None:
         """Class cards count the corrected images that join the examples."""
@@ -321,6 +342,16 @@ class MainWindow(QMainWindow):
     def _on_filter(self, mode: str) -> None:
         self.proxy.set_filter(mode)
         self._update_counts()
+        if mode == "duplicate" and not self.duplicates.searched:
+            self.commands.find_duplicates()
+
+    def _on_duplicates_found(self, n_groups: int) -> None:
+        """A search ended: show the groups (the Duplicates filter), or say there are none."""
+        if n_groups and self.proxy.filter != "duplicate":
+            self.review.show_filter("duplicate")
+            self._on_filter("duplicate")
+        self.proxy.refresh()
+        self._update_counts()
 
     def _on_selection(self, *_: QItemSelection) -> None:
         rows = self.gallery.selectionModel().selectedIndexes()
@@ -344,7 +375,7 @@ class MainWindow(QMainWindow):
         self.acts.adaptive_unknown.setChecked(lab.settings.unknown_rule == "adaptive")
         self.acts.tta.setChecked(lab.settings.tta)
         self.acts.int8.setChecked(lab.settings.precision == "int8")
-        actions.fill_recent(self)
+        self._fill_recent()
         self.update_corrected_counts()
         self.run_summary.hide()  # it was about the previous project
         self.focus_gallery()
@@ -364,6 +395,8 @@ class MainWindow(QMainWindow):
                 parts.append(f"{corrected} corrected")
             if errors := sum(p.status == Status.ERROR for p in preds):
                 parts.append(f"{errors} errors")
+        if marked := len(m.duplicate_marks()):
+            parts.append(f"{marked} marked duplicates")
         if self.proxy.filter != "all":
             parts.append(f"showing {self.proxy.rowCount()}")
         self.review.set_counts(" · ".join(parts))
@@ -386,17 +419,8 @@ class MainWindow(QMainWindow):
         return {QMessageBox.StandardButton.Save: "save",
                 QMessageBox.StandardButton.Discard: "discard"}.get(b, "cancel")
 
-    def maybe_keep_changes(self) -> bool:
-        """True if it is fine to drop the current project (saved, or the user said so)."""
-        if not self.project.dirty:
-            return True
-        answer = self.ask_unsaved()
-        if answer == "save":
-            return actions.save(self)
-        return answer == "discard"
-
     def closeEvent(self, e: QCloseEvent) -> None:
-        if not self.maybe_keep_changes():
+        if not self.commands.maybe_keep_changes():
             e.ignore()
             return
         save_window_state(self, self.splitter.saveState())

@@ -6,10 +6,9 @@ are stored relative to it (a project folder can be moved or zipped); others stay
 Writes are atomic (temp file + rename). Autosave goes to a recovery file in the user data
 directory, never over the user's own file; recent projects are a small JSON list there too.
 
-Predictions are stored column by column (one list of paths, parallel lists of labels,
-confidences...; see :func:`predictions_to_dict`), with the identity (SHA-256) of the
-checkpoint that made them and each image's size and modification time. They are shown again
-only while all of that still holds (:func:`stamp_matches`); the rest is "not labeled".
+The predictions section (column by column, with the checkpoint's identity and each image's
+size and modification time) is :mod:`.saved_predictions`'; the checked reading of fields and
+the relative paths are :mod:`.doc_fields`'.
 
 Nothing is written beside the project but the project file: the embedding cache is the user
 cache directory's (or, for projects saved by older versions, the one beside the project file
@@ -22,24 +21,25 @@ import contextlib
 import hashlib
 import json
 import math
-import os
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 from fewshot_studio import paths
 from fewshot_studio.data.images import ImageLoadError, check_regular_file
-from fewshot_studio.engine.api import LabelSettings, Prediction, Status
+from fewshot_studio.engine.api import LabelSettings
 from fewshot_studio.errors import UserError
+from fewshot_studio.gui.doc_fields import abs_path, rel_path, show, typed
+from fewshot_studio.gui.saved_predictions import (
+    SavedPredictions,
+    predictions_from_dict,
+    predictions_to_dict,
+)
+from fewshot_studio.gui.saved_predictions import file_stamp as file_stamp  # for cli/label.py
 from fewshot_studio.io.atomic import atomic_write_text
 
 PROJECT_SUFFIX = ".fsproj"
 FORMAT = "fewshot-studio-project/1"
-PREDICTIONS_FORMAT = "fewshot-studio-predictions/1"
-MTIME_SLACK_S = 2
-"""A file's modification time may differ by this much from the saved one (FAT and zip keep
-times to 2 s) and its prediction still counts as current."""
 CACHE_SUFFIX = ".embeddings.sqlite"
 MAX_PROJECT_BYTES = 200 << 20
 """Project files larger than this (200 MiB) are refused before reading: a project with a
@@ -58,29 +58,13 @@ class ClassSpec:
     examples: list[Path] = field(default_factory=list)
 
 
-Stamp = tuple[int, int]
-"""``(size in bytes, modification time in whole seconds)`` of an image file; ``(-1, 0)``:
-unknown (never matches)."""
-NO_STAMP: Stamp = (-1, 0)
-
-
-@dataclass
-class SavedPredictions:
-    """Predictions as a project keeps them: ``checkpoint_id`` is the SHA-256 of the checkpoint
-    file that made them (the embedding cache's checkpoint identity); ``stamps[i]`` is the
-    :data:`Stamp` of ``predictions[i].path`` when it was labeled."""
-
-    checkpoint_id: str
-    predictions: list[Prediction] = field(default_factory=list)
-    stamps: list[Stamp] = field(default_factory=list)
-
-
 @dataclass
 class Project:
     """Everything a user set up. ``path`` is the file it was loaded from / saved to (None:
     untitled). ``corrections`` maps absolute query paths to class names; ``reviewed`` maps
     query paths to the verdict the user accepted (label, or None for unknown / error);
-    ``predictions``: the last labeling's results (None: never labeled)."""
+    ``predictions``: the last labeling's results (None: never labeled); ``duplicates`` maps
+    images marked as near-duplicates to the image kept in their place (exports skip them)."""
 
     classes: list[ClassSpec] = field(default_factory=list)
     query_folder: Path | None = None
@@ -90,6 +74,7 @@ class Project:
     path: Path | None = None
     reviewed: dict[Path, str | None] = field(default_factory=dict)
     predictions: SavedPredictions | None = None
+    duplicates: dict[Path, Path] = field(default_factory=dict)
 
     @property
     def title(self) -> str:
@@ -123,23 +108,6 @@ def unique_name(wanted: str, taken: list[str]) -> str:
 
 
 # -- (de)serialisation -------------------------------------------------------------------
-def _rel(p: Path, base: Path) -> str:
-    s, b = str(p), str(base)
-    prefix = b if b.endswith(os.sep) else b + os.sep
-    if s.startswith(prefix):  # the common case, without relpath's cost (300,000 paths)
-        return s[len(prefix):].replace(os.sep, "/")
-    try:
-        return Path(os.path.relpath(p, base)).as_posix() if p.is_relative_to(base) else str(p)
-    except ValueError:  # other drive on Windows
-        return str(p)
-
-
-def _abs(s: str, base: str) -> Path:
-    """``s`` (absolute, or relative to the folder ``base``) as an absolute, normalised path.
-    String work only, no system call: loading 300,000 paths must not stat them all."""
-    return Path(os.path.normpath(os.path.join(base, s)))
-
-
 def _settings_to_dict(s: LabelSettings) -> dict[str, Any]:
     return asdict(s)
 
@@ -161,15 +129,9 @@ def _settings_from_dict(d: dict[str, Any], where: str = "project") -> LabelSetti
         if not ok:
             what = {bool: "true or false", str: "text", int: "an integer",
                     float: "a finite number"}.get(kind, kind.__name__)
-            raise UserError(f"{where}: setting '{k}' must be {what}, not {_show(v)}")
+            raise UserError(f"{where}: setting '{k}' must be {what}, not {show(v)}")
         known[k] = float(v) if kind is float else v
     return LabelSettings(**known)
-
-
-def _show(v: object) -> str:
-    """A short one-line repr of an untrusted value for a message."""
-    text = " ".join(repr(v).split())
-    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def project_to_dict(project: Project, base: Path) -> dict[str, Any]:
@@ -179,12 +141,15 @@ def project_to_dict(project: Project, base: Path) -> dict[str, Any]:
         "checkpoint": project.checkpoint,
         "settings": _settings_to_dict(project.settings),
         "classes": [{"name": c.name, "color": c.color,
-                     "examples": [_rel(p, base) for p in c.examples]} for c in project.classes],
-        "query_folder": _rel(project.query_folder, base) if project.query_folder else None,
-        "corrections": {_rel(p, base): lab for p, lab in sorted(project.corrections.items())},
-        "reviewed": {_rel(p, base): lab for p, lab in sorted(project.reviewed.items(),
+                     "examples": [rel_path(p, base) for p in c.examples]} for c in project.classes],
+        "query_folder": rel_path(project.query_folder, base) if project.query_folder else None,
+        "corrections": {rel_path(p, base): lab for p, lab in sorted(project.corrections.items())},
+        "reviewed": {rel_path(p, base): lab for p, lab in sorted(project.reviewed.items(),
                                                              key=lambda kv: str(kv[0]))},
     }
+    if project.duplicates:
+        doc["duplicates"] = {rel_path(p, base): rel_path(k, base)
+                             for p, k in sorted(project.duplicates.items())}
     if project.predictions is not None:
         doc["predictions"] = predictions_to_dict(project.predictions, base)
     return doc
@@ -204,15 +169,6 @@ def dumps_project(doc: dict[str, Any]) -> str:
     return text[:-2] + ',\n  "predictions": {\n' + cols + "\n  }\n}\n"
 
 
-def _typed(doc: dict[str, Any], key: str, kind: type | tuple[type, ...], what: str,
-           default: Any, where: str) -> Any:
-    """``doc[key]`` (``default`` when absent) checked to be ``kind``: UserError otherwise."""
-    v = doc.get(key, default)
-    if not isinstance(v, kind):
-        raise UserError(f"{where}: '{key}' must be {what}, not {type(v).__name__}")
-    return v
-
-
 def project_from_dict(doc: dict[str, Any], base: Path, where: str = "project") -> Project:
     """Build a :class:`Project` from a parsed document, checking its structure and types
     (UserError, one line naming ``where`` and the first bad entry). Relative paths resolve
@@ -221,176 +177,47 @@ def project_from_dict(doc: dict[str, Any], base: Path, where: str = "project") -
         raise UserError(f"{where}: not a FewShot Studio project (not a JSON object)")
     if doc.get("format") != FORMAT:
         raise UserError(f"{where}: not a FewShot Studio project "
-                        f"(format {_show(doc.get('format'))})")
+                        f"(format {show(doc.get('format'))})")
     b = str(base)
     classes = []
-    for i, c in enumerate(_typed(doc, "classes", list, "a list", [], where)):
+    for i, c in enumerate(typed(doc, "classes", list, "a list", [], where)):
         if not isinstance(c, dict):
             raise UserError(f"{where}: class {i + 1} must be an object, not {type(c).__name__}")
         name = c.get("name")
         if not isinstance(name, str) or not name.strip():
             raise UserError(f"{where}: class {i + 1} has no name")
         cw = f"{where}: class {name[:40]!r}"
-        color = _typed(c, "color", (str, type(None)), "text", None, cw)
-        examples = _typed(c, "examples", list, "a list", [], cw)
+        color = typed(c, "color", (str, type(None)), "text", None, cw)
+        examples = typed(c, "examples", list, "a list", [], cw)
         if not all(isinstance(e, str) for e in examples):
             raise UserError(f"{cw}: 'examples' must be a list of paths")
         if any(x.name == name for x in classes):
             raise UserError(f"{where}: class {name[:40]!r} appears twice")
         classes.append(ClassSpec(name, color or PALETTE[i % len(PALETTE)],
-                                 [_abs(e, b) for e in examples]))
-    q = _typed(doc, "query_folder", (str, type(None)), "a path", None, where)
-    corrections = _typed(doc, "corrections", dict, "an object", {}, where)
+                                 [abs_path(e, b) for e in examples]))
+    q = typed(doc, "query_folder", (str, type(None)), "a path", None, where)
+    corrections = typed(doc, "corrections", dict, "an object", {}, where)
     if not all(isinstance(lab, str) for lab in corrections.values()):
         raise UserError(f"{where}: 'corrections' must map paths to class names")
-    reviewed = _typed(doc, "reviewed", dict, "an object", {}, where)
+    reviewed = typed(doc, "reviewed", dict, "an object", {}, where)
     if not all(lab is None or isinstance(lab, str) for lab in reviewed.values()):
         raise UserError(f"{where}: 'reviewed' must map paths to class names or null")
-    fixed = {_abs(p, b): lab for p, lab in corrections.items()}
+    fixed = {abs_path(p, b): lab for p, lab in corrections.items()}
+    dups = typed(doc, "duplicates", dict, "an object", {}, where)
+    if not all(isinstance(k, str) for k in dups.values()):
+        raise UserError(f"{where}: 'duplicates' must map paths to the paths kept")
     preds = doc.get("predictions")
     return Project(
         classes=classes,
-        query_folder=_abs(q, b) if q else None,
+        query_folder=abs_path(q, b) if q else None,
         corrections=fixed,
-        checkpoint=_typed(doc, "checkpoint", str, "text", "", where),
-        settings=_settings_from_dict(_typed(doc, "settings", dict, "an object", {}, where),
+        checkpoint=typed(doc, "checkpoint", str, "text", "", where),
+        settings=_settings_from_dict(typed(doc, "settings", dict, "an object", {}, where),
                                      where),
-        reviewed={_abs(p, b): lab for p, lab in reviewed.items()},
+        reviewed={abs_path(p, b): lab for p, lab in reviewed.items()},
+        duplicates={abs_path(p, b): abs_path(k, b) for p, k in dups.items()},
         predictions=None if preds is None else predictions_from_dict(preds, b, fixed, where),
     )
-
-
-# -- predictions ----------------------------------------------------------------------------
-def file_stamp(path: Path) -> Stamp:
-    """The :data:`Stamp` of a file now (:data:`NO_STAMP` if it cannot be read)."""
-    try:
-        st = os.stat(path)
-    except (OSError, ValueError):
-        return NO_STAMP
-    return st.st_size, int(st.st_mtime)
-
-
-def stamp_matches(saved: Stamp, now: Stamp) -> bool:
-    """The rule for a saved prediction to count as current: the same size, and a modification
-    time within :data:`MTIME_SLACK_S` (copies that keep times, e.g. ``rsync -a``, ``cp -p``,
-    zip, keep their labels; an edited or replaced file does not)."""
-    return saved[0] >= 0 and saved[0] == now[0] and abs(saved[1] - now[1]) <= MTIME_SLACK_S
-
-
-def _num(x: float) -> float:
-    """A probability as stored: 6 decimals; a non-finite one (a broken model) as 0."""
-    v = float(x)
-    return round(v, 6) if math.isfinite(v) else 0.0
-
-
-def predictions_to_dict(saved: SavedPredictions, base: Path) -> dict[str, Any]:
-    """The ``predictions`` section, one list per field (compact for 100,000s of images):
-    ``path``; ``label`` and the label halves of ``top`` as indexes into ``labels``
-    (``label`` null: none); ``top`` as flat ``[label, probability, ...]`` rows; ``error``
-    only for the rows that have one (``{row: reason}``); ``size`` and ``mtime`` (seconds)."""
-    labels: dict[str, int] = {}
-
-    def ix(name: str) -> int:
-        return labels.setdefault(name, len(labels))
-
-    preds = saved.predictions
-    stamps = saved.stamps if len(saved.stamps) == len(preds) else [NO_STAMP] * len(preds)
-    label_col = [None if p.label is None else ix(p.label) for p in preds]
-    top_col = [[v for lab, pr in p.top for v in (ix(lab), _num(pr))] for p in preds]
-    return {
-        "format": PREDICTIONS_FORMAT,
-        "checkpoint_id": saved.checkpoint_id,
-        "labels": list(labels),
-        "path": [_rel(p.path, base) for p in preds],
-        "label": label_col,
-        "confidence": [_num(p.confidence) for p in preds],
-        "margin": [_num(p.margin) for p in preds],
-        "status": [str(p.status) for p in preds],
-        "top": top_col,
-        "error": {str(i): p.error for i, p in enumerate(preds) if p.error},
-        "size": [st[0] for st in stamps],
-        "mtime": [st[1] for st in stamps],
-    }
-
-
-_STATUSES = frozenset(s.value for s in Status)
-
-
-def _types(col: list[Any]) -> set[type]:
-    return set(map(type, col))
-
-
-def _numbers(col: list[Any]) -> bool:
-    return _types(col) <= {int, float} and all(map(math.isfinite, col))
-
-
-def _indexes(col: list[Any], n: int, none: bool = False) -> bool:
-    ints = [v for v in col if v is not None] if none else col
-    return _types(ints) <= {int} and (not ints or (min(ints) >= 0 and max(ints) < n))
-
-
-def _top_ok(col: list[Any], n: int) -> bool:
-    if not (_types(col) <= {list} and all(len(r) % 2 == 0 for r in col)):
-        return False
-    return (_indexes([x for r in col for x in r[0::2]], n)
-            and _numbers([x for r in col for x in r[1::2]]))
-
-
-def predictions_from_dict(doc: Any, base: str, corrections: dict[Path, str],
-                          where: str) -> SavedPredictions:
-    """The ``predictions`` section back (see :func:`predictions_to_dict`), checked: UserError
-    (one line naming ``where`` and the first bad field) for another format, a missing or
-    mistyped column, columns of different lengths or a label index out of range.
-    ``corrected`` is set for the paths in ``corrections``. Checks run on whole columns
-    (100,000 rows load in about a second, most of it making the paths)."""
-    w = f"{where}: predictions"
-    if not isinstance(doc, dict):
-        raise UserError(f"{w} must be an object, not {type(doc).__name__}")
-    if doc.get("format") != PREDICTIONS_FORMAT:
-        raise UserError(f"{w}: unknown format {_show(doc.get('format'))}")
-    ident = _typed(doc, "checkpoint_id", str, "text", "", w)
-    labels = _typed(doc, "labels", list, "a list", [], w)
-    if not _types(labels) <= {str}:
-        raise UserError(f"{w}: 'labels' must be a list of class names")
-    paths = _typed(doc, "path", list, "a list", None, w)
-    n, k = len(paths), len(labels)
-    checks: dict[str, tuple[Callable[[list[Any]], bool], str]] = {
-        "path": (lambda c: _types(c) <= {str}, "paths"),
-        "label": (lambda c: _indexes(c, k, none=True), f"label indexes below {k} or null"),
-        "confidence": (_numbers, "finite numbers"), "margin": (_numbers, "finite numbers"),
-        "status": (lambda c: _types(c) <= {str} and set(c) <= _STATUSES,
-                   "'ok', 'unknown' or 'error'"),
-        "top": (lambda c: _top_ok(c, k), f"[label index below {k}, probability, ...] rows"),
-        "size": (lambda c: _types(c) <= {int}, "integers"),
-        "mtime": (lambda c: _types(c) <= {int}, "integers"),
-    }
-    cols: dict[str, list[Any]] = {}
-    for key, (ok, what) in checks.items():
-        col = _typed(doc, key, list, "a list", None, w)
-        if len(col) != n:
-            raise UserError(f"{w}: '{key}' has {len(col)} entries for {n} paths")
-        if not ok(col):
-            bad = next((v for v in col if not ok([v])), None)
-            raise UserError(f"{w}: '{key}' must hold {what}, not {_show(bad)}")
-        cols[key] = col
-    errors = _typed(doc, "error", dict, "an object", {}, w)
-    for row, reason in errors.items():
-        if not (row.isdigit() and int(row) < n and isinstance(reason, str)):
-            raise UserError(f"{w}: 'error' must map row numbers to reasons, not {_show(row)}")
-    status_of = {s.value: s for s in Status}
-    corrected = {str(p) for p in corrections}
-    preds = []
-    for i, (rel, lab, conf, margin, status, top) in enumerate(zip(
-            paths, cols["label"], cols["confidence"], cols["margin"], cols["status"],
-            cols["top"], strict=True)):
-        path = _abs(rel, base)
-        preds.append(Prediction(
-            path, None if lab is None else labels[lab], float(conf), float(margin),
-            status_of[status], tuple((labels[top[j]], float(top[j + 1]))
-                                     for j in range(0, len(top), 2)),
-            errors.get(str(i), ""), bool(corrected) and str(path) in corrected))
-    return SavedPredictions(ident, preds, list(zip(cols["size"], cols["mtime"], strict=True)))
-
 
 
 def _read_document(path: Path) -> Any:

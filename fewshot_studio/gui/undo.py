@@ -3,7 +3,8 @@
 Each command holds the before and after state it needs, so redo/undo are exact inverses.
 Corrections go through a ``CorrectionSink`` (the labeling controller), which relabels in a
 worker; the command itself never calls the engine. Review marks (accepting a prediction; a
-correction marks its images reviewed too) go through a ``ReviewSink``.
+correction marks its images reviewed too) go through a ``ReviewSink``, duplicate marks (keep one
+image of a near-duplicate group, mark the rest) through a ``DuplicateSink``.
 """
 
 from __future__ import annotations
@@ -30,6 +31,14 @@ class ReviewSink(Protocol):
     def update_reviewed(self, marks: Mapping[Path, str | None],
                         clear: Collection[Path] = ()) -> None:
         """Set the review marks of ``marks``, remove those of ``clear``."""
+
+
+class DuplicateSink(Protocol):
+    def duplicate_marks(self, paths: Iterable[Path] | None = None) -> dict[Path, Path]:
+        """Marked duplicate -> the image kept in its place, for those ``paths`` marked."""
+
+    def update_duplicate_marks(self, changes: Mapping[Path, Path | None]) -> None:
+        """Mark (-> the kept image) or unmark (None) each path."""
 
 
 class _ReviewMemo:
@@ -159,3 +168,22 @@ class AcceptCommand(QUndoCommand):
 
     def undo(self) -> None:
         self.memo.restore()
+
+
+class MarkDuplicatesCommand(QUndoCommand):
+    """Mark images as duplicates of the one kept in their group (``changes``: path -> the
+    kept image, or None to unmark it); undo brings back each path's earlier mark. Marks only:
+    no file is touched."""
+
+    def __init__(self, sink: DuplicateSink, changes: Mapping[Path, Path | None],
+                 text: str) -> None:
+        super().__init__(text)
+        self.sink, self.changes = sink, dict(changes)
+        before = sink.duplicate_marks(self.changes)
+        self.before: dict[Path, Path | None] = {p: before.get(p) for p in self.changes}
+
+    def redo(self) -> None:
+        self.sink.update_duplicate_marks(self.changes)
+
+    def undo(self) -> None:
+        self.sink.update_duplicate_marks(self.before)

@@ -2,6 +2,8 @@
 :class:`~fewshot_studio.progress.Progress`, usually) in a ``QThreadPool`` and reports through
 Qt signals, which arrive on the UI thread as queued events. Cancelling is cooperative: the
 worker stops at the next ``yield`` and closes the generator (its ``finally`` blocks run).
+A :class:`FunctionWorker` runs a plain function the same way (same signals, same error
+handling), for work that reports no progress.
 
 Modelled on napari/superqt's ``GeneratorWorker``.
 """
@@ -12,7 +14,7 @@ import os
 import sys
 import threading
 from collections.abc import Callable, Generator, Iterator
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Self
 
 from PySide6.QtCore import QObject, QRunnable, QThreadPool, Signal
 
@@ -47,14 +49,14 @@ class WorkerSignals(QObject):
     done = Signal()
 
 
-class GeneratorWorker(QRunnable):
-    """Run ``func(*args, **kwargs)`` (a generator function) in a thread pool.
+class Worker(QRunnable):
+    """What every worker shares: signals, cancelling, starting in a pool, and the error and
+    ``done`` handling around :meth:`_body`. ``thread_ident`` records the thread the body ran
+    on (for tests and assertions)."""
 
-    ``thread_ident`` records the thread the body ran on (for tests and assertions)."""
+    _live: ClassVar[set[Worker]] = set()  # keep Python wrappers alive until done
 
-    _live: ClassVar[set[GeneratorWorker]] = set()  # keep Python wrappers alive until done
-
-    def __init__(self, func: Callable[..., Iterator[Any]], *args: Any, **kwargs: Any) -> None:
+    def __init__(self, func: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
         super().__init__()
         self.setAutoDelete(False)
         self.signals = WorkerSignals()
@@ -77,12 +79,12 @@ class GeneratorWorker(QRunnable):
         return self.signals.errored
 
     def cancel(self) -> None:
-        """Ask the worker to stop at its next yield (or before it starts)."""
+        """Ask the worker to stop (before it starts; a generator also at its next yield)."""
         self._abort.set()
 
-    def start(self, pool: QThreadPool | None = None) -> GeneratorWorker:
-        GeneratorWorker._live.add(self)
-        self.signals.done.connect(lambda: GeneratorWorker._live.discard(self))
+    def start(self, pool: QThreadPool | None = None) -> Self:
+        Worker._live.add(self)
+        self.signals.done.connect(lambda: Worker._live.discard(self))
         (pool or QThreadPool.globalInstance()).start(self)
         return self
 
@@ -95,33 +97,45 @@ class GeneratorWorker(QRunnable):
                 sig.cancelled.emit()
                 return
             sig.started.emit()
-            gen = self._func(*self._args, **self._kwargs)
-            result = None
-            while True:
-                if self._abort.is_set():
-                    if isinstance(gen, Generator):
-                        gen.close()
-                    sig.cancelled.emit()
-                    return
-                try:
-                    value = next(gen)
-                except StopIteration as stop:
-                    result = stop.value
-                    break
-                sig.yielded.emit(value)
-            sig.finished.emit(result)
+            self._body(sig)
         except BaseException as e:
             sig.errored.emit(e)
         finally:
             self.is_done = True
             sig.done.emit()
 
-
-def _call(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Generator[Any, None, Any]:
-    return fn(*args, **kwargs)
-    yield  # unreachable: makes this a generator function
+    def _body(self, sig: WorkerSignals) -> None:
+        raise NotImplementedError
 
 
-def function_worker(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> GeneratorWorker:
-    """A worker for a plain function: ``finished`` carries its return value."""
-    return GeneratorWorker(_call, fn, *args, **kwargs)
+class GeneratorWorker(Worker):
+    """Run ``func(*args, **kwargs)`` (a generator function) in a thread pool: each yielded
+    value is a ``yielded`` signal, the generator's return value ``finished``; a cancel stops
+    it at its next yield and closes it."""
+
+    def __init__(self, func: Callable[..., Iterator[Any]], *args: Any, **kwargs: Any) -> None:
+        super().__init__(func, *args, **kwargs)
+
+    def _body(self, sig: WorkerSignals) -> None:
+        gen = self._func(*self._args, **self._kwargs)
+        while True:
+            if self._abort.is_set():
+                if isinstance(gen, Generator):
+                    gen.close()
+                sig.cancelled.emit()
+                return
+            try:
+                value = next(gen)
+            except StopIteration as stop:
+                sig.finished.emit(stop.value)
+                return
+            sig.yielded.emit(value)
+
+
+class FunctionWorker(Worker):
+    """Run a plain function ``func(*args, **kwargs)`` in a thread pool: ``finished`` carries
+    its return value, ``errored`` what it raised; it yields nothing, and a cancel only takes
+    effect before it starts."""
+
+    def _body(self, sig: WorkerSignals) -> None:
+        sig.finished.emit(self._func(*self._args, **self._kwargs))

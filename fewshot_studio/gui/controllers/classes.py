@@ -25,7 +25,7 @@ from fewshot_studio.gui.undo import (
     SetColorCommand,
     SetExamplesCommand,
 )
-from fewshot_studio.gui.workers import GeneratorWorker, function_worker
+from fewshot_studio.gui.workers import FunctionWorker
 
 
 def expand_images(items: Sequence[Path]) -> list[Path]:
@@ -64,7 +64,7 @@ class ClassesController(QObject):
                  parent: QObject | None = None) -> None:
         super().__init__(parent)
         self.model, self.stack, self.on_rename = model, stack, on_rename
-        self.workers: list[GeneratorWorker] = []
+        self.workers: list[FunctionWorker] = []
 
     # -- classes ----------------------------------------------------------------------------
     def add_class(self, name: str = "", examples: Sequence[Path] = ()) -> int:
@@ -94,10 +94,10 @@ class ClassesController(QObject):
             self.stack.push(SetColorCommand(self.model, row, color))
 
     # -- examples -----------------------------------------------------------------------------
-    def add_examples(self, row: int, items: Sequence[Path]) -> GeneratorWorker:
+    def add_examples(self, row: int, items: Sequence[Path]) -> FunctionWorker:
         """Add image files / folders (expanded in a worker) to class ``row``."""
         name = self.model.spec(row).name
-        w = function_worker(expand_images, list(items))
+        w = FunctionWorker(expand_images, list(items))
         w.signals.finished.connect(lambda imgs: self._add_examples_now(name, imgs))
         return self._start(w)
 
@@ -125,10 +125,10 @@ class ClassesController(QObject):
                 self.model, row, keep,
                 f"Remove {n} example{'s' if n != 1 else ''} from “{self.model.spec(row).name}”"))
 
-    def import_class_folders(self, items: Sequence[Path]) -> GeneratorWorker:
+    def import_class_folders(self, items: Sequence[Path]) -> FunctionWorker:
         """One class per sub-folder of each dropped folder (in a worker); existing classes
         with the same name get the images added."""
-        w = function_worker(class_folders, list(items))
+        w = FunctionWorker(class_folders, list(items))
         w.signals.finished.connect(self._import_now)
         return self._start(w)
 
@@ -163,7 +163,7 @@ class ClassesController(QObject):
         self._add_examples_now(self.model.spec(row).name, [out])
         return out
 
-    def _start(self, w: GeneratorWorker) -> GeneratorWorker:
+    def _start(self, w: FunctionWorker) -> FunctionWorker:
         w.signals.errored.connect(
             lambda e: self.failed.emit("Could not read the dropped items", str(e), ""))
         self.workers.append(w)

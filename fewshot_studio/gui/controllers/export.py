@@ -46,18 +46,20 @@ class ExportController(QObject):
         self.worker: GeneratorWorker | None = None
 
     def export_file(self, kind: str, preds: Sequence[Prediction], out: Path, root: Path,
-                    classes: Sequence[str] = ()) -> GeneratorWorker:
+                    classes: Sequence[str] = (), note: str = "") -> GeneratorWorker:
         """Write ``preds`` in the format ``kind`` (a key of ``EXPORT_FORMATS``) to ``out``,
-        paths relative to ``root``; ``classes``: the class names, in order."""
+        paths relative to ``root``; ``classes``: the class names, in order; ``note``: added
+        to the message at the end."""
         w = GeneratorWorker(_write_job, kind, list(preds), Path(out), Path(root),
                             list(classes))
         w.signals.finished.connect(
-            lambda p: self.finished.emit(f"Exported {len(preds)} rows to {p}"))
+            lambda p: self.finished.emit(f"Exported {len(preds)} rows to {p}{note}"))
         return self._start(w)
 
-    def copy_to_folders(self, preds: Sequence[Prediction], dest: Path) -> GeneratorWorker:
+    def copy_to_folders(self, preds: Sequence[Prediction], dest: Path,
+                        note: str = "") -> GeneratorWorker:
         w = GeneratorWorker(_copy_job, list(preds), Path(dest))
-        w.signals.finished.connect(self.finished.emit)
+        w.signals.finished.connect(lambda m: self.finished.emit(m + note))
         return self._start(w)
 
     def _start(self, w: GeneratorWorker) -> GeneratorWorker:

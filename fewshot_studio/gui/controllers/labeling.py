@@ -19,121 +19,46 @@ current at once, without the engine. The first change that needs the engine (a c
 an example, a setting) then starts a run in the background, which reads every feature from the
 embedding cache. ``saved_predictions`` is what a project saves.
 
-After each run and relabel (correction, setting, support change) the same job asks the session
-which class examples look like another class (``suspicious_examples``, leave-one-out on the
-cached support features) and ``suspicious_changed`` reports it: example -> that class.
+The session itself lives in a :class:`~.session_host.SessionHost`, whose methods are the jobs;
+after each run and relabel (correction, setting, support change) it reports which class
+examples look like another class and ``suspicious_changed`` carries it: example -> that class.
+
+The class examples are never labeled: the query scan leaves them out (a support folder inside
+the query folder, as the CLI does), and a Label run first drops from the gallery any image
+that has become an example since.
 """
 
 from __future__ import annotations
 
-import contextlib
-import logging
-import os
-import time
 import traceback
-from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from PySide6.QtCore import QObject, QThreadPool, QTimer, Signal
 
 from fewshot_studio.data.scan import QueryScan
 from fewshot_studio.engine.api import LabelSettings, Prediction, Status
 from fewshot_studio.errors import UserError
-from fewshot_studio.gui import project_io as pio
+from fewshot_studio.gui.controllers.run_progress import RunProgress
+from fewshot_studio.gui.controllers.session_host import (
+    LabelResult,
+    SessionFactory,
+    SessionHost,
+    check_checkpoint_file,
+    checkpoint_identity,
+    current_predictions,
+    default_factory,
+    describe_error,
+    scan_query,
+    unreadable_note,
+)
 from fewshot_studio.gui.models.classes import ClassListModel
 from fewshot_studio.gui.models.gallery import GalleryModel
-from fewshot_studio.gui.workers import GeneratorWorker
-from fewshot_studio.progress import EtaEstimator, Progress, format_seconds
-
-log = logging.getLogger(__name__)
-class Session(Protocol):
-    """What the controller uses of :class:`~fewshot_studio.engine.session.LabelingSession`
-    (tests stand in for it with fakes that implement all of it). Called on the pool thread
-    only."""
-
-    settings: LabelSettings
-    backend: Any
-    model_id: str  # "<checkpoint identity>:<feature format>"
-
-    def prepare(self) -> Any: ...
-    def set_support(self, classes: Mapping[str, Sequence[Path]]) -> None: ...
-    def support(self) -> dict[str, list[Path]]: ...
-    def run(self, query_paths: Sequence[Path]) -> Iterator[Progress]: ...
-    def relabel(self) -> list[Prediction]: ...
-    def predictions(self) -> list[Prediction]: ...
-    def set_settings(self, settings: LabelSettings) -> list[Prediction]: ...
-    def correct(self, paths: Sequence[Path], label: str | None) -> list[Prediction]: ...
-    def corrections(self) -> dict[Path, str]: ...
-    def suspicious_examples(self) -> dict[Path, str]: ...
-    def close(self) -> None: ...
-
-
-SessionFactory = Callable[[str, LabelSettings, Path | None], Session]
-# The engine's messages before the first image is done, as the status bar says them.
-PHASES = {"embedding examples": "Reading the class examples…"}
-
-
-def _default_factory(checkpoint: str, settings: LabelSettings, cache_path: Path | None) -> Any:
-    from fewshot_studio.engine.session import LabelingSession
-
-    return LabelingSession(checkpoint, settings=settings, cache_path=cache_path)
-
-
-def _scan(root: Path, recursive: bool) -> QueryScan:
-    from fewshot_studio.data.scan import scan_images
-
-    return scan_images(root, recursive=recursive)
-
-
-def unreadable_note(scan: QueryScan) -> str:
-    """A status line naming the sub-folders a scan could not read ("" when none)."""
-    if not scan.unreadable:
-        return ""
-    folder, reason = scan.unreadable[0]
-    more = f" and {len(scan.unreadable) - 1} more" if len(scan.unreadable) > 1 else ""
-    return f"Cannot read folder {folder} ({reason}){more}: its images are not in the gallery"
-
-
-def _checkpoint_id(checkpoint: str, cache_path: Path | None) -> str:
-    """The checkpoint's identity as the embedding cache computes it (SHA-256 of the file,
-    remembered in the cache); "" if it cannot be read. Pool threads only."""
-    from fewshot_studio.engine.cache import EmbeddingCache
-    from fewshot_studio.paths import resolve_checkpoint
-
-    try:
-        path = resolve_checkpoint(checkpoint)
-        with EmbeddingCache(cache_path) as cache:
-            return cache.checkpoint_identity(path)
-    except (UserError, OSError):
-        return ""
-
-
-def _current(saved: pio.SavedPredictions, on_disk: set[str], checkpoint_id: str
-             ) -> tuple[list[Prediction], dict[Path, pio.Stamp], str]:
-    """The saved predictions that still hold (same checkpoint, file unchanged), their stamps,
-    and a one-line account for the status bar. Pool threads only (one stat per image)."""
-    n = len(saved.predictions)
-    if not checkpoint_id or checkpoint_id != saved.checkpoint_id:
-        return [], {}, (f"{n} saved labels not shown: they were made with another checkpoint "
-                        "(press Label)")
-    keep: list[Prediction] = []
-    stamps: dict[Path, pio.Stamp] = {}
-    for p, stamp in zip(saved.predictions, saved.stamps, strict=True):
-        if str(p.path) in on_disk and pio.stamp_matches(stamp, pio.file_stamp(p.path)):
-            keep.append(p)
-            stamps[p.path] = stamp
-    note = f"Restored {len(keep)} saved labels"
-    if len(keep) < n:
-        note += f"; {n - len(keep)} not shown: the images changed or are gone (press Label)"
-    return keep, stamps, note
-
-
-def describe_error(e: BaseException) -> str:
-    if isinstance(e, UserError):
-        return str(e)
-    return f"{type(e).__name__}: {e}"
+from fewshot_studio.gui.saved_predictions import NO_STAMP, SavedPredictions, Stamp
+from fewshot_studio.gui.workers import FunctionWorker, GeneratorWorker, Worker
+from fewshot_studio.progress import Progress
 
 
 class LabelingController(QObject):
@@ -162,12 +87,11 @@ class LabelingController(QObject):
 
     def __init__(self, gallery: GalleryModel, classes: ClassListModel,
                  session_factory: SessionFactory | None = None,
-                 scan: Callable[[Path, bool], list[Path]] | None = None,
+                 scan: Callable[[Path, bool, Collection[Path]], QueryScan] | None = None,
                  parent: QObject | None = None) -> None:
         super().__init__(parent)
         self.gallery, self.classes = gallery, classes
-        self.session_factory = session_factory or _default_factory
-        self.scan_fn = scan or _scan
+        self.scan_fn = scan or scan_query
         self.pool = QThreadPool(self)
         self.pool.setMaxThreadCount(1)
         self.pool.setExpiryTimeout(-1)
@@ -177,40 +101,34 @@ class LabelingController(QObject):
         self.query_folder: Path | None = None
         self.corrections: dict[Path, str] = {}
         self.backend = ""
-        self.workers: list[GeneratorWorker] = []  # every job started (tests inspect threads)
-        self._session: Session | None = None  # touched only inside jobs (pool thread)
-        self._session_key: tuple[str, Path | None] | None = None
+        # the cache key of the features the last completed run stored (read in the engine
+        # thread after it): what the embedding map and find-similar look features up under;
+        # "" before a run with this checkpoint
+        self.feature_id = ""
+        self.workers: list[Worker] = []  # every job started (tests inspect threads)
+        # touched only inside jobs (pool thread)
+        self.host = SessionHost(session_factory or default_factory, self.backend_changed.emit,
+                                self.suspicious_changed.emit)
         self._labeled = False  # a complete run with the current support/session
         self._restored = False  # the gallery shows a project's saved predictions, no run yet
-        self._pending: pio.SavedPredictions | None = None  # saved ones awaiting their scan
+        self._pending: SavedPredictions | None = None  # saved ones awaiting their scan
         self._pred_id = ""  # checkpoint identity of the predictions shown
-        self._stamps: dict[Path, pio.Stamp] = {}  # file stamps of the predictions shown
+        self._stamps: dict[Path, Stamp] = {}  # file stamps of the predictions shown
         self._scan_gen = 0  # only the latest scan's result is applied
+        self._scan_examples: set[str] = set()  # the examples the current scan leaves out
         self._label_on_scan = False  # label as soon as the current scan ends (the demo)
         self._stale = False  # edits arrived during a run: relabel when it ends
         self._run: GeneratorWorker | None = None
-        self._eta = EtaEstimator()
-        self._run_start = self._first_batch = 0.0  # perf_counter times of the current run
+        self._clock = RunProgress()  # the current run's progress line and summary
         self._relabel_timer = QTimer(self, singleShot=True, interval=250)
         self._relabel_timer.timeout.connect(self._relabel)
         classes.support_changed.connect(self._on_support_changed)
         gallery.reviewed_changed.connect(self.reviewed_changed)
 
-    def warm_up(self) -> GeneratorWorker:
+    def warm_up(self) -> Worker:
         """Import the engine and its runtimes in the engine thread now: loading C extensions
         holds the GIL for a while, better at start-up than when the user presses Label."""
-        return self._job(self._warm_job)
-
-    @staticmethod
-    def _warm_job() -> Iterator[Progress]:
-        import importlib
-
-        for name in ("fewshot_studio.engine.session", "fewshot_studio.engine.export",
-                     "fewshot_studio.models", "onnxruntime"):
-            with contextlib.suppress(ImportError):
-                importlib.import_module(name)
-        return None
-        yield
+        return self._job(self.host.warm_up)
 
     # -- state ----------------------------------------------------------------------------
     @property
@@ -228,7 +146,7 @@ class LabelingController(QObject):
         if name == self.checkpoint:
             return False
         had_model = bool(self.checkpoint)
-        self.checkpoint = name
+        self.checkpoint, self.feature_id = name, ""
         self._labeled = self._restored = False
         self._pending = None  # saved predictions of the old model: not current any more
         if self._run is not None:
@@ -241,27 +159,13 @@ class LabelingController(QObject):
             return True
         return False
 
-    def check_checkpoint(self, name: str) -> GeneratorWorker:
+    def check_checkpoint(self, name: str) -> Worker:
         """Read and verify checkpoint ``name`` in the background (metadata, the weights' names
         and shapes, finite values): ``checkpoint_checked(name, error)`` reports it, so a broken
         file is named when it is chosen, not at the next Label."""
         # connected before the job starts: a quick failure must not finish unheard
-        return self._job(self._check_job, name, pool=QThreadPool.globalInstance(),
+        return self._job(check_checkpoint_file, name, pool=QThreadPool.globalInstance(),
                          on_done=lambda err: self.checkpoint_checked.emit(name, err or ""))
-
-    @staticmethod
-    def _check_job(name: str) -> Iterator[Progress]:
-        from fewshot_studio.io.checkpoint import load_checkpoint
-        from fewshot_studio.paths import resolve_checkpoint
-
-        try:
-            load_checkpoint(resolve_checkpoint(name))
-        except UserError as e:
-            return str(e)
-        except Exception as e:  # an unreadable file, whatever the reason: name it
-            return describe_error(e)
-        return ""
-        yield
 
     def set_cache_path(self, path: Path | None) -> None:
         self.cache_path = path
@@ -269,7 +173,7 @@ class LabelingController(QObject):
     def set_settings(self, settings: LabelSettings) -> None:
         old, self.settings = self.settings, settings
         if settings != old and self._labeled:
-            self._job(self._settings_job, settings, on_done=self._apply_all)
+            self._job(self.host.set_settings, settings, on_done=self._apply_all)
         elif settings != old:
             self._resume()
 
@@ -278,11 +182,13 @@ class LabelingController(QObject):
 
     def set_corrections(self, corrections: Mapping[Path, str]) -> None:
         """Replace all corrections (opening a project, a new query folder); applied by the
-        next run. Clears the review marks too: call ``set_reviewed`` after it to restore."""
+        next run. Clears the review and duplicate marks too: call ``set_reviewed`` (and the
+        gallery's ``set_duplicate_marks``) after it to restore."""
         self.corrections = dict(corrections)
         self._labeled = self._restored = False
         self._pending = None
         self.gallery.set_review_marks({})
+        self.gallery.set_duplicate_marks({})
 
     # -- review state (GUI-side) --------------------------------------------------------------
     def review_marks(self, paths: Iterable[Path] | None = None) -> dict[Path, str | None]:
@@ -327,7 +233,7 @@ class LabelingController(QObject):
         if changed:
             self.corrections_changed.emit()
 
-    def saved_predictions(self) -> pio.SavedPredictions | None:
+    def saved_predictions(self) -> SavedPredictions | None:
         """The predictions shown (or a project's, while its folder is being scanned) with
         their checkpoint identity and file stamps: what a project saves. None: none."""
         if self._pending is not None:
@@ -335,12 +241,12 @@ class LabelingController(QObject):
         preds = self.gallery.predictions()
         if not preds:
             return None
-        return pio.SavedPredictions(self._pred_id, preds,
-                                    [self._stamps.get(p.path, pio.NO_STAMP) for p in preds])
+        return SavedPredictions(self._pred_id, preds,
+                                    [self._stamps.get(p.path, NO_STAMP) for p in preds])
 
     # -- query folder -----------------------------------------------------------------------
     def set_query_folder(self, folder: Path | None,
-                         saved: pio.SavedPredictions | None = None) -> GeneratorWorker | None:
+                         saved: SavedPredictions | None = None) -> Worker | None:
         """Scan ``folder`` in the background; the gallery fills when it is done, with those of
         ``saved`` (a project's predictions) that still hold."""
         self.query_folder = folder
@@ -352,20 +258,25 @@ class LabelingController(QObject):
             self.gallery.set_paths([])
             return None
         gen, checkpoint = self._scan_gen, self.checkpoint
-        return self._job(self._scan_job, folder, self.settings.recursive, saved,
-                         self.checkpoint, self.cache_path,
+        self._scan_examples = {str(p) for p in self._examples()}
+        return self._job(self._scan_job, folder, self.settings.recursive, self._examples(),
+                         saved, self.checkpoint, self.cache_path,
                          on_done=lambda r: self._on_scanned(gen, r, checkpoint),
                          pool=QThreadPool.globalInstance())
 
-    def _scan_job(self, folder: Path, recursive: bool, saved: pio.SavedPredictions | None,
-                  checkpoint: str, cache_path: Path | None) -> Iterator[Progress]:
-        yield Progress(0, None, f"Scanning {folder.name}…")
-        paths = self.scan_fn(folder, recursive)
+    def _examples(self) -> list[Path]:
+        """Every class example (what a query scan leaves out)."""
+        return [p for ps in self.classes.support().values() for p in ps]
+
+    def _scan_job(self, folder: Path, recursive: bool, exclude: Collection[Path],
+                  saved: SavedPredictions | None, checkpoint: str, cache_path: Path | None
+                  ) -> tuple[QueryScan, Any]:  # global pool
+        paths = self.scan_fn(folder, recursive, exclude)
         on_disk = {str(p) for p in paths}  # pathlib caches the string: set_paths is cheap
         if not saved or not saved.predictions:
             return paths, None
-        ident = _checkpoint_id(checkpoint, cache_path)
-        return paths, (ident, *_current(saved, on_disk, ident))
+        ident = checkpoint_identity(checkpoint, cache_path)
+        return paths, (ident, *current_predictions(saved, on_disk, ident))
 
     def _on_scanned(self, gen: int, result: tuple[QueryScan, Any],
                     checkpoint: str | None = None) -> None:
@@ -374,7 +285,8 @@ class LabelingController(QObject):
         paths, restored = result
         if checkpoint is not None and checkpoint != self.checkpoint:
             restored = None  # the model changed during the scan: its labels are not current
-        self.gallery.set_paths(paths)
+        late = {str(p) for p in self._examples()} - self._scan_examples
+        self.gallery.set_paths([p for p in paths if str(p) not in late] if late else paths)
         self._pending = None
         note, fixed = "", []
         if restored is not None:
@@ -408,21 +320,21 @@ class LabelingController(QObject):
             self.label()
 
     # -- labeling ---------------------------------------------------------------------------
-    def label(self) -> GeneratorWorker | None:
+    def label(self) -> Worker | None:
         """Label every query image (streams into the gallery). None if nothing to do."""
         if self._run is not None:
             return None
+        self._drop_examples()
         paths = self.gallery.paths()
         if missing := self.missing_setup():
             self.setup_needed.emit(missing)  # guidance, not an error
             return None
-        self._eta = EtaEstimator()
-        self._run_start, self._first_batch = time.perf_counter(), 0.0
+        self._clock = RunProgress()
         self._restored = False
-        w = self._job(self._label_job, self.checkpoint, self.cache_path, self.settings,
+        w = self._job(self.host.label, self.checkpoint, self.cache_path, self.settings,
                       self.classes.support(), paths, dict(self.corrections),
                       on_done=self._on_label_done, on_item=self._on_label_progress,
-                      start=False)
+                      start=False, generator=True)
         # connect everything before it starts: a fast run could finish before a later connect
         w.signals.cancelled.connect(self._on_cancelled)
         w.signals.done.connect(self._on_run_done)
@@ -448,91 +360,20 @@ class LabelingController(QObject):
         if self._run is not None:
             self._run.cancel()
 
-    def _session_for(self, checkpoint: str, cache_path: Path | None,
-                     settings: LabelSettings) -> Any:  # pool thread
-        key = (checkpoint, cache_path)
-        if self._session is None or self._session_key != key:
-            if self._session is not None:
-                self._session.close()
-            self._session = None
-            self._session = self.session_factory(checkpoint, settings, cache_path)
-            self._session_key = key
-            self._session.prepare()  # ONNX export / runtime start, under "Loading model"
-            self.backend_changed.emit(str(self._session.backend))
-        elif self._session.settings != settings:
-            self._session.set_settings(settings)
-        return self._session
-
-    def _label_job(self, checkpoint: str, cache_path: Path | None, settings: LabelSettings,
-                   support: dict[str, list[Path]], paths: list[Path],
-                   corrections: dict[Path, str]) -> Iterator[Progress]:
-        if self._session is None or self._session_key != (checkpoint, cache_path):
-            yield Progress(0, None, f"Loading model {Path(checkpoint).stem}…")
-        s = self._session_for(checkpoint, cache_path, settings)
-        s.set_support(support)
-        yield from s.run(paths)
-        self.backend_changed.emit(str(s.backend))
-        preds = self._reconcile(s, corrections, support) or s.predictions()
-        self._check_support(s, support)
-        ident = s.model_id.split(":")[0]
-        return preds, ident, {p: pio.file_stamp(p) for p in paths}
-
-    @staticmethod
-    def _reconcile(s: Session, wanted: dict[Path, str],
-                   support: dict[str, list[Path]]) -> list[Prediction] | None:
-        """Make the session's corrections equal ``wanted`` (dropping unknown class names)."""
-        wanted = {p: lab for p, lab in wanted.items() if lab in support}
-        have = s.corrections()
-        preds = None
-        for p in [p for p in have if p not in wanted]:
-            preds = s.correct([p], None)
-        by_label: dict[str, list[Path]] = {}
-        for p, lab in wanted.items():
-            if have.get(p) != lab:
-                by_label.setdefault(lab, []).append(p)
-        for lab, ps in by_label.items():
-            preds = s.correct(ps, lab)
-        return preds
-
     def _on_label_progress(self, p: Progress) -> None:
-        """Stream a batch into the gallery and report progress. Before the first image is done
-        (loading the model, embedding the class examples) the total is reported as 0 (a busy
-        bar) with what is happening; the rate clock starts at the first embedded batch, so
-        neither the rate nor the ETA counts the load."""
+        """Stream a batch into the gallery and report progress."""
         if isinstance(p.payload, list):
             self.gallery.apply_predictions(p.payload)
-        if not p.done:
-            text = PHASES.get(p.message, p.message) or "Starting…"
-            self.progress.emit(0, 0, text)
-            return
-        if not self._first_batch:
-            self._first_batch = time.perf_counter()
-        self._eta.update(p.done)  # the first call only sets the starting point
-        parts = [f"{p.done}/{p.total}" if p.total else str(p.done)]
-        if self._eta.rate:
-            parts.append(f"{self._eta.rate:.0f} img/s")
-        eta = self._eta.eta(p.done, p.total)
-        if eta is not None:
-            parts.append(f"ETA {format_seconds(eta)}")
-        self.progress.emit(p.done, p.total or 0, " · ".join(parts))
+        self.progress.emit(*self._clock.report(p))
 
-    def _on_label_done(self, result: tuple[list[Prediction], str, dict[Path, pio.Stamp]]
-                       ) -> None:
-        preds, self._pred_id, self._stamps = result
+    def _on_label_done(self, result: LabelResult) -> None:
+        preds, self._pred_id, self._stamps, self.feature_id = result
         self._labeled = True
         self._apply_all(preds)
         if self._stale:  # classes or corrections changed while the run was going
             self._stale = False
             self._relabel_timer.start()
-        summary = {
-            "labeled": sum(p.status == Status.OK for p in preds),
-            "unknown": sum(p.status == Status.UNKNOWN for p in preds),
-            "errors": sum(p.status == Status.ERROR for p in preds),
-            "corrected": sum(p.corrected for p in preds),
-            "seconds": time.perf_counter() - self._run_start,
-            "load_seconds": (self._first_batch or time.perf_counter()) - self._run_start,
-        }
-        self.run_finished.emit(summary)
+        self.run_finished.emit(self._clock.summary(preds))
 
     def _on_cancelled(self) -> None:
         self._labeled = False
@@ -558,7 +399,7 @@ class LabelingController(QObject):
         if self._run is not None:
             self._stale = True
         if self._labeled:
-            self._job(self._correct_job, dict(changes), on_done=self._apply_all)
+            self._job(self.host.correct, dict(changes), on_done=self._apply_all)
             self._show_local(changes)  # instant feedback; the worker's result follows
         else:
             self._show_local(changes)
@@ -577,25 +418,6 @@ class LabelingController(QObject):
         self.gallery.apply_predictions(preds)
         self.relabeled.emit()
 
-    def _correct_job(self, changes: dict[Path, str | None]) -> Iterator[Progress]:
-        s = self._session
-        preds = None
-        by_label: dict[str | None, list[Path]] = {}
-        for p, lab in changes.items():
-            by_label.setdefault(lab, []).append(p)
-        for lab, ps in by_label.items():
-            preds = s.correct(ps, lab)
-        if s.settings.corrections_join_support:  # the support changed
-            self._check_support(s)
-        return preds
-        yield
-
-    def _settings_job(self, settings: LabelSettings) -> Iterator[Progress]:
-        preds = self._session.set_settings(settings)
-        self._check_support(self._session)
-        return preds
-        yield
-
     def _on_support_changed(self) -> None:
         if self._run is not None:
             self._stale = True
@@ -606,33 +428,18 @@ class LabelingController(QObject):
 
     def _relabel(self) -> None:
         if self._labeled and self._run is None:
-            self._job(self._relabel_job, self.classes.support(), self.gallery.paths(),
-                      dict(self.corrections), on_done=self._apply_all)
+            self._job(self.host.relabel, self.classes.support(), dict(self.corrections),
+                      on_done=self._apply_all)
 
-    def _relabel_job(self, support: dict[str, list[Path]], paths: list[Path],
-                     corrections: dict[Path, str]) -> Iterator[Progress]:
-        s = self._session
-        s.set_support(support)
-        preds = s.relabel()  # cached features: only new examples are embedded
-        preds = self._reconcile(s, corrections, support) or preds
-        self._check_support(s, support)
-        return preds
-        yield
-
-    def _check_support(self, s: Session, support: Mapping[str, list[Path]] | None = None
-                       ) -> None:  # pool thread
-        """Emit ``suspicious_changed`` with the session's suspicious class examples, keyed by
-        the paths the class panel holds (``support``: the GUI's; else the session's)."""
-        try:
-            found = s.suspicious_examples()
-        except Exception:  # a hint, not worth losing the labels over
-            log.exception("checking the class examples failed")
+    def _drop_examples(self) -> None:
+        """Class examples are not labeled: before a run, a shown image that has become one
+        since the scan leaves the gallery (its correction and review mark go with it)."""
+        gone = [p for p in self._examples() if self.gallery.row_of(p) is not None]
+        if not gone:
             return
-        if support is None:
-            support = s.support()
-        ours = {os.path.abspath(p): p for ps in support.values() for p in ps}
-        self.suspicious_changed.emit({ours.get(os.path.abspath(p), Path(p)): lab
-                                      for p, lab in found.items()})
+        self.gallery.remove_paths(gone)
+        if any(self.corrections.pop(p, None) is not None for p in gone):
+            self.corrections_changed.emit()
 
     def _apply_all(self, preds: list[Prediction] | None) -> None:
         if preds is not None:
@@ -640,11 +447,15 @@ class LabelingController(QObject):
         self.relabeled.emit()
 
     # -- plumbing ---------------------------------------------------------------------------
-    def _job(self, fn: Callable[..., Iterator[Any]], *args: Any,
+    def _job(self, fn: Callable[..., Any], *args: Any,
              on_done: Callable[[Any], None] | None = None,
              on_item: Callable[[Any], None] | None = None,
-             pool: QThreadPool | None = None, start: bool = True) -> GeneratorWorker:
-        w = GeneratorWorker(fn, *args)
+             pool: QThreadPool | None = None, start: bool = True,
+             generator: bool = False) -> Worker:
+        """Run ``fn(*args)`` in ``pool`` (the engine thread by default): a plain function in
+        a :class:`FunctionWorker`, a generator of progress (``generator``) in a
+        :class:`GeneratorWorker`."""
+        w = (GeneratorWorker if generator else FunctionWorker)(fn, *args)
         if on_done:
             w.signals.finished.connect(on_done)
         if on_item:
@@ -669,13 +480,5 @@ class LabelingController(QObject):
         """Cancel, wait, and close the session in its own thread."""
         self.cancel()
         self._relabel_timer.stop()
-
-        def _close() -> Iterator[Progress]:
-            if self._session is not None:
-                self._session.close()
-                self._session = None
-            return None
-            yield
-
-        GeneratorWorker(_close).start(self.pool)
+        FunctionWorker(self.host.close).start(self.pool)
         self.pool.waitForDone(10_000)

@@ -77,6 +77,7 @@ class ProjectController(QObject):
                            corrections=dict(lab.corrections), checkpoint=lab.checkpoint,
                            settings=lab.settings, path=self.path,
                            reviewed=lab.review_marks(),
+                           duplicates=lab.gallery.duplicate_marks(),
                            predictions=lab.saved_predictions() if predictions else None)
 
     def apply(self, project: pio.Project) -> None:
@@ -88,6 +89,7 @@ class ProjectController(QObject):
         lab.set_corrections(project.corrections)  # first: marks the session stale
         self.classes.set_specs(project.classes)
         lab.set_reviewed(project.reviewed)
+        lab.gallery.set_duplicate_marks(project.duplicates)
         lab.set_checkpoint(project.checkpoint or default_checkpoint())
         lab.set_settings(project.settings)
         lab.set_cache_path(pio.cache_path_for(project.path))

@@ -50,6 +50,11 @@ class ReviewController(QObject):
             rows = [cur.row()]
         return rows
 
+    def selected_paths(self) -> list[Path]:
+        """The selected images, in view order (not the cursor alone)."""
+        return [self._path_at(r) for r in sorted({i.row() for i in
+                                                  self.selection.selectedIndexes()})]
+
     def _path_at(self, proxy_row: int) -> Path:
         return Path(self.proxy.index(proxy_row, 0).data(Role.PATH))
 

@@ -48,10 +48,12 @@ class Role(IntEnum):
     PREDICTION = PATH + 8
     GUESS = PATH + 9  # best guess even when unknown
     TILE = PATH + 11  # (path str, Prediction | None, QPixmap | None, error, QColor | None,
-    #                    reviewed)
+    #                    reviewed, duplicate tag: "" | "group 3" | "duplicate")
     FILTER_KEY = PATH + 10  # "\tok\tlabel=cat\t" (+ "corrected\t") + "reviewed\t" or
-    #                         "unreviewed\t": what the filters match
+    #                         "unreviewed\t" (+ "duplicate\t": in a duplicate group): what
+    #                         the filters match
     REVIEWED = PATH + 12  # bool: accepted or corrected, and the prediction still agrees
+    DUPLICATE = PATH + 13  # Path of the image kept in its place (marked duplicates), else None
 
 
 ROLE_NAMES = {
@@ -59,7 +61,7 @@ ROLE_NAMES = {
     Role.STATUS: b"status", Role.CORRECTED: b"corrected", Role.ERROR: b"error",
     Role.TOP: b"top", Role.COLOR: b"color", Role.PREDICTION: b"prediction",
     Role.GUESS: b"guess", Role.FILTER_KEY: b"filterKey", Role.TILE: b"tile",
-    Role.REVIEWED: b"reviewed",
+    Role.REVIEWED: b"reviewed", Role.DUPLICATE: b"duplicate",
 }
 
 
@@ -67,6 +69,7 @@ class GalleryModel(QAbstractListModel):
     """Query images in scan order (sorted path), their predictions and review marks."""
 
     reviewed_changed = Signal()  # review marks set, changed or cleared
+    duplicates_changed = Signal()  # duplicate groups or marks set, changed or cleared
 
     def __init__(self, thumbs: ThumbnailCache, color_of: Callable[[str], QColor | None],
                  parent: Any = None) -> None:
@@ -80,6 +83,11 @@ class GalleryModel(QAbstractListModel):
         # path str -> the verdict the user accepted (label; None: unknown or error). Kept
         # across set_paths (marks may arrive before the folder scan); cleared by the owner.
         self._reviewed: dict[str, str | None] = {}
+        # Near-duplicates: path str -> its group number (from 1; what the last search found,
+        # dropped by set_paths), and marked duplicate -> the image kept in its place (kept
+        # across set_paths like the review marks; export leaves marked ones out).
+        self._group: dict[str, int] = {}
+        self._dup_of: dict[str, Path] = {}
         thumbs.ready.connect(self._on_thumb)
 
     # -- content ------------------------------------------------------------------------
@@ -89,10 +97,31 @@ class GalleryModel(QAbstractListModel):
         self._keys = [str(p) for p in self._paths]
         self._row = {k: i for i, k in enumerate(self._keys)}
         self._pred = [None] * len(self._paths)
+        self._group = {}
         self.endResetModel()
 
     def paths(self) -> list[Path]:
         return list(self._paths)
+
+    def remove_paths(self, paths: Iterable[Path]) -> None:
+        """Drop the rows of ``paths`` (with their predictions and review marks); the rest keep
+        theirs and their order."""
+        drop = {str(p) for p in paths}
+        rows = [r for r, k in enumerate(self._keys) if k in drop]
+        for r in reversed(rows):  # one removal per row, from the bottom: rows stay valid
+            self.beginRemoveRows(QModelIndex(), r, r)
+            del self._paths[r], self._keys[r], self._pred[r]
+            self.endRemoveRows()
+        if rows:
+            self._row = {k: i for i, k in enumerate(self._keys)}
+        if drop & self._dup_of.keys():
+            for k in drop:
+                self._dup_of.pop(k, None)
+            self.duplicates_changed.emit()
+        if drop & self._reviewed.keys():
+            for k in drop:
+                self._reviewed.pop(k, None)
+            self.reviewed_changed.emit()
 
     def apply_predictions(self, preds: Iterable[Prediction]) -> int:
         """Store predictions for known paths; one ``dataChanged`` over the touched span.
@@ -184,22 +213,82 @@ class GalleryModel(QAbstractListModel):
             return 0
         return sum(self.is_reviewed(r) for r in range(len(self._paths)))
 
+    # -- near-duplicates ---------------------------------------------------------------------
+    def set_duplicate_groups(self, groups: Sequence[Sequence[Path]]) -> None:
+        """The groups a duplicate search found (each two or more paths), numbered from 1."""
+        self._group = {str(p): i for i, g in enumerate(groups, 1) for p in g}
+        self._all_changed()
+        self.duplicates_changed.emit()
+
+    def duplicate_groups(self) -> list[list[Path]]:
+        """The groups found, members in row order (images no longer shown are left out)."""
+        groups: dict[int, list[Path]] = {}
+        for p in self._paths:
+            if (g := self._group.get(str(p))) is not None:
+                groups.setdefault(g, []).append(p)
+        return [groups[g] for g in sorted(groups) if len(groups[g]) > 1]
+
+    def duplicate_marks(self, paths: Iterable[Path] | None = None) -> dict[Path, Path]:
+        """Marked duplicate -> the image kept in its place, for ``paths`` (all if None)."""
+        if paths is None:
+            return {Path(k): v for k, v in self._dup_of.items()}
+        return {p: self._dup_of[str(p)] for p in paths if str(p) in self._dup_of}
+
+    def set_duplicate_marks(self, marks: Mapping[Path, Path]) -> None:
+        """Replace every duplicate mark (opening a project; ``{}`` clears them)."""
+        if marks or self._dup_of:
+            self._dup_of = {str(p): Path(k) for p, k in marks.items()}
+            self._all_changed()
+            self.duplicates_changed.emit()
+
+    def update_duplicate_marks(self, changes: Mapping[Path, Path | None]) -> None:
+        """Mark (-> the kept image) or unmark (None) some images (the undo command)."""
+        for p, kept in changes.items():
+            if kept is None:
+                self._dup_of.pop(str(p), None)
+            else:
+                self._dup_of[str(p)] = kept
+        if changes:
+            self._all_changed()
+            self.duplicates_changed.emit()
+
+    def _duplicate_tag(self, r: int) -> str:
+        k = self._keys[r]
+        if k in self._dup_of:
+            return "duplicate"
+        return f"group {self._group[k]}" if k in self._group else ""
+
+    def _all_changed(self) -> None:
+        if self._pred:
+            self.dataChanged.emit(self.index(0), self.index(len(self._pred) - 1))
+
     def refresh_colors(self) -> None:
         if self._pred:
             self.dataChanged.emit(self.index(0), self.index(len(self._pred) - 1),
                                   [Role.COLOR, Role.LABEL])
 
-    def sort_rows(self, by_confidence: bool) -> None:
+    def sort_rows(self, by_confidence: bool, by_group: bool = False) -> None:
         """Reorder rows in place (numpy argsort; selection follows through persistent
-        indexes): by confidence (errors first, least confident first, unlabeled last) or by
-        path. O(n log n) in C, so 20,000 rows sort in milliseconds."""
+        indexes): by duplicate group (``by_group``: each group's members together, by path,
+        the rest after), by confidence (errors first, least confident first, unlabeled last)
+        or by path. O(n log n) in C, so 20,000 rows sort in milliseconds."""
         n = len(self._paths)
-        if by_confidence:
+        if by_group:
+            group = np.array([self._group.get(k, 1 << 30) for k in self._keys], np.int64)
+            by_path = np.argsort(np.array(self._keys, dtype=object), kind="stable")
+            order = by_path[np.argsort(group[by_path], kind="stable")]
+        elif by_confidence:
             key = np.array([_key(p) for p in self._pred], dtype=np.float64)
             order = np.lexsort((np.arange(n), key))
         else:
             order = np.argsort(np.array(self._keys, dtype=object), kind="stable")
-        order = [int(i) for i in order]
+        self.apply_order([int(i) for i in order])
+
+    def apply_order(self, order: Sequence[int]) -> None:
+        """Reorder rows in place: new row ``k`` is old row ``order[k]`` (a permutation);
+        selection follows through persistent indexes. Find similar orders rows this way."""
+        n = len(self._paths)
+        order = list(order)
         if order == list(range(n)):
             return
         self.layoutAboutToBeChanged.emit()
@@ -235,47 +324,30 @@ class GalleryModel(QAbstractListModel):
         r = index.row()
         if not index.isValid() or r >= len(self._paths):
             return None
-        p = self._pred[r]
-        if role == Role.TILE:  # everything a tile paints, in one call
-            k = self._keys[r]
-            err = (p.error if p and p.error else "") or self.thumbs.error(k) or ""
-            return (k, p, self.thumbs.get(k), err,
-                    self.color_of(p.label) if p and p.label else None, self.is_reviewed(r))
-        if role == Qt.ItemDataRole.DecorationRole:
-            return self.thumbs.get(self._keys[r])
-        if role in (Qt.ItemDataRole.DisplayRole, Role.LABEL):
-            return p.label if p else None
-        if role in (Role.PATH, Qt.ItemDataRole.ToolTipRole):
-            if role == Role.PATH:
-                return self._paths[r]
-            return self._tooltip(r, p)
-        if role == Role.CONFIDENCE:
-            return p.confidence if p else None
-        if role == Role.STATUS:
-            return str(p.status) if p else ""
-        if role == Role.CORRECTED:
-            return bool(p and p.corrected)
-        if role == Role.ERROR:
-            return (p.error if p and p.error else "") or self.thumbs.error(self._keys[r]) or ""
-        if role == Role.TOP:
-            return p.top if p else ()
-        if role == Role.GUESS:
-            return p.top[0][0] if p and p.top else None
-        if role == Role.COLOR:
-            return self.color_of(p.label) if p and p.label else None
-        if role == Role.PREDICTION:
-            return p
-        if role == Role.REVIEWED:
-            return self.is_reviewed(r)
-        if role == Role.FILTER_KEY:
-            if p is None:
-                return "\tunlabeled\t"
-            return (f"\t{p.status}\tlabel={p.label}\t" + ("corrected\t" if p.corrected else "")
-                    + ("reviewed\t" if self.is_reviewed(r) else "unreviewed\t"))
-        return None
+        get = _ROLE_DATA.get(role)
+        return None if get is None else get(self, r, self._pred[r])
+
+    def _tile(self, r: int, p: Prediction | None) -> tuple[Any, ...]:
+        """Everything a tile paints, in one call."""
+        k = self._keys[r]
+        return (k, p, self.thumbs.get(k), self._error(r, p),
+                self.color_of(p.label) if p and p.label else None, self.is_reviewed(r),
+                self._duplicate_tag(r))
+
+    def _error(self, r: int, p: Prediction | None) -> str:
+        return (p.error if p and p.error else "") or self.thumbs.error(self._keys[r]) or ""
+
+    def _filter_key(self, r: int, p: Prediction | None) -> str:
+        dup = "duplicate\t" if self._keys[r] in self._group else ""
+        if p is None:
+            return "\tunlabeled\t" + dup
+        return (f"\t{p.status}\tlabel={p.label}\t" + ("corrected\t" if p.corrected else "")
+                + ("reviewed\t" if self.is_reviewed(r) else "unreviewed\t") + dup)
 
     def _tooltip(self, r: int, p: Prediction | None) -> str:
         name = self._paths[r].name
+        if (kept := self._dup_of.get(self._keys[r])) is not None:
+            name += f"\nduplicate of {kept.name} (left out of exports)"
         if p is None:
             return name
         if p.status == Status.ERROR:
@@ -290,7 +362,8 @@ class GalleryModel(QAbstractListModel):
 class GalleryProxy(QSortFilterProxyModel):
     """Filter (``set_filter``) and sort (``set_sort``) for review. Filters: ``"all"``,
     ``"unknown"``, ``"corrected"``, ``"error"``, ``"unlabeled"``, ``"unreviewed"`` (labeled,
-    not yet accepted or corrected) or ``"class:<name>"``."""
+    not yet accepted or corrected), ``"duplicate"`` (the members of near-duplicate groups,
+    each group together) or ``"class:<name>"``."""
 
     def __init__(self, parent: Any = None) -> None:
         super().__init__(parent)
@@ -319,7 +392,10 @@ class GalleryProxy(QSortFilterProxyModel):
         return "" if mode == "all" else re.escape(f"\t{mode}\t")
 
     def _refilter(self, mode: str) -> None:
+        grouped = (self._filter == "duplicate", mode == "duplicate")
         self._filter = mode
+        if grouped[0] != grouped[1]:  # into or out of the grouped order
+            self._source().sort_rows(self._by_confidence, by_group=grouped[1])
         self.setFilterRegularExpression(self.pattern_for(mode))
 
     def _source(self) -> GalleryModel:
@@ -330,12 +406,12 @@ class GalleryProxy(QSortFilterProxyModel):
     def set_sort(self, by_confidence: bool) -> None:
         """Sorting reorders the source model (in C, via numpy); the proxy keeps its order."""
         self._by_confidence = by_confidence
-        self._source().sort_rows(by_confidence)
+        self._source().sort_rows(by_confidence, by_group=self._filter == "duplicate")
 
     def refresh(self) -> None:
         """Re-apply filter and sort (after a labeling run or a correction)."""
-        if self._by_confidence:
-            self._source().sort_rows(True)
+        if self._by_confidence or self._filter == "duplicate":
+            self._source().sort_rows(self._by_confidence, by_group=self._filter == "duplicate")
         if self._filter != "all":  # same pattern: force a re-match
             if hasattr(self, "beginFilterChange"):  # Qt >= 6.9 (invalidateFilter deprecated)
                 self.beginFilterChange()
@@ -345,6 +421,29 @@ class GalleryProxy(QSortFilterProxyModel):
 
     def source_row(self, proxy_row: int) -> int:
         return self.mapToSource(self.index(proxy_row, 0)).row()
+
+
+_RowData = Callable[[GalleryModel, int, Prediction | None], Any]
+# role -> what ``data`` returns for row r with prediction p (None: not labeled yet)
+_ROLE_DATA: dict[int, _RowData] = {
+    Role.TILE: GalleryModel._tile,
+    Qt.ItemDataRole.DecorationRole: lambda m, r, p: m.thumbs.get(m._keys[r]),
+    Qt.ItemDataRole.DisplayRole: lambda m, r, p: p.label if p else None,
+    Role.LABEL: lambda m, r, p: p.label if p else None,
+    Role.PATH: lambda m, r, p: m._paths[r],
+    Qt.ItemDataRole.ToolTipRole: GalleryModel._tooltip,
+    Role.CONFIDENCE: lambda m, r, p: p.confidence if p else None,
+    Role.STATUS: lambda m, r, p: str(p.status) if p else "",
+    Role.CORRECTED: lambda m, r, p: bool(p and p.corrected),
+    Role.ERROR: GalleryModel._error,
+    Role.TOP: lambda m, r, p: p.top if p else (),
+    Role.GUESS: lambda m, r, p: p.top[0][0] if p and p.top else None,
+    Role.COLOR: lambda m, r, p: m.color_of(p.label) if p and p.label else None,
+    Role.PREDICTION: lambda m, r, p: p,
+    Role.REVIEWED: lambda m, r, p: m.is_reviewed(r),
+    Role.FILTER_KEY: GalleryModel._filter_key,
+    Role.DUPLICATE: lambda m, r, p: m._dup_of.get(m._keys[r]),
+}
 
 
 def _key(p: Prediction | None) -> float:

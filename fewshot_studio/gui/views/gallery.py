@@ -48,7 +48,7 @@ from PySide6.QtWidgets import (
 from fewshot_studio.data.images import is_image_path
 from fewshot_studio.engine.api import Prediction
 from fewshot_studio.gui.models.gallery import Role
-from fewshot_studio.gui.views.class_panel import QUERY_MIME, local_paths
+from fewshot_studio.gui.views.class_card import QUERY_MIME, local_paths
 from fewshot_studio.gui.views.style import theme
 
 TILE = QSize(172, 204)
@@ -104,14 +104,14 @@ class TileDelegate(QStyledItemDelegate):
         state = index.data(Role.TILE)
         if state is None:
             return
-        path, pred, pm, error, color, reviewed = state
+        path, pred, pm, error, color, reviewed, dup = state
         selected = bool(option.state & QStyle.StateFlag.State_Selected)
         hover = bool(option.state & QStyle.StateFlag.State_MouseOver)
         dpr = p.device().devicePixelRatioF() if p.device() else 1.0
         t = theme()
         key = (path, pred, pm.cacheKey() if pm is not None else 0, error,
                color.rgba() if color is not None else 0, reviewed, selected, hover, dpr,
-               t.name)
+               t.name, dup)
         tile = self._cache.get(key)
         cell = QRectF(option.rect)
         r = QRectF(0, 0, TILE.width(), TILE.height())
@@ -129,6 +129,8 @@ class TileDelegate(QStyledItemDelegate):
             tile.fill(Qt.GlobalColor.transparent)
             tp = QPainter(tile)
             self._render(tp, path, pred, pm, error, color, selected, hover, reviewed)
+            if dup:
+                self._draw_duplicate(tp, dup)
             tp.end()
             self.rendered += 1
             self._cache[key] = tile
@@ -137,6 +139,19 @@ class TileDelegate(QStyledItemDelegate):
         else:
             self._cache.move_to_end(key)
         p.drawPixmap(r.topLeft(), tile)
+
+    def _draw_duplicate(self, p: QPainter, tag: str) -> None:
+        """A tag at the thumbnail's bottom left: "group 3" for a member of a near-duplicate
+        group, "duplicate" (and the thumbnail dimmed) for one marked as a duplicate."""
+        r = QRectF(4, 4, TILE.width() - 8, TILE.height() - 8)
+        thumb = QRectF(r.left() + 6, r.top() + 6, r.width() - 12, THUMB_H)
+        marked = tag == "duplicate"
+        if marked:
+            p.fillRect(thumb, QColor(255, 255, 255, 140))
+        p.setFont(self.badge_font)
+        w = self.bfm.horizontalAdvance(tag) + 14
+        _pill(p, QRectF(thumb.left() + 4, thumb.bottom() - 22, w, 18),
+              QColor("#7c3aed" if marked else "#475569"), tag, QColor("white"))
 
     def _render(self, p: QPainter, path: str, pred: Prediction | None, pm: QPixmap | None,
                 error: str, color: QColor | None, selected: bool, hover: bool,

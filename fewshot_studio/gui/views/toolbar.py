@@ -294,7 +294,7 @@ class ReviewBar(QWidget):
         for text, key in [("All images", "all"), ("Unreviewed", "unreviewed"),
                           ("Unknown", "unknown"),
                           ("Corrected", "corrected"), ("Errors", "error"),
-                          ("Not labeled", "unlabeled")]:
+                          ("Not labeled", "unlabeled"), ("Duplicates", "duplicate")]:
             self.filter.addItem(text, key)
         self.filter.insertSeparator(self.filter.count())
         for n in names:
@@ -304,6 +304,12 @@ class ReviewBar(QWidget):
         self.filter.blockSignals(False)
         if i < 0 and cur != "all":
             self.filter_changed.emit("all")
+
+    def show_filter(self, key: str) -> None:
+        """Show filter ``key`` as chosen (without emitting ``filter_changed``)."""
+        self.filter.blockSignals(True)
+        self.filter.setCurrentIndex(max(0, self.filter.findData(key)))
+        self.filter.blockSignals(False)
 
     def set_counts(self, text: str) -> None:
         self.counts.setText(text)
