@@ -12,13 +12,17 @@ else
 FLAVOUR := cpu
 endif
 LOCK := requirements/$(FLAVOUR).lock
+# The optional cluster extra (`label --ray`: Ray Data, pyarrow) over the flavour's lock: the same
+# pins plus Ray's (`make test-cluster` installs it).
+CLUSTER_LOCK := requirements/$(FLAVOUR)-cluster.lock
+CLUSTER_STAMP := $(VENV)/.cluster-done
 # Optional: where the CPU build of torch (torch==2.13.0+cpu, in cpu.lock) comes from on a
 # machine whose pip has no local CPU wheel, e.g. TORCH_INDEX=https://download.pytorch.org/whl/cpu
 # (PyPI has no +cpu build: its Linux torch is the CUDA one).
 TORCH_INDEX ?=
 TORCH_PIP_ARGS := $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX),)
 
-.PHONY: setup lock run test lint bench package package-test clean
+.PHONY: setup lock run test test-cluster lint bench package package-test clean
 
 setup: $(STAMP)
 
@@ -50,10 +54,18 @@ lock:
 	build/lock-venv/bin/uv pip compile --no-config --upgrade --quiet $(LOCK_TARGET) \
 		--custom-compile-command "make lock" pyproject.toml requirements/cuda.in \
 		--extra gpu $(LOCK_EXTRAS) --generate-hashes -o requirements/cuda.lock
-	@! grep -q "^onnxruntime==" requirements/cuda.lock || \
-		{ echo "cuda.lock holds onnxruntime beside onnxruntime-gpu"; exit 1; }
-	@! grep -q -E "^(nvidia-|onnxruntime-gpu)" requirements/cpu.lock || \
-		{ echo "cpu.lock holds CUDA packages"; exit 1; }
+	build/lock-venv/bin/uv pip compile --no-config --upgrade --quiet $(LOCK_TARGET) \
+		--custom-compile-command "make lock" pyproject.toml requirements/cpu.in \
+		--extra cpu $(LOCK_EXTRAS) --extra cluster -c requirements/cpu.lock $(LOCK_TORCH) \
+		-o requirements/cpu-cluster.lock
+	build/lock-venv/bin/uv pip compile --no-config --upgrade --quiet $(LOCK_TARGET) \
+		--custom-compile-command "make lock" pyproject.toml requirements/cuda.in \
+		--extra gpu $(LOCK_EXTRAS) --extra cluster -c requirements/cuda.lock --generate-hashes \
+		-o requirements/cuda-cluster.lock
+	@! grep -q "^onnxruntime==" requirements/cuda.lock requirements/cuda-cluster.lock || \
+		{ echo "a cuda lock holds onnxruntime beside onnxruntime-gpu"; exit 1; }
+	@! grep -q -E "^(nvidia-|onnxruntime-gpu)" requirements/cpu.lock \
+		requirements/cpu-cluster.lock || { echo "a cpu lock holds CUDA packages"; exit 1; }
 
 run: $(STAMP)
 	$(PY) -m fewshot_studio --demo
@@ -61,6 +73,20 @@ run: $(STAMP)
 test: $(STAMP)
 	QT_QPA_PLATFORM=offscreen $(PY) -m pytest -q
 	$(PY) -m ruff check fewshot_studio tests benchmarks
+
+# The Ray tests (tests/test_cluster.py, slow ones included: a real local Ray with 2 CPUs, about a
+# minute), after installing the cluster extra from its lock; skipped with a message when Ray
+# cannot be installed (no wheel for this platform, no registry).
+$(CLUSTER_STAMP): $(CLUSTER_LOCK) $(STAMP)
+	$(PY) -m pip install -q $(TORCH_PIP_ARGS) -r $(CLUSTER_LOCK)
+	touch $(CLUSTER_STAMP)
+
+test-cluster: $(STAMP)
+	@if $(MAKE) --no-print-directory $(CLUSTER_STAMP); then \
+		QT_QPA_PLATFORM=offscreen $(PY) -m pytest -q -m "slow or not slow" tests/test_cluster.py; \
+	else \
+		echo "test-cluster: skipped: could not install the cluster extra ($(CLUSTER_LOCK))"; \
+	fi
 
 lint: $(STAMP)
 	$(PY) -m ruff check fewshot_studio tests benchmarks

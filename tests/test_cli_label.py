@@ -366,3 +366,19 @@ def test_copy_to_skip_unknown(env: dict, tmp_path: Path) -> None:
     copied = sorted(p.relative_to(dest).parts[0] for p in dest.rglob("*") if p.is_file())
     assert copied == sorted(r["label"] for r in rows if r["label"])
     assert not (dest / "_unknown").exists()
+
+
+def test_backend_names_come_from_the_engine(env: dict, tmp_path: Path,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """``--backend``: the help names every backend of the engine's table, and a name not in
+    it is refused before any work (exit 2, nothing written)."""
+    from fewshot_studio.engine.backends import BACKEND_NAMES
+
+    with pytest.raises(SystemExit):
+        main(["label", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert all(name in help_text for name in BACKEND_NAMES)
+    out = tmp_path / "l.csv"
+    assert _label(env, out, "--backend", "tensorrt") == 2
+    assert "unknown backend 'tensorrt'" in capsys.readouterr().err
+    assert not out.exists()

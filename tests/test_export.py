@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from engine_fixtures import sample_predictions
 
-from fewshot_studio.engine import export
+from fewshot_studio.engine import export, label_files
 from fewshot_studio.engine.api import Prediction, Status
 from fewshot_studio.errors import UserError
 
@@ -61,7 +61,7 @@ def test_write_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
             raise KeyboardInterrupt
         return real(*a, **kw)
 
-    monkeypatch.setattr(export, "row_values", failing)
+    monkeypatch.setattr(label_files, "row_values", failing)
     with pytest.raises(KeyboardInterrupt):
         export.write_csv(sample_predictions(root), out, root)
     calls["n"] = 0
@@ -367,9 +367,64 @@ def test_read_labels_csv(tmp_path: Path) -> None:
 
 def test_format_table() -> None:
     """One table of label file formats; ``format_for`` picks by name or by suffix."""
-    assert list(export.EXPORT_FORMATS) == ["csv", "json", "labelstudio", "fiftyone"]
+    assert list(export.EXPORT_FORMATS) == ["csv", "json", "labelstudio", "fiftyone",
+                                            "parquet"]
     assert export.format_for(Path("x.JSON")).name == "json"
     assert export.format_for(Path("x.txt")).name == "csv"
     assert export.format_for(Path("x.csv"), "fiftyone").name == "fiftyone"
     with pytest.raises(UserError, match="unknown format"):
         export.format_for(Path("x.csv"), "xml")
+
+
+def test_parquet_rows_match_the_csv(tmp_path: Path) -> None:
+    """Parquet: the CSV's rows, typed (nulls where the CSV has empty cells), in path order,
+    our format in the metadata; a second write replaces our own file, never a stranger's."""
+    pq = pytest.importorskip("pyarrow.parquet")
+    root = tmp_path / "q"
+    assert export.format_for(Path("x.Parquet")).name == "parquet"
+    out = export.write_parquet(sample_predictions(root), tmp_path / "l.parquet", root)
+    rows = export.read_parquet(out)
+    csv_rows = export.read_csv(export.write_csv(sample_predictions(root), tmp_path / "l.csv",
+                                                root))
+    assert [list(r) for r in rows] == [list(export.CSV_COLUMNS)] * len(csv_rows)
+    for typed, text in zip(rows, csv_rows, strict=True):
+        assert {c: "" if v is None else str(v).lower() if isinstance(v, bool)
+                else f"{v:.6f}" if isinstance(v, float) else v
+                for c, v in typed.items()} == text
+    assert pq.read_schema(out).metadata[b"format"] == export.JSON_FORMAT.encode()
+    assert export.is_labels_file(out)
+    export.write_parquet(sample_predictions(root)[:1], out, root)  # ours: replaced
+    assert len(export.read_parquet(out)) == 1
+    stranger = tmp_path / "theirs.parquet"
+    stranger.write_bytes(b"PAR1" + b"\0" * 20 + (8).to_bytes(4, "little") + b"PAR1")
+    assert not export.is_labels_file(stranger)
+    with pytest.raises(UserError, match="not a labels file"):
+        export.write_parquet(sample_predictions(root), stranger, root)
+
+
+def test_sinks_stream_batches_in_order(tmp_path: Path) -> None:
+    """A sink takes batches (in path order) and writes the same file as one call; a failure
+    inside the block leaves no file and no temp file."""
+    root = tmp_path / "q"
+    preds = sorted(sample_predictions(root), key=lambda p: p.path)
+    with export.csv_sink(tmp_path / "s.csv", root) as add:
+        add(preds[:1])
+        add(preds[1:])
+    whole = export.write_csv(preds, tmp_path / "w.csv", root)
+    assert (tmp_path / "s.csv").read_bytes() == whole.read_bytes()
+    with pytest.raises(RuntimeError), export.csv_sink(tmp_path / "x.csv", root) as add:
+        add(preds)
+        raise RuntimeError("stop")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.csv", "w.csv"]
+
+
+def test_parquet_needs_pyarrow(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without pyarrow, asking for parquet is a one-line UserError that says what to
+    install, before any work."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "pyarrow" else real(name, *a))
+    with pytest.raises(UserError, match=r"fewshot-studio\[cluster\]"):
+        export.format_for(Path("x.parquet"))

@@ -193,3 +193,27 @@ def test_label_command_writes_the_format(env: dict, tmp_path: Path, fmt: str) ->
         assert set(doc["labels"]) == {os.path.splitext(r["path"])[0] for r in rows}
         media = fiftyone_media_map(env["query"])
         assert set(doc["labels"]) <= set(media)
+
+
+def test_label_command_writes_parquet_that_pandas_reads(env: dict, tmp_path: Path) -> None:
+    """``label --out x.parquet`` (the format from the suffix): a Parquet file another tool
+    (pandas, over pyarrow) reads as the CSV's table, typed: the same paths and labels,
+    confidences as numbers, errors as nulls."""
+    pd = pytest.importorskip("pandas")
+    pytest.importorskip("pyarrow")
+    outs = {}
+    for suffix in (".parquet", ".csv"):
+        outs[suffix] = tmp_path / f"out{suffix}"
+        assert main(["label", "--checkpoint", str(env["ckpt"]), "--support",
+                     str(env["support"]), "--query", str(env["query"]), "--out",
+                     str(outs[suffix]), "--cache", str(env["cache"])]) == 0
+    table = pd.read_parquet(outs[".parquet"])
+    rows = export.read_csv(outs[".csv"])
+    assert list(table.columns) == list(export.CSV_COLUMNS)
+    assert table["path"].tolist() == [r["path"] for r in rows]
+    assert [lab if isinstance(lab, str) else "" for lab in table["label"]] == [
+        r["label"] for r in rows]
+    assert str(table["confidence"].dtype) == "float64"
+    errors = table["status"] == "error"
+    assert errors.any() and table.loc[errors, "confidence"].isna().all()
+    assert bool(table["corrected"].dtype == bool)

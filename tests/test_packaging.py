@@ -176,3 +176,39 @@ def test_frozen_app_runs_headless(tmp_path: Path) -> None:
 
     with Image.open(shot) as im:
         assert im.width > 400 and im.height > 300
+
+
+def test_wheel_declares_the_cluster_extra(wheel: Path) -> None:
+    """Ray is optional: ``pip install "fewshot-studio[cluster]"`` adds Ray Data and pyarrow;
+    a plain install requires neither."""
+    dist_info = f"fewshot_studio-{__version__}.dist-info"
+    meta = zipfile.ZipFile(wheel).read(f"{dist_info}/METADATA").decode()
+    assert "Provides-Extra: cluster" in meta.splitlines()
+    requires = [line.split(":", 1)[1].strip() for line in meta.splitlines()
+                if line.startswith("Requires-Dist:")]
+    cluster = [r for r in requires if r.endswith("extra == \"cluster\"")]
+    assert any(r.startswith("ray[data]") for r in cluster)
+    assert any(r.startswith("pyarrow") for r in cluster)
+    assert not any(r.startswith(("ray", "pyarrow")) for r in requires if "extra ==" not in r)
+
+
+def _pins(lock: Path) -> dict[str, str]:
+    """``{name: version}`` of a requirements lock (uv's output, with or without hashes)."""
+    import re
+
+    return dict(re.findall(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==([^\s\\]+)",
+                           lock.read_text(encoding="utf-8"), re.M))
+
+
+@pytest.mark.parametrize("flavour", ["cpu", "cuda"])
+def test_cluster_locks_extend_the_flavour_locks(flavour: str) -> None:
+    """``requirements/<flavour>-cluster.lock`` (`make lock`): every pin of the flavour's lock
+    unchanged, plus Ray's; the CUDA lock's torchvision is the release built for its torch
+    (torch 2.N pairs with torchvision 0.(N+15))."""
+    base = _pins(REPO / "requirements" / f"{flavour}.lock")
+    cluster = _pins(REPO / "requirements" / f"{flavour}-cluster.lock")
+    assert {k: cluster.get(k) for k in base} == base
+    assert {"ray", "pyarrow"} <= set(cluster) - set(base)
+    if flavour == "cuda":
+        torch_minor = int(base["torch"].split(".")[1])
+        assert base["torchvision"].startswith(f"0.{torch_minor + 15}.")

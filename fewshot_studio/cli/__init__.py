@@ -23,7 +23,7 @@ from fewshot_studio.errors import UserError
 
 # Modules under fewshot_studio.cli, each registering one or more subcommands.
 SUBCOMMAND_MODULES = ("train", "evaluate", "label", "checkpoints", "export_onnx", "calibrate",
-                      "duplicates")
+                      "duplicates", "import_backbone")
 
 
 def help_texts(description: str, *examples: str) -> dict[str, Any]:

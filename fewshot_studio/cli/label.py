@@ -5,10 +5,20 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import textwrap
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fewshot_studio.cli import help_texts
+from fewshot_studio.cli.label_extras import (
+    abs_path,
+    check_dest,
+    check_project_target,
+    known_labels,
+    save_project,
+)
 from fewshot_studio.engine.api import (
     ADAPT_MODES,
     UNKNOWN_RULES,
@@ -19,6 +29,10 @@ from fewshot_studio.engine.api import (
 from fewshot_studio.engine.export import EXPORT_FORMATS, ExportFormat
 from fewshot_studio.errors import UserError
 from fewshot_studio.progress import ProgressBar
+
+if TYPE_CHECKING:
+    from fewshot_studio.data.scan import QueryScan
+    from fewshot_studio.engine.session import LabelingSession
 
 DEFAULT = LabelSettings()
 DEFAULT_THRESHOLD = DEFAULT.unknown_threshold
@@ -48,7 +62,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--format", choices=tuple(EXPORT_FORMATS), default=None,
                    help="output format: " + "; ".join(f"{f.name}: {f.help}"
                                                       for f in EXPORT_FORMATS.values())
-                        + " (default: json for a .json --out, else csv)")
+                        + " (default: json for a .json --out, parquet for .parquet, else "
+                          "csv)")
     p.add_argument("--labels", type=Path, metavar="CSV|DIR",
                    help="labels you already have: a CSV with path and label columns (paths "
                         "relative to --query or absolute) or a folder with one sub-folder per "
@@ -73,7 +88,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--adapt", choices=ADAPT_MODES, default=DEFAULT.adapt,
                    help="none: class prototypes; head: a logistic-regression head fitted on "
                         "the examples (for 10-50 examples a class; ProtoNet checkpoints); "
-                        "auto: the head unless the prototypes do better on held-out examples "
+                        "auto: the head unless the prototypes do better on held-out examples; "
+                        "finetune: fine-tune the backbone's last blocks on the examples "
+                        "first (seconds; the fine-tuned copy is never saved) "
                         f"(default {DEFAULT.adapt})")
     p.add_argument("--transductive", action="store_true",
                    help="refine the class prototypes with the queries (soft k-means)")
@@ -92,8 +109,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="where the network runs (default auto: CUDA when it works, else "
                         "the CPU)")
-    p.add_argument("--backend", choices=("auto", "onnxruntime", "torch"), default="auto",
-                   help="embedding backend (default: torch on CUDA, else ONNX Runtime)")
+    p.add_argument("--backend", default="auto", metavar="NAME",
+                   help="embedding backend: auto, onnxruntime or torch (the engine's "
+                        "BACKEND_NAMES; default auto: torch on CUDA, else ONNX Runtime)")
     p.add_argument("--precision", choices=("fp32", "int8"), default=LabelSettings().precision,
                    help="int8: ONNX Runtime on the CPU runs a quantised model (1.5-1.9x "
                         "faster; predictions nearly always fp32's, see "
@@ -104,7 +122,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--no-recursive", action="store_true",
                    help="only images directly in --query, not in its sub-folders")
     p.add_argument("--cache", type=Path, metavar="PATH",
-                   help="embedding cache file (default: the user cache directory)")
+                   help="embedding cache file (default: the user cache directory); with "
+                        "--ray the workers open PATH on their own nodes (default there: no "
+                        "cache)")
     p.add_argument("--batch-size", type=int, default=LabelSettings().batch_size, metavar="N",
                    help="images embedded at a time (default %(default)s); lower it if memory "
                         "runs out")
@@ -112,6 +132,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="also write a project with the classes and their examples, the query "
                         "folder, the checkpoint and every prediction, to review in the app: "
                         "fewshot-studio P.fsproj")
+    ray = p.add_argument_group("cluster", textwrap.fill(
+        'Label on a Ray cluster (pip install "fewshot-studio[cluster]"; docs/scale.md): the '
+        "examples are embedded here, the images by Ray workers, the rows stream to --out "
+        "(csv or parquet). Not with --labels, --transductive, --adapt finetune, --copy-to, "
+        "--move-to or --save-project.", 79))
+    ray.add_argument("--ray", metavar="ADDRESS",
+                     help="auto: the Ray cluster this machine belongs to; local: start a Ray "
+                          "on this machine; or a cluster address (ray://HOST:10001)")
+    ray.add_argument("--ray-workers", type=int, metavar="N",
+                     help="N workers (default: as many as the cluster has room for now: one "
+                          "per GPU, else one per --ray-cpus-per-worker CPUs; more wait for "
+                          "an autoscaling cluster to add nodes)")
+    ray.add_argument("--ray-cpus-per-worker", type=int, metavar="K",
+                     help="CPUs each CPU worker reserves (default: min(8, the cluster's))")
     p.set_defaults(func=run)
 
 
@@ -132,18 +166,6 @@ def support_classes(root: Path) -> dict[str, list[Path]]:
     return classes
 
 
-def _check_dest(d: Path) -> None:
-    probe = d
-    while not probe.exists():
-        probe = probe.parent
-    if not probe.is_dir() or not os.access(probe, os.W_OK):
-        raise UserError(f"cannot write into {d}")
-
-
-def _abs(path: Path) -> Path:
-    return Path(os.path.abspath(path))
-
-
 def _within(path: Path, folder: Path) -> bool:
     """Whether ``path`` is ``folder`` or under it (real paths)."""
     p, f = os.path.realpath(path), os.path.realpath(folder)
@@ -156,63 +178,16 @@ def _exclusions(args: argparse.Namespace, dest: Path | None,
     the destination's class folders (the whole destination when it is a sub-folder)."""
     from fewshot_studio.engine import export
 
-    out = {_abs(args.support): f"in the support folder {args.support}",
-           _abs(args.out): "being the --out file"}
+    out = {abs_path(args.support): f"in the support folder {args.support}",
+           abs_path(args.out): "being the --out file"}
     if dest is not None and _within(dest, args.query):
         why = f"in the {'--move-to' if args.move_to else '--copy-to'} folder {dest}"
         if os.path.realpath(dest) == os.path.realpath(args.query):  # sorting in place
             for name in (*export.class_folders(class_names).values(), export.UNKNOWN_FOLDER):
-                out[_abs(dest / name)] = why
+                out[abs_path(dest / name)] = why
         else:
-            out[_abs(dest)] = why
+            out[abs_path(dest)] = why
     return out
-
-
-def _project_checkpoint(checkpoint: str) -> str:
-    """How a project names the checkpoint: a bundled name as it is, a file as an absolute
-    path (a project is opened from elsewhere)."""
-    from fewshot_studio.paths import bundled_checkpoints
-
-    if checkpoint in bundled_checkpoints() and not Path(checkpoint).is_file():
-        return checkpoint
-    return os.path.abspath(Path(checkpoint).expanduser())
-
-
-def _check_project_target(args: argparse.Namespace) -> None:
-    """``--save-project`` can be written: not with ``--move-to`` (the project would point at
-    images that moved), a writable folder, and an existing file there must be a project."""
-    from fewshot_studio.gui import project_io as pio
-
-    if args.move_to is not None:
-        raise UserError("--save-project cannot be used with --move-to (the project would "
-                        "point at the images' old places); use --copy-to")
-    target = args.save_project
-    if target.suffix != pio.PROJECT_SUFFIX:
-        target = target.with_name(target.name + pio.PROJECT_SUFFIX)
-    _check_dest(target.parent)
-    if target.exists():
-        try:
-            pio.load_project(target)
-        except UserError:
-            raise UserError(f"--save-project: {target} exists and is not a FewShot Studio "
-                            "project; not overwriting it") from None
-
-
-def _save_project(path: Path, args: argparse.Namespace, classes: dict[str, list[Path]],
-                  settings: LabelSettings, predictions: list[Prediction] | None,
-                  checkpoint_id: str) -> Path:
-    """``--save-project``: the same file the app saves (``project_io.save_project``);
-    ``predictions`` None: never labeled (an empty query folder)."""
-    from fewshot_studio.gui import project_io as pio
-
-    specs = [pio.ClassSpec(name, pio.PALETTE[i % len(pio.PALETTE)], list(paths))
-             for i, (name, paths) in enumerate(classes.items())]
-    saved = None if predictions is None else pio.SavedPredictions(
-        checkpoint_id, predictions, [pio.file_stamp(p.path) for p in predictions])
-    project = pio.Project(classes=specs, query_folder=_abs(args.query),
-                          checkpoint=_project_checkpoint(args.checkpoint), settings=settings,
-                          predictions=saved)
-    return pio.save_project(project, path).path or path
 
 
 def _list_failures(what: str, failures: list[tuple[Path, str]], show: int = 5) -> None:
@@ -222,26 +197,23 @@ def _list_failures(what: str, failures: list[tuple[Path, str]], show: int = 5) -
         print(f"... and {len(failures) - show} more", file=sys.stderr)
 
 
-def _nothing_to_label(args: argparse.Namespace, fmt: ExportFormat,
-                      classes: dict[str, list[Path]],
-                      settings: LabelSettings, unreadable: list[tuple[Path, str]],
-                      n_excluded: int) -> int:
+def _nothing_to_label(args: argparse.Namespace, plan: Plan) -> int:
     """No image to label: the output with no image rows (a CSV of the header only; an
     unreadable sub-folder still gets its error row) and the project without predictions when
     asked for; the model is never loaded. An empty query folder (nothing left out either)
     gets "warning: no images in QUERY" and exit code 1; a folder whose images were all left
     out (sorted in place by an earlier run) is nothing to do: exit 0, or 1 for unreadable
     sub-folders."""
+    n_excluded, unreadable = plan.n_excluded, plan.queries.unreadable
     empty = n_excluded == 0
     if empty:
         print(f"warning: no images in {args.query}", file=sys.stderr)
-    rows = [Prediction(folder, None, 0.0, 0.0, Status.ERROR, (),
-                       f"cannot read folder: {reason}") for folder, reason in unreadable]
-    fmt.write(rows, args.out, args.query, absolute_paths=args.absolute_paths,
-              classes=list(classes))
+    plan.fmt.write(plan.folder_rows(), args.out, args.query,
+                   absolute_paths=args.absolute_paths, classes=list(plan.classes))
     parts = [f"labeled 0 images; wrote {args.out}"]
     if args.save_project is not None:
-        project_file = _save_project(args.save_project, args, classes, settings, None, "")
+        project_file = save_project(args.save_project, args, plan.classes, plan.settings,
+                                    None, "")
         parts.append(f"project {project_file} (open it with: fewshot-studio {project_file})")
     if unreadable:
         parts.append(f"unreadable folders {len(unreadable)}")
@@ -252,175 +224,234 @@ def _nothing_to_label(args: argparse.Namespace, fmt: ExportFormat,
     return 1 if empty or unreadable else 0
 
 
-def _known_labels(source: Path | None, query: Path, classes: dict[str, list[Path]],
-                  queries: list[Path]) -> dict[Path, str]:
-    """``--labels``: read a path,label CSV or a folder of class sub-folders. A query image
-    becomes a correction (returned: ``{path: label}``), any other existing image a support
-    example (added to ``classes``); a missing file is ignored with a note. UserError for an
-    unreadable source or a class that --support does not have."""
-    if source is None:
-        return {}
-    from fewshot_studio.data.scan import class_folders
-    from fewshot_studio.engine import export
-
-    if source.is_dir():
-        pairs = [(p, name) for name, images in class_folders(source, what="--labels folder")
-                 .items() for p in images]
-        if not pairs:
-            raise UserError(f"--labels {source}: no class sub-folders with images")
-    elif source.exists():
-        pairs = export.read_labels_csv(source, query)
-    else:
-        raise UserError(f"--labels not found: {source}")
-    strange = sorted({label for _, label in pairs} - set(classes))
-    if strange:
-        raise UserError(f"--labels {source}: classes not in --support: "
-                        + ", ".join(map(repr, strange[:5]))
-                        + (f" and {len(strange) - 5} more" if len(strange) > 5 else ""))
-    in_query = set(queries)
-    corrections: dict[Path, str] = {}
-    n_support = n_missing = 0
-    for path, label in pairs:
-        if path in in_query:
-            corrections[path] = label
-        elif path.is_file():
-            if path not in classes[label]:
-                classes[label].append(path)
-                n_support += 1
-        else:
-            n_missing += 1
-    print(f"note: --labels: {len(corrections)} corrections, {n_support} support examples"
-          + (f", {n_missing} missing files ignored" if n_missing else ""), file=sys.stderr)
-    return corrections
-
-
 def _interactive() -> bool:
     """Whether stderr is a terminal (someone is watching)."""
     return hasattr(sys.stderr, "isatty") and sys.stderr.isatty()
 
 
-def run(args: argparse.Namespace) -> int:
-    """Label, write the CSV/JSON, then copy or move. Exit code: 0 all fine; 1 finished with
-    failures (copies or moves, unreadable folders, the cache) or found no images to label (the
-    output is written with no rows, the model is not loaded); 2 (UserError) refused before
-    any work. On a terminal, "loading CHECKPOINT…" comes first."""
-    # On a terminal, a first line at once: importing the engine (torch) and loading the model
-    # take seconds. Not for scripts and logs: there a refusal stays one "error:" line.
-    if _interactive():
-        print(f"loading {Path(args.checkpoint).name}\u2026", file=sys.stderr, flush=True)
-    from fewshot_studio.data.scan import scan_images
-    from fewshot_studio.engine import export
-    from fewshot_studio.engine.session import LabelingSession
+@dataclass
+class Plan:
+    """What :func:`run` checked and found before any work."""
 
-    # Every check that can fail fast happens before any work.
-    fmt = export.format_for(args.out, args.format)
+    fmt: ExportFormat
+    classes: dict[str, list[Path]]
+    dest: Path | None
+    queries: QueryScan
+    why: dict[Path, str]
+    corrections: dict[Path, str]
+    settings: LabelSettings
+
+    @property
+    def n_excluded(self) -> int:
+        return sum(self.queries.excluded.values())
+
+    def folder_rows(self) -> list[Prediction]:
+        """An error row per query sub-folder that could not be read."""
+        return [Prediction(folder, None, 0.0, 0.0, Status.ERROR, (),
+                           f"cannot read folder: {reason}")
+                for folder, reason in self.queries.unreadable]
+
+
+@dataclass
+class Outcome:
+    """What a labeling run did, for the summary lines."""
+
+    counts: dict[Status, int]
+    seconds: float
+    embedded: int
+    cache_hits: int
+    backend: str
+    cache_note: str = ""
+    cache_failures: int = 0
+    copied: int = 0
+    failures: list[tuple[Path, str]] = field(default_factory=list)
+    project_file: Path | None = None
+
+
+def _settings(args: argparse.Namespace) -> LabelSettings:
+    """The run's settings from the options (UserError for an out-of-range number)."""
     threshold = DEFAULT_THRESHOLD if args.unknown_threshold is None else args.unknown_threshold
-    rule = args.unknown_rule
     if not 0.0 <= threshold <= 1.0:
         raise UserError(f"--unknown-threshold must be in [0, 1], got {threshold}")
     if not 0.0 <= args.miss_rate < 1.0:
         raise UserError(f"--miss-rate must be in [0, 1), got {args.miss_rate}")
     if args.batch_size < 1:
         raise UserError("--batch-size must be >= 1")
+    return LabelSettings(unknown_threshold=threshold, unknown_rule=args.unknown_rule,
+                         miss_rate=args.miss_rate, adapt=args.adapt,
+                         transductive=args.transductive, recursive=not args.no_recursive,
+                         device=args.device, batch_size=args.batch_size,
+                         precision=args.precision, tta=args.tta)
+
+
+def _check_ray(args: argparse.Namespace, fmt: ExportFormat) -> None:
+    """``--ray``: a streamable format, and none of the options that need every prediction
+    (or every query) at once on this machine."""
+    if args.ray is None:
+        if args.ray_workers is not None or args.ray_cpus_per_worker is not None:
+            raise UserError("--ray-workers and --ray-cpus-per-worker need --ray")
+        return
+    if fmt.sink is None:
+        streamed = [f.name for f in EXPORT_FORMATS.values() if f.sink is not None]
+        raise UserError(f"--ray writes {' or '.join(streamed)}, not {fmt.name}")
+    for option, value in (("--labels", args.labels), ("--transductive", args.transductive),
+                          ("--adapt finetune", args.adapt == "finetune"),
+                          ("--copy-to", args.copy_to), ("--move-to", args.move_to),
+                          ("--save-project", args.save_project)):
+        if value:
+            raise UserError(f"{option} cannot be used with --ray (see docs/scale.md)")
+    from fewshot_studio.cluster.driver import import_ray
+
+    import_ray()  # UserError naming the extra when Ray is not installed
+
+
+def _plan(args: argparse.Namespace) -> Plan:
+    """Every check that can fail fast, before any work (UserError: exit 2)."""
+    from fewshot_studio.data.scan import scan_images
+    from fewshot_studio.engine import backends, export
+
+    fmt = export.format_for(args.out, args.format)
+    settings = _settings(args)
+    _check_ray(args, fmt)
+    backends.check_request(args.device, args.backend, args.precision)
     classes = support_classes(args.support)
     dest = args.copy_to or args.move_to
     if args.skip_unknown and dest is None:
         raise UserError("--skip-unknown needs --copy-to or --move-to")
     why = _exclusions(args, dest, list(classes))
-    queries = scan_images(args.query, recursive=not args.no_recursive, exclude=list(why))
-    out_scanned = [_abs(args.out)] if queries.excluded.get(_abs(args.out)) else []
+    # --ray counts the images here and streams them later (cli.label_ray): no list of paths
+    queries = scan_images(args.query, recursive=not args.no_recursive, exclude=list(why),
+                          keep=args.ray is None)
+    out_scanned = [abs_path(args.out)] if queries.excluded.get(abs_path(args.out)) else []
     export.check_output(args.out, [*queries, *(p for ps in classes.values() for p in ps),
                                    *out_scanned])
     if dest is not None:
-        _check_dest(dest)
+        check_dest(dest)
     if args.save_project is not None:
-        _check_project_target(args)
-    corrections = _known_labels(args.labels, args.query, classes, queries)
-    if args.device == "cuda":
-        from fewshot_studio.engine.backends import onnxruntime_providers, torch_cuda_works
+        check_project_target(args)
+    corrections = known_labels(args.labels, args.query, classes, queries)
+    if args.ray is None:  # a cluster's CUDA is checked there
+        backends.check_runnable(args.device, args.backend)
+    return Plan(fmt, classes, dest, queries, why, corrections, settings)
 
-        if not (torch_cuda_works() or "CUDAExecutionProvider" in onnxruntime_providers()):
-            raise UserError("--device cuda: no working CUDA (torch has none and onnxruntime-gpu "
-                            "is not installed); use --device auto or cpu")
-    n_excluded = sum(queries.excluded.values())
-    if n_excluded:
+
+def _note_left_out(plan: Plan) -> None:
+    """The notes on what the scan left out and could not read."""
+    if plan.n_excluded:
         reasons: dict[str, int] = {}
-        for entry, n in queries.excluded.items():
+        for entry, n in plan.queries.excluded.items():
             if n:
-                reasons[why[entry]] = reasons.get(why[entry], 0) + n
-        print(f"note: left out {n_excluded} image(s) under the query folder: "
+                reasons[plan.why[entry]] = reasons.get(plan.why[entry], 0) + n
+        print(f"note: left out {plan.n_excluded} image(s) under the query folder: "
               + ", ".join(f"{n} {r}" for r, n in reasons.items()), file=sys.stderr)
-    for folder, reason in queries.unreadable:
+    for folder, reason in plan.queries.unreadable:
         print(f"warning: cannot read folder {folder}: {reason}", file=sys.stderr)
-    settings = LabelSettings(unknown_threshold=threshold, unknown_rule=rule,
-                             miss_rate=args.miss_rate, adapt=args.adapt,
-                             transductive=args.transductive, recursive=not args.no_recursive,
-                             device=args.device, batch_size=args.batch_size,
-                             precision=args.precision, tta=args.tta)
-    if not queries:
-        return _nothing_to_label(args, fmt, classes, settings, queries.unreadable, n_excluded)
+
+
+def outcome(counts: dict[Status, int], seconds: float, session: LabelingSession,
+            embedded: int, cache_hits: int, backend: str) -> Outcome:
+    """The summary of a run with ``session`` (its cache's state)."""
+    c = session.counters
+    note = "".join([
+        f"; cache failures {c.cache_failures}" if c.cache_failures else "",
+        f"; cache off: {c.cache_disabled}" if c.cache_disabled else "",
+        f"; damaged cache moved to {c.cache_moved_aside}" if c.cache_moved_aside else ""])
+    return Outcome(counts, seconds, embedded, cache_hits, backend, note, c.cache_failures)
+
+
+def _copy(args: argparse.Namespace, plan: Plan, preds: list[Prediction], done: Outcome) -> None:
+    """``--copy-to`` / ``--move-to``: into class folders, counted into ``done``."""
+    from fewshot_studio.engine import export
+
+    assert plan.dest is not None
+    bar = ProgressBar("moving" if args.move_to else "copying", unit="file")
+    for p in export.copy_to_class_folders(preds, plan.dest, move=args.move_to is not None,
+                                          classes=list(plan.classes),
+                                          skip_unknown=args.skip_unknown):
+        bar.update(p, force=p.done == p.total)
+        if p.metrics["failed"] > len(done.failures):
+            done.failures.append((p.payload[0], p.payload[2]))
+        done.copied = int(p.metrics["moved" if args.move_to else "copied"])
+    bar.close()
+
+
+def _label_here(args: argparse.Namespace, plan: Plan) -> Outcome:
+    """Label on this machine, write the output, the project and the copies."""
+    from fewshot_studio.engine import export
+    from fewshot_studio.engine.session import LabelingSession
+
     t0 = time.perf_counter()
-    failures: list[tuple[Path, str]] = []
-    copied = 0
-    with LabelingSession(args.checkpoint, settings, cache_path=args.cache,
+    with LabelingSession(args.checkpoint, plan.settings, cache_path=args.cache,
                          backend=args.backend) as session:
-        session.set_support(classes)
-        for label in dict.fromkeys(corrections.values()):
-            session.correct([p for p, lab in corrections.items() if lab == label], label)
+        session.set_support(plan.classes)
+        for label in dict.fromkeys(plan.corrections.values()):
+            session.correct([p for p, lab in plan.corrections.items() if lab == label], label)
         bar = ProgressBar("labeling", unit="img")
-        for p in session.run(queries):
+        for p in session.run(plan.queries):
             bar.update(p, force=p.done == p.total)
         bar.close()
         preds = [export.checked(p) for p in session.predictions()]
-        seconds = time.perf_counter() - t0
-        folder_rows = [Prediction(folder, None, 0.0, 0.0, Status.ERROR, (),
-                                  f"cannot read folder: {reason}")
-                       for folder, reason in queries.unreadable]
-        fmt.write([*preds, *folder_rows], args.out, args.query,
-                  absolute_paths=args.absolute_paths, classes=list(classes),
-                  model_version=session.checkpoint_name)
+        counts = {s: sum(p.status == s for p in preds) for s in Status}
+        c = session.counters
+        backend = str(session.backend) if c.embedded else f"{session.backend} (nothing to embed)"
+        done = outcome(counts, time.perf_counter() - t0, session, c.embedded, c.cache_hits,
+                       backend)
+        plan.fmt.write([*preds, *plan.folder_rows()], args.out, args.query,
+                       absolute_paths=args.absolute_paths, classes=list(plan.classes),
+                       model_version=session.checkpoint_name)
         if args.save_project is not None:
-            project_file = _save_project(args.save_project, args, classes, settings, preds,
-                                         session.model_id.split(":")[0])
-        if dest is not None:
-            bar = ProgressBar("moving" if args.move_to else "copying", unit="file")
-            for p in export.copy_to_class_folders(preds, dest, move=args.move_to is not None,
-                                                  classes=list(classes),
-                                                  skip_unknown=args.skip_unknown):
-                bar.update(p, force=p.done == p.total)
-                if p.metrics["failed"] > len(failures):
-                    failures.append((p.payload[0], p.payload[2]))
-                copied = int(p.metrics["moved" if args.move_to else "copied"])
-            bar.close()
-        counters, backend = session.counters, session.backend
-    verb = "move" if args.move_to else "copy"
-    _list_failures(f"failed to {verb}", failures)
-    n_ok = sum(p.status == Status.OK for p in preds)
-    n_unknown = sum(p.status == Status.UNKNOWN for p in preds)
-    n_err = sum(p.status == Status.ERROR for p in preds)
-    rate = len(preds) / seconds if seconds > 0 else 0.0
-    backend_s = str(backend) if counters.embedded else f"{backend} (nothing to embed)"
-    cache_s = "".join([
-        f"; cache failures {counters.cache_failures}" if counters.cache_failures else "",
-        f"; cache off: {counters.cache_disabled}" if counters.cache_disabled else "",
-        f"; damaged cache moved to {counters.cache_moved_aside}"
-        if counters.cache_moved_aside else ""])
-    print(f"labeled {n_ok}, unknown {n_unknown}, errors {n_err} of {len(preds)} images "
-          f"in {seconds:.1f} s ({rate:.1f} images/s); embedded {counters.embedded}, "
-          f"from cache {counters.cache_hits}; backend {backend_s}{cache_s}")
+            done.project_file = save_project(args.save_project, args, plan.classes,
+                                              plan.settings, preds,
+                                              session.model_id.split(":")[0])
+        if plan.dest is not None:
+            _copy(args, plan, preds, done)
+    return done
+
+
+def _report(args: argparse.Namespace, plan: Plan, done: Outcome) -> int:
+    """The summary lines; the exit code."""
+    _list_failures(f"failed to {'move' if args.move_to else 'copy'}", done.failures)
+    n = sum(done.counts.values())
+    n_unknown = done.counts[Status.UNKNOWN]
+    rate = n / done.seconds if done.seconds > 0 else 0.0
+    print(f"labeled {done.counts[Status.OK]}, unknown {n_unknown}, "
+          f"errors {done.counts[Status.ERROR]} of {n} images in {done.seconds:.1f} s "
+          f"({rate:.1f} images/s); embedded {done.embedded}, from cache {done.cache_hits}; "
+          f"backend {done.backend}{done.cache_note}")
     parts = [f"wrote {args.out}"]
-    if args.save_project is not None:
-        parts.append(f"project {project_file} (open it with: fewshot-studio {project_file})")
-    if dest is not None:
-        done = "moved" if args.move_to else "copied"
-        parts.append(f"{done} {copied} files into {dest}"
-                     + (f", {len(failures)} failed" if failures else "")
+    if done.project_file is not None:
+        parts.append(f"project {done.project_file} (open it with: fewshot-studio "
+                     f"{done.project_file})")
+    if plan.dest is not None:
+        parts.append(f"{'moved' if args.move_to else 'copied'} {done.copied} files into "
+                     f"{plan.dest}" + (f", {len(done.failures)} failed" if done.failures else "")
                      + (f", left {n_unknown} unknown" if args.skip_unknown and n_unknown
                         else ""))
-    if queries.unreadable:
-        parts.append(f"unreadable folders {len(queries.unreadable)}")
-    if n_excluded:
-        parts.append(f"left out {n_excluded}")
+    if plan.queries.unreadable:
+        parts.append(f"unreadable folders {len(plan.queries.unreadable)}")
+    if plan.n_excluded:
+        parts.append(f"left out {plan.n_excluded}")
     print("; ".join(parts))
     sys.stdout.flush()
-    return 1 if failures or queries.unreadable or counters.cache_failures else 0
+    return 1 if done.failures or plan.queries.unreadable or done.cache_failures else 0
+
+
+def run(args: argparse.Namespace) -> int:
+    """Label, write the output, then copy or move. Exit code: 0 all fine; 1 finished with
+    failures (copies or moves, unreadable folders, the cache) or found no images to label (the
+    output is written with no rows, the model is not loaded); 2 (UserError) refused before
+    any work. On a terminal, "loading CHECKPOINT…" comes first. ``--ray``: on a Ray cluster
+    (:mod:`fewshot_studio.cli.label_ray`)."""
+    # On a terminal, a first line at once: importing the engine (torch) and loading the model
+    # take seconds. Not for scripts and logs: there a refusal stays one "error:" line.
+    if _interactive():
+        print(f"loading {Path(args.checkpoint).name}\u2026", file=sys.stderr, flush=True)
+    plan = _plan(args)
+    _note_left_out(plan)
+    if not plan.queries.total:
+        return _nothing_to_label(args, plan)
+    if args.ray is not None:
+        from fewshot_studio.cli.label_ray import label_on_ray
+
+        return _report(args, plan, label_on_ray(args, plan))
+    return _report(args, plan, _label_here(args, plan))
