@@ -136,8 +136,9 @@ def compare(a: Path, b: Path) -> str:
 
 
 def driver_rate(support: Path, rows: int = 200_000, batch: int = 1024) -> str:
-    """The driver's own ceiling: rows/s of the head (``hooks.predict_batch``) and the CSV
-    sink on random 64-d features, one batch of ``batch`` rows at a time (no Ray)."""
+    """The driver's own ceiling: rows/s of the head (``LabelingSession.predict_features``)
+    and the CSV sink on random 64-d features, one batch of ``batch`` rows at a time (no
+    Ray)."""
     sys.path.insert(0, str(ROOT))
     import tempfile
 
@@ -150,14 +151,14 @@ def driver_rate(support: Path, rows: int = 200_000, batch: int = 1024) -> str:
     with tempfile.TemporaryDirectory() as tmp, LabelingSession(
             CHECKPOINT, cache_path=Path(tmp) / "c.sqlite") as s:
         s.set_support(support_classes(support))
-        predictor, shape = hooks.fit_head(s)
+        shape = hooks.fit_head(s)
         root = Path(tmp) / "q"
         t0 = time.perf_counter()
         with csv_sink(Path(tmp) / "out.csv", root) as add:
             for start in range(0, rows, batch):
                 paths = [root / f"{i:08d}.png" for i in range(start, start + batch)]
                 feats = rng.normal(0, 1, (batch, *shape)).astype(np.float32)
-                add(hooks.predict_batch(s, predictor, paths, list(feats)))
+                add(s.predict_features(paths, list(feats)))
         seconds = time.perf_counter() - t0
     return f"driver head + CSV: {rows / seconds:,.0f} rows/s ({rows} rows, batches of {batch})"
 

@@ -12,6 +12,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 from engine_fixtures import make_checkpoint, make_label_folders
 
@@ -204,6 +205,37 @@ def test_layout_one_worker_per_gpu_or_per_cpus() -> None:
     assert plan_layout({"CPU": 32, "GPU": 4}, "auto", workers=2) == Layout(2, 8.0, 1.0)
     with pytest.raises(UserError, match="no GPU"):
         plan_layout({"CPU": 8}, "cuda")
+
+
+def test_predict_features_is_a_local_runs_head(env: dict, tmp_path: Path) -> None:
+    """Features embedded apart (a worker's pipeline) and labeled by the head ``run([])``
+    fitted: a local run's predictions, batch by batch; refused before any fit."""
+    from fewshot_studio.cli.label import support_classes
+    from fewshot_studio.cluster import hooks
+    from fewshot_studio.data.scan import scan_images
+    from fewshot_studio.engine.api import LabelSettings
+    from fewshot_studio.engine.session import LabelingSession
+
+    queries = list(scan_images(env["query"]))
+    settings = LabelSettings(unknown_rule="adaptive", adapt="head")
+    with LabelingSession(env["ckpt"], settings, cache_path=tmp_path / "c.sqlite") as s:
+        s.set_support(support_classes(env["support"]))
+        list(s.run(queries))
+        local = s.predictions()
+    with LabelingSession(env["ckpt"], settings, cache_path=tmp_path / "c.sqlite") as s:
+        s.set_support(support_classes(env["support"]))
+        with pytest.raises(RuntimeError, match="run"):
+            s.predict_features(queries[:1], [np.zeros(1, np.float32)])
+        hooks.fit_head(s)
+        errors = s.counters.errors
+        got = [p for i in range(0, len(queries), 5) for p in s.predict_features(
+            queries[i:i + 5], hooks.embed_paths(s, queries[i:i + 5]))]
+        assert s.counters.errors - errors == len(env["bad"])
+        assert s.predictions() == []  # the session's own queries are untouched
+    assert [(p.path, p.label, p.status, p.error) for p in got] == [
+        (p.path, p.label, p.status, p.error) for p in local]
+    assert [p.confidence for p in got] == pytest.approx([p.confidence for p in local],
+                                                        abs=1e-6)
 
 
 def test_block_rows_spread_small_runs_and_cap_the_block_count() -> None:

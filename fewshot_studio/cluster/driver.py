@@ -177,7 +177,7 @@ def label_stream(session: LabelingSession, blocks: PathBlocks, layout: Layout, *
     ray = import_ray()
     total = blocks.total
     yield Progress(0, total, "embedding examples")
-    predictor, shape = hooks.fit_head(session)
+    shape = hooks.fit_head(session)
     if not total:  # the folder emptied since it was counted
         return
     yield Progress(0, total, f"starting {layout}")
@@ -200,7 +200,7 @@ def label_stream(session: LabelingSession, blocks: PathBlocks, layout: Layout, *
     done = embedded = cached = 0
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2):
         batch_paths = [Path(str(p)) for p in batch[PATH]]
-        preds = hooks.predict_batch(session, predictor, batch_paths, _results(batch, shape))
+        preds = session.predict_features(batch_paths, _results(batch, shape))
         done += len(preds)
         embedded += int(batch[N_EMBEDDED].sum())
         cached += int(batch[N_CACHED].sum())

@@ -54,7 +54,6 @@ class EmbedWorker:
                  cache: str | None, feature_size: int) -> None:
         import ray
 
-        from fewshot_studio.cluster import hooks
         from fewshot_studio.engine.session import LabelingSession
 
         blob = ray.get(checkpoint[0])
@@ -62,7 +61,7 @@ class EmbedWorker:
                                        cache_path=Path(cache) if cache else None,
                                        backend=backend)
         if not cache:
-            hooks.cache_off(self.session)
+            self.session.disable_cache()
         self.session.prepare()
         self.d = feature_size
 
