@@ -239,24 +239,28 @@ def test_preprocess_from_dict_round_trips_and_validates() -> None:
         Preprocess.from_dict({"channels": True})
 
 
-def test_identity_probe_is_small_whatever_the_image_size() -> None:
-    """The session's identity check used to push 2 images of the checkpoint's size through
-    the model (image_size=12000: 73.7 GB); it probes one small image now."""
-    from fewshot_studio.engine.backends import IDENTITY_PROBE_SIZE, embed_is_identity
+@pytest.mark.filterwarnings("ignore:You are using the legacy:DeprecationWarning")
+def test_an_onnx_graph_backbone_round_trips_in_fp16(tmp_path: Path) -> None:
+    """An imported ONNX model travels as a uint8 tensor: a half-precision save leaves its
+    bytes exact (only floating-point weights are halved) and the loaded model computes what
+    the graph computes."""
+    from fewshot_studio.models.backbones.onnx_graph import OnnxGraph
 
-    seen: list[tuple[int, ...]] = []
-
-    class Probe(torch.nn.Module):
-        def __init__(self, identity: bool) -> None:
-            super().__init__()
-            self.identity = identity
-
-        def embed(self, x: torch.Tensor) -> torch.Tensor:
-            seen.append(tuple(x.shape))
-            return x if self.identity else x.mean(dim=(2, 3))
-
-    big = Preprocess(image_size=1024, channels=3)
-    assert embed_is_identity(Probe(True), big) and not embed_is_identity(Probe(False), big)
-    assert seen == [(1, 3, IDENTITY_PROBE_SIZE, IDENTITY_PROBE_SIZE)] * 2
-    conv4 = create_method("protonet", Conv4(1, 28, hidden=8, pool_layers=4))
-    assert not embed_is_identity(conv4, Preprocess(image_size=8, channels=1))  # too small
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.AdaptiveAvgPool2d(1),
+                              torch.nn.Flatten()).eval()
+    src = tmp_path / "net.onnx"
+    torch.onnx.export(net, (torch.randn(2, 1, 28, 28),), str(src), input_names=["x"],
+                      output_names=["y"], dynamic_axes={"x": {0: "n"}, "y": {0: "n"}},
+                      dynamo=False)
+    data = src.read_bytes()
+    backbone = OnnxGraph(1, 28, len(data), "x", "y", "NCHW", (4,))
+    backbone.set_graph(data)
+    model = create_method("protonet", backbone)
+    ckpt = Checkpoint(model=model_spec(model, "onnx", backbone.config()), preprocess=PRE,
+                      state_dict=model.state_dict(), name="graph")
+    back = load_checkpoint(save_checkpoint(tmp_path / "g.safetensors", ckpt,
+                                           dtype=torch.float16))
+    assert bytes(back.state_dict["backbone.graph"].numpy()) == data
+    x = torch.randn(3, 1, 28, 28)
+    torch.testing.assert_close(back.build().embed(x), net(x).detach(), atol=1e-5, rtol=1e-4)

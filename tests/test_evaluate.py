@@ -190,3 +190,14 @@ def test_eval_command_transductive_records_under_its_own_key(
     assert f"transductive x{TRANSDUCTIVE_ITERS})" in capsys.readouterr().out
     rec = read_metadata(ckpt)["evaluation"][f"glyphs transductive x{TRANSDUCTIVE_ITERS} 5w1s"]
     assert rec["transductive"] == TRANSDUCTIVE_ITERS and rec["episodes"] == 20
+
+
+def test_recorded_label_names_the_data_classes_and_protocol() -> None:
+    from fewshot_studio.training.records import eval_label, result_key
+
+    label = eval_label(None, ["/d/images_background.zip", "/d/images_evaluation.zip"],
+                       "splits/vinyals_test.txt", within_alphabet=True, tta=8, transductive=2)
+    assert label == ("images_background+images_evaluation [vinyals_test] within-alphabet "
+                     "TTA x8 transductive x2")
+    assert eval_label("omniglot-evaluation", ["x.zip"], None) == "omniglot-evaluation"
+    assert result_key(label, 20, 1).endswith(" transductive x2 20w1s")

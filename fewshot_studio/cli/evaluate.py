@@ -15,39 +15,10 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
 from fewshot_studio.cli import help_texts
-from fewshot_studio.progress import ProgressBar, run_with_bar
-
-if TYPE_CHECKING:
-    from fewshot_studio.training.evaluate import EvalResult
-
-
-def add_episode_args(p: argparse.ArgumentParser, classes_help: str, episodes: int) -> None:
-    """The arguments shared by the commands that run fixed episodes of a checkpoint on
-    class-folder data (``eval``, ``calibrate``)."""
-    p.add_argument("--checkpoint", required=True, help="a bundled name or a .safetensors file")
-    p.add_argument("--data", action="append", nargs="+", required=True, metavar="PATH",
-                   help="class-folder dataset: folder or .zip (repeatable)")
-    p.add_argument("--classes", metavar="FILE|SPLIT",
-                   help=f"{classes_help}: a file with one class per line or a split name "
-                        "(e.g. vinyals_test)")
-    p.add_argument("--splits-dir", help="folder of vinyals_*.txt (default: the shared data)")
-    p.add_argument("--way", type=int, default=5,
-                   help="classes per episode (default %(default)s)")
-    p.add_argument("--shot", type=int, default=1,
-                   help="examples per class in each episode (default %(default)s)")
-    p.add_argument("--query", type=int, default=None,
-                   help="queries per class (default: 15, or what the smallest class allows, "
-                        "e.g. 20 - K on Omniglot for K > 5)")
-    p.add_argument("--episodes", type=int, default=episodes,
-                   help="number of fixed episodes (default %(default)s)")
-    p.add_argument("--seed", type=int, default=0,
-                   help="seed of the episode sampler: the same seed, the same episodes "
-                        "(default %(default)s)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                   help="where the model runs (default %(default)s: CUDA when available)")
+from fewshot_studio.cli.episode_args import add_episode_args, data_paths, load_for_episodes
+from fewshot_studio.training.records import eval_label, record_result, result_key
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -85,68 +56,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "classes) whose calibrated top probability is below P: what `label`'s "
                         "threshold rule would mark unknown (its adaptive rule falls back to "
                         "it with one example a class); without a number: label's default")
+    p.add_argument("--adapt", choices=("none", "finetune"), default="none",
+                   help="none: the checkpoint as it is; finetune: fine-tune a copy of it on "
+                        "each episode's support set first (its last backbone blocks, the "
+                        "checkpoint's own augmentation; what `label --adapt finetune` does; "
+                        "seconds an episode on the CPU) (default %(default)s)")
     p.set_defaults(func=run)
-
-
-def result_key(label: str, way: int, shot: int) -> str:
-    return f"{label} {way}w{shot}s"
-
-
-def transductive_label(label: str, iters: int) -> str:
-    """The label ``eval --transductive ITERS --write-results`` records its results under."""
-    return f"{label} transductive x{iters}"
-
-
-def tta_label(label: str, views: int) -> str:
-    """The label ``eval --tta VIEWS --write-results`` records its results under (before any
-    transductive suffix)."""
-    return f"{label} TTA x{views}"
-
-
-def evaluate_with_bar(model: Any, images: Any, preprocess: Any, way: int, shot: int,
-                      query: int | None, episodes: int, seed: int, device: Any,
-                      label: str = "eval", transductive: int = 0, tta: int = 0,
-                      within_alphabet: bool = False, unknown_threshold: float | None = None,
-                      temperature: float = 1.0) -> EvalResult:
-    """:func:`~fewshot_studio.training.evaluate.evaluate_iter` behind a progress bar named
-    ``label``; returns its :class:`EvalResult`."""
-    from fewshot_studio.training.evaluate import EvalResult, evaluate_iter
-
-    return run_with_bar(
-        evaluate_iter(model, images, preprocess, way, shot, query, episodes, seed, device,
-                      transductive, tta, within_alphabet, unknown_threshold, temperature),
-        ProgressBar(label, unit="ep"), EvalResult)
-
-
-def within_alphabet_label(label: str) -> str:
-    """The label ``eval --within-alphabet --write-results`` records its results under."""
-    return f"{label} within-alphabet"
-
-
-def data_paths(args: argparse.Namespace) -> list[str]:
-    """The ``--data`` paths, flattened and with ``~`` expanded."""
-    return [str(Path(x).expanduser()) for group in args.data for x in group]
-
-
-def load_for_episodes(args: argparse.Namespace) -> tuple[Path, Any, Any, Any, Any]:
-    """From the :func:`add_episode_args` arguments: ``(checkpoint path, Checkpoint, model in
-    eval mode on the device, InMemoryImages, device)``; one-line UserErrors on bad input."""
-    from fewshot_studio.errors import UserError
-    from fewshot_studio.io.checkpoint import load_checkpoint
-    from fewshot_studio.paths import resolve_checkpoint
-    from fewshot_studio.training.distributed import resolve_device
-    from fewshot_studio.training.train_data import load_eval_images
-
-    path = resolve_checkpoint(args.checkpoint)
-    ckpt = load_checkpoint(path)
-    device = resolve_device(args.device)
-    images = load_eval_images(data_paths(args), ckpt.preprocess, args.classes, args.splits_dir,
-                              device)
-    try:
-        model = ckpt.build(device)
-    except (KeyError, RuntimeError, TypeError, ValueError) as e:
-        raise UserError(f"{path}: cannot build the model it describes ({e})") from None
-    return path, ckpt, model, images, device
 
 
 def run(args: argparse.Namespace) -> int:
@@ -178,12 +93,22 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--transductive: this {model.method_name} checkpoint has no "
                         "transductive refinement (ProtoNet, mean-aggregate Relation "
                         "Network and ANIL MAML checkpoints have)")
+    from fewshot_studio.models.finetune import FinetuneSettings, can_finetune
+    from fewshot_studio.training.evaluate import evaluate_with_bar
+
+    if args.adapt == "finetune" and not can_finetune(model):
+        raise UserError(f"--adapt finetune: this {model.method_name} checkpoint cannot be "
+                        "fine-tuned (ProtoNet and Relation Network checkpoints with a "
+                        "built-in backbone can)")
+
     result = evaluate_with_bar(model, images, ckpt.preprocess, args.way, args.shot, args.query,
                                args.episodes, args.seed, device,
                                transductive=args.transductive, tta=args.tta,
                                within_alphabet=args.within_alphabet,
                                unknown_threshold=args.unknown_threshold,
-                               temperature=ckpt.temperature)
+                               temperature=ckpt.temperature,
+                               finetune=FinetuneSettings() if args.adapt == "finetune"
+                               else None)
     if args.within_alphabet:
         skipped = sorted({n.partition("/")[0] for n in images.class_names}
                          - set(result.alphabets))
@@ -194,33 +119,13 @@ def run(args: argparse.Namespace) -> int:
     print(result)
     if args.write_results:
         data = data_paths(args)
-        label = args.label or "+".join(Path(d).stem for d in data)
-        if args.classes:
-            label += f" [{Path(args.classes).stem}]"
-        if args.within_alphabet:
-            label = within_alphabet_label(label)
-        if args.tta:
-            label = tta_label(label, args.tta)
-        if args.transductive:
-            label = transductive_label(label, args.transductive)
+        label = eval_label(args.label, data, args.classes, args.within_alphabet, args.tta,
+                           args.transductive)
+        if args.adapt == "finetune":
+            label += " finetune"
         record_result(path, result_key(label, args.way, args.shot), {
             **result.to_dict(), "data": [Path(d).name for d in data],
             "classes": args.classes, "device": str(device)})
         print(f"recorded as {result_key(label, args.way, args.shot)!r} in {path}",
               file=sys.stderr)
     return 0
-
-
-def record_result(path: Path, key: str, value: dict) -> None:
-    """Add ``key: value`` to the checkpoint's evaluation metadata, keeping its weights'
-    dtype (fp16 files stay fp16)."""
-    import torch
-    from safetensors import safe_open
-
-    from fewshot_studio.io.checkpoint import load_checkpoint, save_checkpoint
-
-    ckpt = load_checkpoint(path)
-    with safe_open(str(path), framework="pt") as f:
-        half = any(f.get_slice(k).get_dtype() == "F16" for k in f.keys())  # noqa: SIM118
-    ckpt.evaluation = {**ckpt.evaluation, key: value}
-    save_checkpoint(path, ckpt, dtype=torch.float16 if half else None)

@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import gc
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -28,7 +27,7 @@ from fewshot_studio.engine.api import (
 from fewshot_studio.engine.query_store import _QueryStore
 from fewshot_studio.errors import UserError
 from fewshot_studio.models import functional as Fn
-from fewshot_studio.models.base import FewShotClassifier, Predictor
+from fewshot_studio.models.base import FewShotClassifier, LinearLogits, Predictor
 
 _HEAD_CHUNK = 16384  # queries scored per predictor call (bounds the head's memory)
 # Soft k-means iterations of the transductive refinement (Ren et al. 2018 use one). Two
@@ -46,7 +45,7 @@ MAX_FOLDS = 5
 # The adaptive unknown rule keeps the labels it gives right this often on the held-out
 # support examples (benchmarks/open_set.py).
 UNKNOWN_PRECISION = 0.9
-# Suspicious support examples (:meth:`PredictionHead.suspicious_examples`): an example is
+# Suspicious support examples (:meth:`PredictionHead.suspicious`): an example is
 # flagged when the support without it gives another class at least this calibrated
 # probability. 0.6, not 0.5: an example between two look-alike classes (0.5 / 0.45) is
 # ambiguous rather than wrong, and every false flag costs the user a look.
@@ -180,318 +179,298 @@ def _torch_threads(n: int) -> Iterator[None]:
         torch.set_num_threads(old)
 
 
+ScoreFn = Callable[[Tensor], tuple[Tensor, Tensor | None]]
+
+
+@dataclass(frozen=True, eq=False)
+class Scorer:
+    """``(n, *feature_shape)`` query features -> ``((n, n_way)`` probabilities, ``(n,)``
+    largest calibrated logit or None)``. ``linear``: the declared one-matrix-product path
+    (:meth:`~fewshot_studio.models.base.FewShotClassifier.linear_logits`), cheap enough to
+    score every query in one call."""
+
+    score: ScoreFn
+    linear: bool
+
+    def __call__(self, q: Tensor) -> tuple[Tensor, Tensor | None]:
+        return self.score(q)
+
+    def probabilities(self, q: Tensor) -> Tensor:
+        """``(n, *feature_shape)`` -> ``(n, n_way)`` probabilities."""
+        return self.score(q)[0]
+
+
 class PredictionHead:
-    """Mixin of :class:`~fewshot_studio.engine.session.LabelingSession`: the head (support
-    tensors, predictor, scorer) and the predictions it gives. Uses the session's state."""
+    """The support-dependent half of a labeling session: support features -> predictor
+    (:meth:`fit`) -> probabilities (:meth:`scorer`) -> a Prediction per query
+    (:meth:`predict_range`). Owns the last fit (:attr:`adapted`, read by the unknown rule)
+    and the memo of :meth:`suspicious`; counts into ``counters``. ``temperature``: the
+    checkpoint's calibration (logits / T before the softmax)."""
 
-    model: Any
-    settings: LabelSettings
-    counters: EngineCounters
-    class_names: list[str]
-    _identity_embed: bool
-    _support: dict[str, list[Path]]
-    _support_feats: dict[Path, np.ndarray | str]
-    _corrections: dict[Path, str]
-    _corrected_feats: dict[Path, np.ndarray]
-    _store: _QueryStore
-    _preds: list[Prediction | None]
-    _support_dirty: bool
-    temperature: float = 1.0  # logits / T before the softmax (calibration); set per checkpoint
-    _adapted: Adapted | None = None  # the last fit of the support set (_predictor)
-    # (support key, result) of the last suspicious_examples call
-    _suspicious_memo: tuple[tuple[Any, ...], dict[Path, str]] | None = None
+    def __init__(self, model: FewShotClassifier, temperature: float,
+                 counters: EngineCounters) -> None:
+        self.model = model
+        self.temperature = float(temperature)
+        self.counters = counters
+        self.adapted: Adapted | None = None
+        # (support key, result) of the last suspicious() call
+        self._suspicious_memo: tuple[tuple[object, ...], dict[Path, str]] | None = None
 
-    def _support_tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The support set's ``(n_s, *feature_shape)`` features and ``(n_s,)`` labels."""
-        x, y, _ = self._support_rows()
-        return x, y
+    @property
+    def kind(self) -> str:
+        """What labels the queries: "prototypes" or "head" (the many-shot head); "" before
+        the first fit."""
+        return self.adapted.kind if self.adapted is not None else ""
 
-    def _support_rows(self) -> tuple[torch.Tensor, torch.Tensor, list[Path]]:
-        """:meth:`_support_tensors` and each row's path; the class examples (in class
-        order) come first, then the corrected images that join them."""
-        feats: list[np.ndarray] = []
-        labels: list[int] = []
-        paths: list[Path] = []
-        for c, name in enumerate(self.class_names):
-            for p in self._support[name]:
-                f = self._support_feats.get(p)
-                if isinstance(f, np.ndarray):
-                    feats.append(f)
-                    labels.append(c)
-                    paths.append(p)
-        if self.settings.corrections_join_support:
-            cls = {n: i for i, n in enumerate(self.class_names)}
-            for p, label in sorted(self._corrections.items()):
-                if label not in cls or p in self._support[label]:
-                    continue
-                f = self._corrected_feats.get(p)
-                if f is None and p in self._store.index:
-                    f = self._store.feature(self._store.index[p])
-                    if f is not None:
-                        self._corrected_feats[p] = f
-                if f is not None:
-                    feats.append(f)
-                    labels.append(cls[label])
-                    paths.append(p)
-        x = torch.from_numpy(np.stack(feats).astype(np.float32, copy=False))
-        return x, torch.tensor(labels, dtype=torch.long), paths
+    def _count(self, name: str) -> None:
+        self.counters.extra[name] = self.counters.extra.get(name, 0) + 1
 
-    def _predictor(self, refine_on: np.ndarray | None = None) -> Callable[[torch.Tensor],
-                                                                           torch.Tensor]:
-        """Fit the support set (:func:`adapt_to_support`; kept in ``self._adapted`` for the
-        unknown rule) and return its predictor, refined over the queries ``refine_on`` when
-        transductive (prototypes only; with transductive refinement ``auto`` keeps them)."""
-        if self.settings.adapt not in ADAPT_MODES:
+    def _threads(self) -> contextlib.AbstractContextManager[None]:
+        """The head runs single-threaded: its tensors are small, and torch's intra-op
+        threads cost milliseconds per call on a busy 2-core machine. Full MAML (whose head is
+        the whole network: it declares ``embed_is_identity``) keeps torch's threads."""
+        return contextlib.nullcontext() if self.model.embed_is_identity else _torch_threads(1)
+
+    def fit(self, x: Tensor, y: Tensor, n_way: int, settings: LabelSettings,
+            refine_on: Callable[[], Tensor | None] | None = None) -> Predictor:
+        """Fit ``(n_s, *feature_shape)`` support features ``x`` with labels ``y`` ``(n_s,)``
+        (:func:`adapt_to_support`; kept in :attr:`adapted` for the unknown rule) and return
+        the predictor, refined over the ``(n_q, *feature_shape)`` query features
+        ``refine_on()`` (None: no queries) when given (transductive: for methods that declare
+        ``supports_refinement``, prototypes only; with it ``auto`` keeps them)."""
+        if settings.adapt not in ADAPT_MODES:
             raise UserError(f"adapt must be one of {', '.join(ADAPT_MODES)}, not "
-                            f"{self.settings.adapt!r}")
-        if self.settings.unknown_rule not in UNKNOWN_RULES:
+                            f"{settings.adapt!r}")
+        if settings.unknown_rule not in UNKNOWN_RULES:
             raise UserError(f"unknown_rule must be one of {', '.join(UNKNOWN_RULES)}, not "
-                            f"{self.settings.unknown_rule!r}")
-        x, y = self._support_tensors()
-        adapt = self.settings.adapt
-        if adapt == "auto" and self.settings.transductive:
+                            f"{settings.unknown_rule!r}")
+        adapt = settings.adapt
+        if adapt == "finetune":
+            adapt = "none"  # the prototypes of the fine-tuned model's features
+        if adapt == "auto" and settings.transductive:
             adapt = "none"  # transductive refinement is of prototypes
-        with torch.enable_grad(), self._head_threads():  # MAML adapts with gradients
-            self._adapted = adapt_to_support(
-                self.model, x, y, len(self.class_names), adapt, self.temperature,
-                held_out_needed=self.settings.unknown_rule == "adaptive")
-        predictor = self._adapted.predictor
-        self.counters.extra[f"fit_{self._adapted.kind}"] = (
-            self.counters.extra.get(f"fit_{self._adapted.kind}", 0) + 1)
-        if (refine_on is not None and len(refine_on) and self.model.supports_refinement
-                and self._adapted.kind == "prototypes"):
-            with torch.no_grad(), self._head_threads():
-                q = self._store.rows(refine_on)
-                predictor = predictor.refine(q, n_iters=TRANSDUCTIVE_ITERS)
-            self.counters.extra["transductive"] = self.counters.extra.get("transductive", 0) + 1
+        with torch.enable_grad(), self._threads():  # MAML adapts with gradients
+            self.adapted = adapt_to_support(
+                self.model, x, y, n_way, adapt, self.temperature,
+                held_out_needed=settings.unknown_rule == "adaptive")
+        predictor = self.adapted.predictor
+        self._count(f"fit_{self.adapted.kind}")
+        if (refine_on is not None and self.model.supports_refinement
+                and self.adapted.kind == "prototypes"):
+            with torch.no_grad(), self._threads():
+                q = refine_on()
+                if q is not None:
+                    predictor = predictor.refine(q, n_iters=TRANSDUCTIVE_ITERS)  # type: ignore[attr-defined]
+                    self._count("transductive")
         return predictor
 
-    def suspicious_examples(self, min_prob: float = SUSPICIOUS_MIN_PROB) -> dict[Path, str]:
-        """Class examples that look like another class: example path -> that class's name.
+    def suspicious(self, x: Tensor, y: Tensor, paths: Sequence[Path], n_examples: int,
+                   names: Sequence[str], min_prob: float = SUSPICIOUS_MIN_PROB
+                   ) -> dict[Path, str]:
+        """Support rows that look like another class: path -> that class's name.
 
-        Each example (of a class with at least two; corrected images that join the support
-        count, but are never flagged themselves) is predicted by ``model.fit`` on the support
-        without it (:func:`leave_one_out_logits`; temperature-scaled probabilities); it is
-        flagged when the top class is not its own, with probability >= ``min_prob``. Uses
-        the cached support features only (call it after :meth:`run` / :meth:`relabel`;
-        examples not embedded yet are left out); remembered until the support changes."""
-        if len(self.class_names) < 2 or not any(
-                isinstance(self._support_feats.get(p), np.ndarray)
-                for ps in self._support.values() for p in ps):
-            return {}
-        x, y, paths = self._support_rows()
+        ``x (n_s, *feature_shape)``, ``y (n_s,)``, ``paths``: the support rows, the first
+        ``n_examples`` of them class examples (the rest, corrected images, count but are never
+        flagged). Each example (of a class with at least two) is predicted by ``model.fit``
+        on the support without it (:func:`leave_one_out_logits`; temperature-scaled
+        probabilities); it is flagged when the top class is not its own, with probability
+        >= ``min_prob``. Remembered until the rows change."""
         key = (tuple(paths), tuple(y.tolist()), hash(x.numpy().tobytes()),
-               float(self.temperature), float(min_prob))
+               self.temperature, float(min_prob))
         memo = self._suspicious_memo
         if memo is not None and memo[0] == key:
             return dict(memo[1])
-        n_examples = sum(isinstance(self._support_feats.get(p), np.ndarray)
-                         for ps in self._support.values() for p in ps)
-        candidates = torch.arange(len(paths)) < n_examples  # the class examples come first
-        with torch.enable_grad(), self._head_threads():  # MAML adapts with gradients
-            index, logits = leave_one_out_logits(self.model, x, y, len(self.class_names),
-                                                 candidates)
+        candidates = torch.arange(len(paths)) < n_examples
+        with torch.enable_grad(), self._threads():  # MAML adapts with gradients
+            index, logits = leave_one_out_logits(self.model, x, y, len(names), candidates)
         out: dict[Path, str] = {}
         if index.numel():
             with torch.no_grad():
-                top_p, top_i = self._probabilities(logits).max(-1)
+                top_p, top_i = self.probabilities(logits).max(-1)
             for i, p, c in zip(index.tolist(), top_p.tolist(), top_i.tolist(), strict=True):
                 if c != int(y[i]) and p >= min_prob:
-                    out[paths[i]] = self.class_names[c]
+                    out[paths[i]] = names[c]
         self._suspicious_memo = (key, out)
-        self.counters.extra["suspicious_checks"] = (
-            self.counters.extra.get("suspicious_checks", 0) + 1)
+        self._count("suspicious_checks")
         return dict(out)
 
-    @property
-    def head_kind(self) -> str:
-        """What labels the queries: "prototypes" or "head" (the many-shot head); "" before
-        the first fit."""
-        return self._adapted.kind if self._adapted is not None else ""
+    def probabilities(self, logits: Tensor) -> Tensor:
+        """``(n, n_way)`` logits -> the model's probabilities of ``logits / temperature``."""
+        return self.model.probabilities(logits, self.temperature)
 
-    def _head_threads(self) -> contextlib.AbstractContextManager[None]:
-        """The head runs single-threaded: its tensors are small, and torch's intra-op
-        threads cost milliseconds per call on a busy 2-core machine. Full MAML (whose head is
-        the whole network) keeps torch's threads."""
-        return contextlib.nullcontext() if self._identity_embed else _torch_threads(1)
-
-    def _probabilities(self, logits: torch.Tensor) -> torch.Tensor:
-        """``(n, n_way)`` logits -> probabilities of ``logits / temperature``."""
-        t = float(self.temperature)
-        if t != 1.0:
-            logits = logits / t
-        fn = getattr(self.model, "probabilities", None)
-        if callable(fn):
-            return fn(logits)
-        return torch.softmax(logits.float(), dim=-1)
-
-    def scorer(self, predictor: Callable[[torch.Tensor], torch.Tensor]
-               ) -> Callable[[torch.Tensor], torch.Tensor]:
-        """``(n, *feature_shape)`` features -> ``(n, n_way)`` probabilities (see
-        :meth:`_scorer`)."""
-        score = self._scorer(predictor)
-
-        def probabilities(q: torch.Tensor) -> torch.Tensor:
-            return score(q)[0]
-
-        probabilities.__name__ = score.__name__  # "fast" | "generic"
-        return probabilities
-
-    def _scorer(self, predictor: Callable[[torch.Tensor], torch.Tensor],
-                also: Callable[[torch.Tensor], torch.Tensor] | None = None, top: bool = True
-                ) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]]:
+    def scorer(self, predictor: Predictor, also: Predictor | None = None,
+               top: bool = True) -> Scorer:
         """``(n, *feature_shape)`` features -> ``((n, n_way)`` probabilities, ``(n,)`` largest
         calibrated logit ``max(logits) / temperature``, of ``also`` when given (the
         prototypes, when the many-shot head labels: see :attr:`Adapted.heldout_typical`);
         None when not ``top`` (only the adaptive unknown rule reads it)).
 
-        A Euclidean ProtoNet predictor takes a fast path: ``-s * ||q - p||^2`` is
-        ``s * (2 q.p - ||p||^2) - s ||q||^2`` (one matrix product; the per-row ``||q||^2``
-        leaves the softmax alone and only shifts the largest logit). Anything else: softmax of
-        ``predictor(q)`` (or the model's own ``probabilities(logits)`` when it has one). Both
-        divide the logits by the checkpoint's calibration ``temperature`` (the fast path folds
-        ``1/T`` into ``s``)."""
-        protos = getattr(predictor, "prototypes", None)
-        owner = getattr(predictor, "model", None)
-        if (isinstance(protos, torch.Tensor) and owner is self.model and also is None
-                and getattr(owner, "distance", None) == "euclidean"
-                and not callable(getattr(self.model, "probabilities", None))):
-            scale = float(getattr(owner, "scale", 1.0)) / float(self.temperature)
-            p = protos.detach().reshape(protos.shape[0], -1).float()
-            p2, psq = 2.0 * scale * p, (scale * p.pow(2).sum(-1)).unsqueeze(-1)
+        Predictors whose method declares :meth:`~fewshot_studio.models.base.
+        FewShotClassifier.linear_logits` (Euclidean ProtoNet's) are scored in one matrix
+        product (:meth:`_linear_score`). Anything else: the model's probabilities of
+        ``predictor(q)``. Both divide the logits by the checkpoint's ``temperature``."""
+        typical = also if also is not None and top else None
+        form = self.model.linear_logits(predictor)
+        typical_form = self.model.linear_logits(typical) if typical is not None else None
+        if form is not None and (typical is None or typical_form is not None):
+            return Scorer(self._linear_score(form, typical_form, top), linear=True)
+        t = self.temperature
+        typical_scorer = self.scorer(typical) if typical is not None else None
 
-            def fast(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-                # (n_way, d) @ (d, n): ~2x faster than (n, d) @ (d, n_way) for a few classes
-                flat = q.reshape(q.shape[0], -1)
-                logits = (p2 @ flat.t() - psq).t()
-                largest = (logits.max(-1).values
-                           - scale * torch.linalg.vector_norm(flat, dim=-1).square()
-                           if top else None)
-                return torch.softmax(logits, dim=-1), largest
-
-            return fast
-
-        t = float(self.temperature)
-
-        typical = self._scorer(also) if also is not None and top else None
-
-        def generic(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        def generic(q: Tensor) -> tuple[Tensor, Tensor | None]:
             logits = predictor(q)
-            if typical is not None:  # the prototypes' (fast) scorer
-                return self._probabilities(logits), typical(q)[1]
+            if typical_scorer is not None:
+                return self.probabilities(logits), typical_scorer(q)[1]
             largest = logits.float().max(-1).values / t if top else None
-            return self._probabilities(logits), largest
+            return self.probabilities(logits), largest
 
-        return generic
+        return Scorer(generic, linear=False)
 
-    def _predict_range(self, predictor: Callable[[torch.Tensor], torch.Tensor] | None,
-                       start: int, stop: int) -> None:
-        """Recompute ``self._preds`` for the processed queries in ``[start, stop)``.
+    def _linear_score(self, form: LinearLogits, typical: LinearLogits | None,
+                      top: bool) -> ScoreFn:
+        """The one-matrix-product scorer of ``form``: ``1 / temperature`` folded into its
+        scale, the per-query ``|q|^2`` term left out of the probabilities (the softmax
+        ignores it) and added back to the largest logit, read off ``typical`` when given
+        (scored in the same product) else off ``form``."""
+        forms = [form] if typical is None else [form, typical]
+        scales = [f.scale / self.temperature for f in forms]
+        w = torch.cat([sc * f.weight for sc, f in zip(scales, forms, strict=True)])
+        b = torch.cat([sc * f.bias for sc, f in zip(scales, forms, strict=True)]).unsqueeze(-1)
+        n_way = form.weight.shape[0]
+        norm_scale = scales[-1] * forms[-1].norm_coef
+
+        def linear(q: Tensor) -> tuple[Tensor, Tensor | None]:
+            # (n_way, d) @ (d, n): ~2x faster than (n, d) @ (d, n_way) for a few classes
+            flat = q.reshape(q.shape[0], -1)
+            logits = (w @ flat.t() + b).t()  # (n, n_way) or (n, 2 n_way) with typical
+            largest = None
+            if top:
+                largest = (logits[:, -forms[-1].weight.shape[0]:].max(-1).values
+                           - norm_scale * torch.linalg.vector_norm(flat, dim=-1).square())
+            return self.model.probabilities(logits[:, :n_way]), largest
+
+        return linear
+
+    def _chunk(self, scorer: Scorer, feature_shape: tuple[int, ...], n_way: int) -> int:
+        """Queries per head call: all of them for the linear path (a view and one matrix
+        product); else ~64 MB of features x classes (relation pairs); 64 images for full
+        MAML, whose head is the whole network (its predictor normalises queries with
+        support-set statistics, so the chunking does not change any prediction)."""
+        if scorer.linear:
+            return _HEAD_CHUNK
+        if self.model.embed_is_identity:
+            return 64
+        d = max(1, int(np.prod(feature_shape or (1,))))
+        return int(max(32, min(_HEAD_CHUNK, (64 << 20) // (4 * d * max(1, n_way)))))
+
+    def _rule(self, settings: LabelSettings) -> tuple[Adapted | None, float, float]:
+        """The unknown rule: ``(adapted, min_prob, miss_rate)``; ``adapted`` None for the fixed
+        threshold (``unknown_rule="threshold"``, or no held-out support examples)."""
+        adapted = self.adapted
+        if adapted is not None and adapted.has_heldout and settings.unknown_rule == "adaptive":
+            return adapted, adapted.min_prob(), float(settings.miss_rate)
+        return None, float(settings.unknown_threshold), 0.0
+
+    def predict_range(self, store: _QueryStore, preds: list[Prediction | None],
+                      predictor: Predictor | None, start: int, stop: int,
+                      names: Sequence[str], corrections: Mapping[Path, str],
+                      settings: LabelSettings) -> None:
+        """Recompute ``preds[start:stop]`` for the processed queries of ``store``.
+        ``predictor=None``: reuse the stored top-k and typicality (a new threshold or miss
+        rate needs no head). ``corrections``: the user's labels (path -> class name).
+        Unknown (:func:`is_unknown`): with ``unknown_rule="adaptive"`` and held-out support
+        examples, a top probability below :meth:`Adapted.min_prob` or a typicality p-value
+        <= ``miss_rate``; else a top probability below ``unknown_threshold``.
         The cyclic GC is paused meanwhile: tens of thousands of new acyclic objects would
         otherwise trigger full collections over everything alive (tens of ms)."""
         was_enabled = gc.isenabled()
         gc.disable()
         try:
-            self._predict_range_unpaused(predictor, start, stop)
+            rule = self._rule(settings)
+            index = store.index
+            corr = {index[p]: lab for p, lab in corrections.items() if p in index}
+            k = min(3, len(names))
+            scorer = None
+            if predictor is not None:
+                adapted = rule[0]
+                also = (adapted.prototypes if adapted is not None and adapted.kind == "head"
+                        else None)
+                scorer = self.scorer(predictor, also, top=adapted is not None)
+            chunk = (self._chunk(scorer, store.feature_shape, len(names))
+                     if scorer is not None else _HEAD_CHUNK)
+            if store.top_p is None or store.top_p.shape[1] != k:
+                store.top_p = np.zeros((store.n, k), np.float32)
+                store.top_i = np.zeros((store.n, k), np.int64)
+                store.typical = np.ones(store.n, np.float32)
+            names_arr = np.array(names, dtype=object)
+            for c0 in range(start, stop, chunk):
+                c1 = min(stop, c0 + chunk)
+                tops, unknown = self._score_chunk(store, scorer, rule, k, names_arr, c0, c1)
+                _fill(store, preds, c0, c1, tops, unknown, corr, k)
         finally:
             if was_enabled:
                 gc.enable()
 
-    def _head_chunk(self, score: Callable[[torch.Tensor], Any]) -> int:
-        """Queries per head call: all of them for the ProtoNet fast path (a view and one
-        matrix product); else ~64 MB of features x classes (relation pairs); 64 images for
-        full MAML, whose head is the whole network (its predictor normalises queries with
-        support-set statistics, so the chunking does not change any prediction)."""
-        if getattr(score, "__name__", "") == "fast":
-            return _HEAD_CHUNK
-        if self._identity_embed:
-            return 64
-        d = max(1, int(np.prod(self._store.feature_shape or (1,))))
-        return int(max(32, min(_HEAD_CHUNK, (64 << 20) // (4 * d * max(1, len(self.class_names))))))
+    def _score_chunk(self, store: _QueryStore, scorer: Scorer | None,
+                     rule: tuple[Adapted | None, float, float], k: int,
+                     names_arr: np.ndarray, c0: int, c1: int
+                     ) -> tuple[list[tuple[tuple[str, float], ...]], list[bool]]:
+        """Rows ``[c0, c1)``: score them (``scorer`` None: keep the stored top-k) and return
+        each row's top-k ``(name, probability)`` pairs and unknown flag (empty lists when no
+        row is valid)."""
+        if not store.valid[c0:c1].any():
+            return [], []
+        assert store.top_p is not None and store.top_i is not None
+        assert store.typical is not None
+        adapted, min_prob, miss_rate = rule
+        if scorer is not None:
+            with torch.no_grad(), self._threads():
+                probs, top = scorer(store.block(c0, c1))
+                top_p, top_i = probs.topk(k, dim=1)
+                if adapted is not None and top is not None:
+                    store.typical[c0:c1] = adapted.typicality(top).numpy()
+            store.top_p[c0:c1], store.top_i[c0:c1] = top_p.numpy(), top_i.numpy()
+        unknown = is_unknown(store.top_p[c0:c1, 0], store.typical[c0:c1], min_prob,
+                             miss_rate).tolist()
+        # numpy's tolist is faster than torch's; top-k pairs built by zip, column by column
+        top_i, top_p = store.top_i[c0:c1], store.top_p[c0:c1]
+        tops = list(zip(*[zip(names_arr[top_i[:, r]].tolist(), top_p[:, r].tolist(),
+                              strict=True) for r in range(k)], strict=True))
+        return tops, unknown
 
-    def _predict_range_unpaused(self, predictor: Callable[[torch.Tensor], torch.Tensor] | None,
-                                start: int, stop: int) -> None:
-        """``predictor=None``: reuse the stored top-k and typicality (a new threshold or
-        miss rate needs no head). Unknown (:func:`is_unknown`): with
-        ``unknown_rule="adaptive"`` and held-out support examples, a top probability below
-        :meth:`Adapted.min_prob` or a typicality p-value <= ``miss_rate``; else a top
-        probability below ``unknown_threshold``."""
-        st = self._store
-        names = self.class_names
-        adapted = self._adapted
-        if (adapted is not None and adapted.has_heldout
-                and self.settings.unknown_rule == "adaptive"):
-            min_prob, miss_rate = adapted.min_prob(), float(self.settings.miss_rate)
+
+def _fill(store: _QueryStore, preds: list[Prediction | None], c0: int, c1: int,
+          tops: list[tuple[tuple[str, float], ...]], unknown: list[bool],
+          corr: dict[int, str], k: int) -> None:
+    """Write the Predictions of the processed rows ``[c0, c1)``: corrected (the user's
+    label), error, unknown or ok."""
+    ok_, unknown_, error_ = Status.OK, Status.UNKNOWN, Status.ERROR
+    if k > 1 and not corr and store.valid[c0:c1].all():  # the common case, in one go
+        preds[c0:c1] = [
+            Prediction(path, None, t[0][1], t[0][1] - t[1][1], unknown_, t) if u else
+            Prediction(path, t[0][0], t[0][1], t[0][1] - t[1][1], ok_, t)
+            for path, t, u in zip(store.paths[c0:c1], tops, unknown, strict=True)]
+        return
+    done = store.done[c0:c1].tolist()
+    valid = store.valid[c0:c1].tolist()
+    for j, (path, is_done, is_valid) in enumerate(zip(store.paths[c0:c1], done, valid,
+                                                      strict=True)):
+        if not is_done:
+            continue
+        i = c0 + j
+        label = corr.get(i) if corr else None
+        if not is_valid:
+            reason = store.errors.get(i, "not processed")
+            preds[i] = (Prediction(path, label, 1.0, 1.0, ok_, (), reason, True)
+                        if label is not None else
+                        Prediction(path, None, 0.0, 0.0, error_, (), reason))
+            continue
+        top = tops[j]
+        p0 = top[0][1]
+        margin = p0 - top[1][1] if k > 1 else p0
+        if label is not None:
+            preds[i] = Prediction(path, label, 1.0, 1.0, ok_, top, "", True)
+        elif unknown[j]:
+            preds[i] = Prediction(path, None, p0, margin, unknown_, top)
         else:
-            adapted = None  # the fixed threshold
-            min_prob, miss_rate = float(self.settings.unknown_threshold), 0.0
-        index = st.index
-        corr = {index[p]: lab for p, lab in self._corrections.items() if p in index}
-        preds = self._preds
-        paths = st.paths
-        k = min(3, len(names))
-        also = adapted.prototypes if adapted is not None and adapted.kind == "head" else None
-        score = (self._scorer(predictor, also, top=adapted is not None)
-                 if predictor is not None else None)
-        names_arr = np.array(names, dtype=object)
-        chunk = self._head_chunk(score) if score is not None else _HEAD_CHUNK
-        if st.top_p is None or st.top_p.shape[1] != k:
-            st.top_p = np.zeros((st.n, k), np.float32)
-            st.top_i = np.zeros((st.n, k), np.int64)
-            st.typical = np.ones(st.n, np.float32)
-        assert st.top_i is not None and st.typical is not None
-        ok_, unknown_, error_ = Status.OK, Status.UNKNOWN, Status.ERROR
-        for c0 in range(start, stop, chunk):
-            c1 = min(stop, c0 + chunk)
-            valid = st.valid[c0:c1].tolist()
-            done = st.done[c0:c1].tolist()
-            tops: list[tuple[tuple[str, float], ...]] = []
-            unknown: list[bool] = []
-            if any(valid):
-                if score is not None:
-                    with torch.no_grad(), self._head_threads():
-                        probs, top = score(st.block(c0, c1))
-                        top_p, top_i = probs.topk(k, dim=1)
-                        if adapted is not None and top is not None:
-                            st.typical[c0:c1] = adapted.typicality(top).numpy()
-                    st.top_p[c0:c1], st.top_i[c0:c1] = top_p.numpy(), top_i.numpy()
-                unknown = is_unknown(st.top_p[c0:c1, 0], st.typical[c0:c1], min_prob,
-                                     miss_rate).tolist()
-                # numpy's tolist is faster than torch's; top-k pairs built by zip
-                tops = list(map(tuple, map(zip, names_arr[st.top_i[c0:c1]].tolist(),
-                                           st.top_p[c0:c1].tolist())))
-            for j, (path, is_done, is_valid) in enumerate(zip(paths[c0:c1], done, valid,
-                                                              strict=True)):
-                if not is_done:
-                    continue
-                i = c0 + j
-                label = corr.get(i) if corr else None
-                if not is_valid:
-                    reason = st.errors.get(i, "not processed")
-                    preds[i] = (Prediction(path, label, 1.0, 1.0, ok_, (), reason, True)
-                                if label is not None else
-                                Prediction(path, None, 0.0, 0.0, error_, (), reason))
-                    continue
-                top = tops[j]
-                p0 = top[0][1]
-                margin = p0 - top[1][1] if k > 1 else p0
-                if label is not None:
-                    preds[i] = Prediction(path, label, 1.0, 1.0, ok_, top, "", True)
-                elif unknown[j]:
-                    preds[i] = Prediction(path, None, p0, margin, unknown_, top)
-                else:
-                    preds[i] = Prediction(path, top[0][0], p0, margin, ok_, top)
-
-    def _relabel_all(self) -> list[Prediction]:
-        """Recompute every processed query's prediction from cached features."""
-        st = self._store
-        if st.done.any():
-            refine = np.flatnonzero(st.valid) if self.settings.transductive else None
-            self._predict_range(self._predictor(refine), 0, st.n)
-        self._support_dirty = False
-        self.counters.relabels += 1
-        return self.predictions()
-
-    def predictions(self) -> list[Prediction]:
-        """Every processed query's prediction, sorted by path."""
-        return [p for p in self._preds if p is not None]
+            preds[i] = Prediction(path, top[0][0], p0, margin, ok_, top)

@@ -8,6 +8,11 @@ parameter and buffer shape is compared with the tensors the file really holds (r
 header, not loaded); only then are the weights loaded (and refused if any is NaN or Inf) and
 the model built for real. So a 6 KB file claiming ``hidden=4096`` fails in milliseconds.
 
+A backbone that is an imported ONNX model (``fewshot-studio import-backbone``,
+:mod:`fewshot_studio.models.backbones.onnx_graph`) is stored the same way: the serialised
+graph is one ``uint8`` tensor (``backbone.graph``) whose length the backbone's config states,
+so the shape check above refuses a cut graph, and ``dtype=float16`` leaves it untouched.
+
 Calibration: ``fewshot-studio calibrate`` (:mod:`fewshot_studio.training.calibrate`) stores a
 fitted softmax temperature under ``evaluation[CALIBRATION_KEY]`` (``{"temperature": T,
 "data": ..., "way": ..., ...}``); :attr:`Checkpoint.temperature` reads it (1.0 for old

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -23,8 +23,9 @@ from fewshot_studio.data.sampler import Episode, EpisodeSampler
 from fewshot_studio.data.splits import alphabet_of, drawer_of
 from fewshot_studio.data.tta import embed_tta, tta_kind
 from fewshot_studio.errors import UserError
+from fewshot_studio.models import finetune as ft
 from fewshot_studio.models.base import FewShotClassifier
-from fewshot_studio.progress import Progress
+from fewshot_studio.progress import Progress, ProgressBar, run_with_bar
 
 # Embed every image the episodes use up front when the features fit in this many bytes;
 # otherwise embed per episode.
@@ -55,9 +56,12 @@ class EvalResult:
     # (what `label` would mark unknown; None: not measured)
     unknown_threshold: float | None = None
     unknown: float | None = None
+    # test-time fine-tuning on each episode's support set (models/finetune.py): its settings
+    finetune: dict[str, Any] | None = None
 
     def __str__(self) -> str:
         how = f", transductive x{self.transductive}" if self.transductive else ""
+        how += ", fine-tuned on each support set" if self.finetune is not None else ""
         how += f", TTA x{self.tta}" if self.tta else ""
         if self.alphabets:
             how += (f", within one alphabet ({len(self.alphabets)} alphabets)"
@@ -68,6 +72,13 @@ class EvalResult:
             text += (f"\nunknown at threshold {self.unknown_threshold:g}: "
                      f"{100 * self.unknown:.2f}% of the queries")
         return text
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> EvalResult:
+        """The summary :meth:`to_dict` stored: accuracy, CI, episodes and the protocol's way,
+        shot, query and seed (no per-episode accuracies, no within-alphabet details)."""
+        return cls(d["accuracy"], d["ci95"], d["episodes"], [], d["way"], d["shot"],
+                   d["query"], d["seed"])
 
     def to_dict(self) -> dict[str, Any]:
         """The summary stored in a checkpoint's evaluation metadata (no per-episode list)."""
@@ -84,6 +95,9 @@ class EvalResult:
         if self.unknown is not None:
             out["unknown_threshold"] = self.unknown_threshold
             out["unknown"] = self.unknown
+        if self.finetune is not None:
+            out["adapt"] = "finetune"
+            out["finetune"] = self.finetune
         return out
 
 
@@ -99,11 +113,6 @@ def default_query(shot: int, min_images_per_class: int, cap: int = 15) -> int:
     """Queries per class for evaluation: ``cap`` (15), or what the smallest class has left
     after the shots (Omniglot's 20 drawings: 15 for K <= 5, ``20 - K`` beyond)."""
     return max(1, min(cap, min_images_per_class - shot))
-
-
-def fit_needs_grad(model: FewShotClassifier) -> bool:
-    """Whether ``fit()`` differentiates (MAML's inner loop), as the method declares."""
-    return model.fit_needs_grad
 
 
 def _normalize(x_uint8: Tensor, pre: Preprocess) -> Tensor:
@@ -161,11 +170,8 @@ def episode_accuracy(model: FewShotClassifier, support_feats: Tensor, support_la
 def top_probability(model: FewShotClassifier, logits: Tensor, temperature: float = 1.0
                     ) -> Tensor:
     """``(n, n_way)`` logits -> ``(n,)`` top-1 probability as the labeling engine computes it:
-    the model's ``probabilities`` (or a softmax) of ``logits / temperature``."""
-    z = logits / temperature if temperature != 1.0 else logits
-    fn = getattr(model, "probabilities", None)
-    probs = fn(z) if callable(fn) else torch.softmax(z.float(), dim=-1)
-    return probs.max(-1).values
+    the model's declared ``probabilities`` of ``logits / temperature``."""
+    return model.probabilities(logits, temperature).max(-1).values
 
 
 def within_alphabet_args(images: Any) -> dict[str, Any]:
@@ -240,13 +246,37 @@ def episode_features(model: FewShotClassifier, images: Any, eps: list[Episode],
         yield ep, feats[: ep.support.numel()], feats[ep.support.numel():]
 
 
+def finetuned_episode_features(model: FewShotClassifier, images: Any, eps: list[Episode],
+                               preprocess: Preprocess, device: torch.device, tta: int,
+                               settings: ft.FinetuneSettings
+                               ) -> Iterator[tuple[Episode, Tensor, Tensor]]:
+    """Like :func:`episode_features`, each episode embedded by a copy of ``model``
+    fine-tuned on its support images (:func:`~fewshot_studio.models.finetune.finetune`,
+    the checkpoint's own augmentation); ``model`` itself is never changed."""
+    data: Tensor = images.images
+    augment = ft.augment_for(preprocess, settings.strength)
+    for ep in eps:
+        support = data[ep.support.to(data.device)]
+        adapted: FewShotClassifier | None = None
+        for p in ft.finetune(model, _normalize(support.to(device), preprocess),
+                             ep.support_labels.to(device), augment, settings,
+                             n_way=int(ep.support_labels.max()) + 1):
+            adapted = p.payload if p.payload is not None else adapted
+        assert adapted is not None
+        yield (ep, embed_images(adapted, support, preprocess, device, tta),
+               embed_images(adapted, data[ep.query.to(data.device)], preprocess, device, tta))
+
+
 def evaluate_iter(model: FewShotClassifier, images: Any, preprocess: Preprocess, way: int,
                   shot: int, query: int | None, episodes: int, seed: int = 0,
                   device: str | torch.device = "cpu", transductive: int = 0, tta: int = 0,
                   within_alphabet: bool = False, unknown_threshold: float | None = None,
-                  temperature: float = 1.0) -> Iterator[Progress]:
+                  temperature: float = 1.0, finetune: ft.FinetuneSettings | None = None
+                  ) -> Iterator[Progress]:
     """Like :func:`evaluate`, as a generator of :class:`Progress`; the last one's
-    ``payload`` is the :class:`EvalResult`."""
+    ``payload`` is the :class:`EvalResult`. ``finetune``: fine-tune a copy of the model on
+    each episode's support set with these settings first (``eval --adapt finetune``;
+    seconds an episode, so progress comes every episode)."""
     if transductive and not model.supports_refinement:
         raise ValueError(f"{model.method_name} has no transductive refinement")
     device = torch.device(device)
@@ -254,12 +284,14 @@ def evaluate_iter(model: FewShotClassifier, images: Any, preprocess: Preprocess,
                                                 within_alphabet)
     was_training = model.training
     model.eval()
-    needs_grad = fit_needs_grad(model)
+    needs_grad = model.fit_needs_grad
     accs: list[float] = []
     n_unknown = n_scored = 0
     try:
-        for i, (ep, s_feat, q_feat) in enumerate(
-                episode_features(model, images, eps, preprocess, device, tta)):
+        feats = (episode_features(model, images, eps, preprocess, device, tta)
+                 if finetune is None else finetuned_episode_features(
+                     model, images, eps, preprocess, device, tta, finetune))
+        for i, (ep, s_feat, q_feat) in enumerate(feats):
             logits = episode_logits(model, s_feat, ep.support_labels.to(device), q_feat, way,
                                     needs_grad, transductive)
             accs.append(float((logits.argmax(-1) == ep.query_labels.to(device))
@@ -268,7 +300,7 @@ def evaluate_iter(model: FewShotClassifier, images: Any, preprocess: Preprocess,
                 top = top_probability(model, logits, temperature)
                 n_unknown += int((top < unknown_threshold).sum().item())
                 n_scored += int(top.numel())
-            if (i + 1) % 10 == 0 or i + 1 == len(eps):
+            if (i + 1) % 10 == 0 or i + 1 == len(eps) or finetune is not None:
                 mean, _ = confidence_interval(accs)
                 yield Progress(i + 1, len(eps), metrics={"acc": mean})
     finally:
@@ -279,7 +311,8 @@ def evaluate_iter(model: FewShotClassifier, images: Any, preprocess: Preprocess,
         alphabets=tuple(str(g) for g in sampler.groups_used) if within_alphabet else (),
         drawers=within_alphabet and sampler.by_drawers,
         unknown_threshold=unknown_threshold,
-        unknown=n_unknown / max(1, n_scored) if unknown_threshold is not None else None)
+        unknown=n_unknown / max(1, n_scored) if unknown_threshold is not None else None,
+        finetune=None if finetune is None else asdict(finetune))
     yield Progress(len(eps), len(eps), message=str(result), metrics={"acc": mean},
                    payload=result)
 
@@ -288,7 +321,8 @@ def evaluate(model: FewShotClassifier, images: Any, preprocess: Preprocess, way:
              shot: int, query: int | None, episodes: int, seed: int = 0,
              device: str | torch.device = "cpu", transductive: int = 0,
              tta: int = 0, within_alphabet: bool = False,
-             unknown_threshold: float | None = None, temperature: float = 1.0) -> EvalResult:
+             unknown_threshold: float | None = None, temperature: float = 1.0,
+             finetune: ft.FinetuneSettings | None = None) -> EvalResult:
     """Mean accuracy of ``model`` over ``episodes`` fixed ``way``-way ``shot``-shot episodes
     drawn with ``seed`` from ``images`` (an :class:`~fewshot_studio.data.datasets.
     InMemoryImages`: uint8 ``(N, C, H, W)`` images + ``(N,)`` targets), ``query`` queries per
@@ -298,11 +332,29 @@ def evaluate(model: FewShotClassifier, images: Any, preprocess: Preprocess, way:
     ``within_alphabet``: Lake et al.'s harder protocol, every episode's classes from one
     alphabet, support and query by different drawers (:func:`within_alphabet_args`).
     ``unknown_threshold``: also measure the fraction of queries whose top probability (of
-    ``logits / temperature``) is below it, i.e. what ``label`` would mark unknown."""
+    ``logits / temperature``) is below it, i.e. what ``label`` would mark unknown.
+    ``finetune``: fine-tune a copy of the model on each episode's support set first."""
     result: EvalResult | None = None
     for p in evaluate_iter(model, images, preprocess, way, shot, query, episodes, seed, device,
-                           transductive, tta, within_alphabet, unknown_threshold, temperature):
+                           transductive, tta, within_alphabet, unknown_threshold, temperature,
+                           finetune):
         if isinstance(p.payload, EvalResult):
             result = p.payload
     assert result is not None
     return result
+
+
+def evaluate_with_bar(model: FewShotClassifier, images: Any, preprocess: Preprocess, way: int,
+                      shot: int, query: int | None, episodes: int, seed: int,
+                      device: str | torch.device, label: str = "eval", transductive: int = 0,
+                      tta: int = 0, within_alphabet: bool = False,
+                      unknown_threshold: float | None = None,
+                      temperature: float = 1.0,
+                      finetune: ft.FinetuneSettings | None = None) -> EvalResult:
+    """:func:`evaluate_iter` behind a terminal progress bar named ``label``; returns its
+    :class:`EvalResult`."""
+    return run_with_bar(
+        evaluate_iter(model, images, preprocess, way, shot, query, episodes, seed, device,
+                      transductive, tta, within_alphabet, unknown_threshold, temperature,
+                      finetune),
+        ProgressBar(label, unit="ep"), EvalResult)

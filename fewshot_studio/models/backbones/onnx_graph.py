@@ -1,0 +1,130 @@
+"""A backbone that is an ONNX graph (``fewshot-studio import-backbone``): any image-embedding
+model exported to ONNX (a DINOv2 or CLIP image encoder, say) used as a FewShot Studio
+backbone.
+
+The checkpoint holds the graph itself: its bytes are the ``graph`` buffer, a ``uint8``
+tensor in the ``.safetensors`` file beside the (here: no) weights, so a checkpoint stays one
+self-contained file that loads without unpickling. ``graph_bytes`` in the config states its
+length, so the usual shape check (:func:`~fewshot_studio.io.checkpoint.check_shapes`)
+refuses a file whose graph was cut short. The graph's input is fed as the checkpoint's
+:class:`~fewshot_studio.data.preprocess.Preprocess` prepares it (size, mean/std), in the
+graph's own ``layout`` ("NCHW" or "NHWC"); its output ``(n, d)`` (or ``(n, C, h, w)`` maps)
+is the backbone's output. ONNX Runtime runs it on the CPU; it has no gradients, so an ONNX
+backbone cannot be fine-tuned (a timm backbone can).
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from fewshot_studio.data.preprocess import Preprocess
+from fewshot_studio.errors import UserError
+from fewshot_studio.models.registry import BACKBONES, BackboneCfg
+
+LAYOUTS = ("NCHW", "NHWC")
+
+
+@BACKBONES.register("onnx", cfg=BackboneCfg(Preprocess(  # no gradients: not trainable
+    image_size=224, channels=3, mean=(0.5,) * 3, std=(0.5,) * 3, resize="center_crop"),
+    trainable=False))
+class OnnxGraph(nn.Module):
+    """``(n, C, H, W)`` float images -> the ONNX graph's output, ``(n, *feature_shape)``.
+
+    ``graph_bytes``: the length of the serialised ONNX model held in the ``graph`` buffer
+    (filled by ``load_state_dict`` or :meth:`set_graph`); ``input_name`` / ``output_name``:
+    the graph's input and output; ``layout``: what the graph's input expects, "NCHW" or
+    "NHWC"; ``feature_shape``: its output per image."""
+
+    def __init__(self, in_channels: int = 3, image_size: int = 224, graph_bytes: int = 0,
+                 input_name: str = "", output_name: str = "", layout: str = "NCHW",
+                 feature_shape: tuple[int, ...] | list[int] = (1,),
+                 track_running_stats: bool = True) -> None:
+        super().__init__()
+        if not track_running_stats:
+            raise ValueError("an ONNX graph keeps its own normalisation: it cannot use batch "
+                             "statistics (full MAML)")
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+        if graph_bytes < 0:
+            raise ValueError(f"graph_bytes must be >= 0, got {graph_bytes}")
+        self.in_channels = in_channels
+        self.image_size = image_size
+        self.input_name = input_name
+        self.output_name = output_name
+        self.layout = layout
+        self.feature_shape = tuple(int(n) for n in feature_shape)
+        self.out_channels = self.feature_shape[0]
+        self.register_buffer("graph", torch.zeros(int(graph_bytes), dtype=torch.uint8))
+        self._session: Any = None
+        self._lock = threading.Lock()
+
+    def set_graph(self, data: bytes) -> None:
+        """Hold the serialised ONNX model ``data``."""
+        self.graph = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        self._session = None
+
+    def _load_from_state_dict(self, *args: Any) -> None:
+        """A new graph drops the session of the old one."""
+        self._session = None
+        super()._load_from_state_dict(*args)
+
+    def feature_shape_for(self, image_size: int) -> tuple[int, ...]:
+        """The graph's output per image (fixed by the graph; ``image_size`` is its input)."""
+        return self.feature_shape
+
+    def config(self) -> dict[str, Any]:
+        """Constructor kwargs."""
+        return {"in_channels": self.in_channels, "image_size": self.image_size,
+                "graph_bytes": int(self.graph.numel()), "input_name": self.input_name,
+                "output_name": self.output_name, "layout": self.layout,
+                "feature_shape": list(self.feature_shape)}
+
+    def session(self) -> Any:
+        """The ONNX Runtime session of the held graph (built on first use, one thread per
+        call: the engine runs several at once)."""
+        with self._lock:
+            if self._session is None:
+                import onnxruntime as ort
+
+                opts = ort.SessionOptions()
+                opts.intra_op_num_threads = 1
+                opts.inter_op_num_threads = 1
+                opts.log_severity_level = 3
+                self._session = ort.InferenceSession(self.graph.cpu().numpy().tobytes(), opts,
+                                                     providers=["CPUExecutionProvider"])
+            return self._session
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``(n, C, H, W)`` -> ``(n, *feature_shape)`` float32 on ``x``'s device (no
+        gradients: ONNX Runtime computes it)."""
+        if torch.jit.is_tracing() or torch.compiler.is_exporting() \
+                or torch.compiler.is_compiling():
+            # ONNX Runtime's output would be traced as a constant: refuse to be exported (the
+            # engine then runs this backbone through torch, i.e. ONNX Runtime here)
+            raise UserError("this backbone is an ONNX model already: nothing to export")
+        a = x.detach().float().cpu().numpy()
+        if self.layout == "NHWC":
+            a = a.transpose(0, 2, 3, 1)
+        session = self.session()
+        fixed = session.get_inputs()[0].shape[0]  # an int when the graph's batch is fixed
+        step = fixed if isinstance(fixed, int) and fixed > 0 else max(1, a.shape[0])
+        outs = [session.run([self.output_name],
+                            {self.input_name: np.ascontiguousarray(a[i:i + step])})[0]
+                for i in range(0, a.shape[0], step)]
+        out = np.concatenate(outs) if outs else np.zeros((0, *self.feature_shape))
+        return torch.from_numpy(np.asarray(out, dtype=np.float32)).to(x.device)
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Copies (``copy.deepcopy``) rebuild their own session and lock."""
+        state = self.__dict__.copy()
+        state["_session"], state["_lock"] = None, None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()

@@ -1,0 +1,158 @@
+"""Bring your own backbone (``import-backbone``): tiny ONNX embedding models built here become
+checkpoints whose features are the ONNX model's own, read their input settings from the
+options, the metadata or the input shape, label a folder end to end, and bad models or
+outputs are refused with one line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from engine_fixtures import COLOURS, make_support
+from torch import nn
+
+from fewshot_studio.cli import main
+from fewshot_studio.engine.export import read_csv
+from fewshot_studio.errors import UserError
+from fewshot_studio.io.backbone_import import InputOptions, import_onnx
+from fewshot_studio.io.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from fewshot_studio.models.finetune import can_finetune
+
+# the tests build their models with torch's TorchScript exporter (fast, no onnxscript)
+pytestmark = pytest.mark.filterwarnings("ignore:You are using the legacy:DeprecationWarning")
+
+
+class TinyEmbedder(nn.Module):
+    """``(n, 3, H, W)`` (or NHWC) -> ``(n, 8)``: a conv, global mean, a linear map."""
+
+    def __init__(self, nhwc: bool = False) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.nhwc = nhwc
+        self.conv = nn.Conv2d(3, 6, 3, padding=1)
+        self.fc = nn.Linear(9, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.nhwc:
+            x = x.permute(0, 3, 1, 2)
+        pooled = torch.cat([torch.relu(self.conv(x)).mean((2, 3)), x.mean((2, 3))], 1)
+        return self.fc(pooled)
+
+
+def export(path: Path, size: int = 32, nhwc: bool = False, batch: str | None = "n",
+           metadata: dict[str, str] | None = None) -> Path:
+    model = TinyEmbedder(nhwc).eval()
+    shape = (2, size, size, 3) if nhwc else (2, 3, size, size)
+    if batch is None:
+        shape = (1, *shape[1:])
+    axes = {"pixels": {0: batch}, "embedding": {0: batch}} if batch else None
+    torch.onnx.export(model, (torch.randn(*shape),), str(path), input_names=["pixels"],
+                      output_names=["embedding"], dynamic_axes=axes, dynamo=False)
+    if metadata:
+        m = onnx.load(str(path))
+        for k, v in metadata.items():
+            m.metadata_props.add(key=k, value=v)
+        onnx.save(m, str(path))
+    return path
+
+
+def test_imported_features_are_the_onnx_models(tmp_path: Path) -> None:
+    src = export(tmp_path / "enc.onnx", metadata={"mean": "[0.5, 0.4, 0.3]",
+                                                 "std": "0.2,0.2,0.2", "image_size": "32"})
+    ckpt = import_onnx(src)
+    assert ckpt.preprocess.image_size == 32 and ckpt.preprocess.mean == (0.5, 0.4, 0.3)
+    assert ckpt.preprocess.std == (0.2, 0.2, 0.2) and ckpt.model["backbone"] == "onnx"
+    out = save_checkpoint(tmp_path / "enc.safetensors", ckpt)
+    model = load_checkpoint(out).build("cpu")
+    x = np.random.default_rng(0).normal(size=(5, 3, 32, 32)).astype(np.float32)
+    direct = ort.InferenceSession(str(src)).run(["embedding"], {"pixels": x})[0]
+    torch.testing.assert_close(model.embed(torch.from_numpy(x)), torch.from_numpy(direct))
+    assert not can_finetune(model)  # ONNX has no gradients
+    # the graph travels inside the checkpoint: the source file is not needed any more
+    src.unlink()
+    torch.testing.assert_close(load_checkpoint(out).build("cpu").embed(torch.from_numpy(x)),
+                               torch.from_numpy(direct))
+
+
+def test_nhwc_and_a_fixed_batch_are_read_from_the_input(tmp_path: Path) -> None:
+    src = export(tmp_path / "nhwc.onnx", size=24, nhwc=True, batch=None)
+    ckpt = import_onnx(src)
+    assert ckpt.preprocess.image_size == 24
+    assert ckpt.preprocess.mean == (0.485, 0.456, 0.406)  # ImageNet's, by default
+    model = ckpt.build("cpu")
+    assert model.backbone.layout == "NHWC"
+    x = torch.randn(3, 3, 24, 24)
+    expected = TinyEmbedder(nhwc=True).eval()(x.permute(0, 2, 3, 1)).detach()
+    torch.testing.assert_close(model.embed(x), expected, atol=1e-5, rtol=1e-4)
+    # options win over what the model says
+    ckpt = import_onnx(src, InputOptions(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),
+                                         layout="NHWC"))
+    assert ckpt.preprocess.mean == (0.5, 0.5, 0.5)
+
+
+def test_bad_models_are_refused(tmp_path: Path) -> None:
+    junk = tmp_path / "junk.onnx"
+    junk.write_bytes(b"not a model")
+    with pytest.raises(UserError, match="not a readable ONNX model"):
+        import_onnx(junk)
+    dyn = tmp_path / "dyn.onnx"
+    model = TinyEmbedder().eval()
+    torch.onnx.export(model, (torch.randn(2, 3, 16, 16),), str(dyn), input_names=["pixels"],
+                      output_names=["embedding"], dynamo=False,
+                      dynamic_axes={"pixels": {0: "n", 2: "h", 3: "w"}})
+    with pytest.raises(UserError, match="--image-size"):
+        import_onnx(dyn)
+    assert import_onnx(dyn, InputOptions(image_size=20)).preprocess.image_size == 20
+    ext = tmp_path / "ext.onnx"
+    m = onnx.load(str(export(tmp_path / "e.onnx")))
+    onnx.save_model(m, str(ext), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="ext.data", size_threshold=0)
+    with pytest.raises(UserError, match="external data"):
+        import_onnx(ext)
+
+
+def test_a_truncated_graph_is_refused_before_it_runs(tmp_path: Path) -> None:
+    ckpt = import_onnx(export(tmp_path / "enc.onnx"))
+    ckpt.state_dict["backbone.graph"] = ckpt.state_dict["backbone.graph"][:-10]
+    out = save_checkpoint(tmp_path / "cut.safetensors", ckpt)
+    with pytest.raises(CheckpointError, match=r"backbone\.graph"):
+        load_checkpoint(out)
+
+
+def test_cli_imports_and_labels_a_folder(tmp_path: Path,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    src = export(tmp_path / "enc.onnx", size=32)
+    out = tmp_path / "enc.safetensors"
+    assert main(["import-backbone", str(src), "--out", str(out), "--mean", "0.5", "0.5",
+                 "0.5", "--std", "0.25", "0.25", "0.25"]) == 0
+    assert "wrote" in capsys.readouterr().out
+    assert load_checkpoint(out).preprocess.std == (0.25, 0.25, 0.25)
+    support = make_support(tmp_path / "support", per_class=3)
+    query = tmp_path / "query"
+    query.mkdir()
+    truth = {}
+    for name, paths in support.items():
+        q = query / f"{name}.png"
+        q.write_bytes(paths[0].read_bytes())
+        truth[q.name] = name
+    labels = tmp_path / "labels.csv"
+    assert main(["label", "--checkpoint", str(out), "--support", str(tmp_path / "support"),
+                 "--query", str(query), "--out", str(labels), "--cache",
+                 str(tmp_path / "cache.sqlite"), "--unknown-threshold", "0"]) == 0
+    rows = {r["path"]: r["label"] for r in read_csv(labels)}
+    assert rows == truth and len(truth) == len(COLOURS)
+    # an ONNX graph has no gradients: fine-tuning is refused in one line
+    assert main(["label", "--checkpoint", str(out), "--support", str(tmp_path / "support"),
+                 "--query", str(query), "--out", str(tmp_path / "ft.csv"), "--cache",
+                 str(tmp_path / "cache.sqlite"), "--adapt", "finetune"]) == 2
+    assert "fine-tuning does not apply" in capsys.readouterr().err
+    # an existing file that is not an imported checkpoint is never overwritten
+    other = tmp_path / "notes.safetensors"
+    other.write_text("mine")
+    assert main(["import-backbone", str(src), "--out", str(other)]) != 0
+    assert other.read_text() == "mine"
+    assert main(["import-backbone", str(src), "--out", str(out)]) == 0  # ours: replaced
