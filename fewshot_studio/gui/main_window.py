@@ -4,6 +4,7 @@ the menus and shortcuts are built in :mod:`.actions`."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +62,7 @@ class MainWindow(QMainWindow):
         self.show_error = show_error_dialog
         self.show_info = lambda title, text: QMessageBox.information(self, title, text)
         self.ask_unsaved = self._ask_unsaved
+        self._finetune_why = ("", "")  # the last checkpoint checked, why it cannot fine-tune
         # -- models and controllers ----------------------------------------------------
         self.thumbs = ThumbnailCache(ui.thumbnail_px, ui.thumbnail_cache, ui.thumbnail_threads,
                                      parent=self, box=THUMB_BOX)
@@ -192,6 +194,7 @@ class MainWindow(QMainWindow):
         lab.restored.connect(self._on_restored)
         lab.scan_warning.connect(lambda text: self.statusBar().showMessage(text, 20000))
         lab.checkpoint_checked.connect(self._on_checkpoint_checked)
+        lab.finetune_checked.connect(self._on_finetune_checked)
         lab.backend_changed.connect(tb.set_backend)
         lab.failed.connect(self.report)
         lab.setup_needed.connect(self._on_setup_needed)
@@ -285,6 +288,20 @@ class MainWindow(QMainWindow):
             self.toolbar.set_backend_error(error)
             self.report("Cannot use this checkpoint", error)
 
+    def _on_finetune_checked(self, name: str, why: str) -> None:
+        """Label > Fine-tune on my examples only for a checkpoint that can be fine-tuned:
+        otherwise disabled (and off), its tip saying why."""
+        if name != self.labeling.checkpoint:
+            return
+        self._finetune_why = (name, why)
+        act, lab = self.acts.finetune, self.labeling
+        act.setEnabled(not why)
+        act.setToolTip(why or actions.FINETUNE_TIP)
+        act.setStatusTip(why or actions.FINETUNE_TIP)
+        if why and lab.settings.adapt == "finetune":
+            lab.set_settings(replace(lab.settings, adapt="auto"))
+        act.setChecked(lab.settings.adapt == "finetune")
+
     def _on_threshold(self, value: float) -> None:
         self.labeling.set_threshold(value)
         self.project.mark_dirty()
@@ -373,6 +390,9 @@ class MainWindow(QMainWindow):
         self.acts.join_support.setChecked(lab.settings.corrections_join_support)
         self.acts.transductive.setChecked(lab.settings.transductive)
         self.acts.adaptive_unknown.setChecked(lab.settings.unknown_rule == "adaptive")
+        if self._finetune_why[0] == lab.checkpoint:  # else its check is on the way
+            self._on_finetune_checked(*self._finetune_why)
+        self.acts.finetune.setChecked(lab.settings.adapt == "finetune")
         self.acts.tta.setChecked(lab.settings.tta)
         self.acts.int8.setChecked(lab.settings.precision == "int8")
         self._fill_recent()

@@ -265,6 +265,14 @@ class Commands(QObject):
         self.adaptive_rule_changed.emit(rule == "adaptive")
         self.project.mark_dirty()
 
+    def toggle_finetune(self) -> None:
+        """Label > Fine-tune on my examples: ``adapt="finetune"`` when on, else "auto"; the
+        labeling controller labels again (the fine-tuned copy embeds every image)."""
+        s = self.labeling.settings
+        self.labeling.set_settings(
+            replace(s, adapt="auto" if s.adapt == "finetune" else "finetune"))
+        self.project.mark_dirty()
+
     def toggle_int8(self) -> None:
         s = self.labeling.settings
         precision = "fp32" if s.precision == "int8" else "int8"

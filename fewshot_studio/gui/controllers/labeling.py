@@ -51,6 +51,7 @@ from fewshot_studio.gui.controllers.session_host import (
     current_predictions,
     default_factory,
     describe_error,
+    finetune_refusal,
     scan_query,
     unreadable_note,
 )
@@ -81,6 +82,7 @@ class LabelingController(QObject):
     # each with an example), "images" (a query folder with images), "model" (a checkpoint)
     setup_needed = Signal(list)
     checkpoint_checked = Signal(str, str)  # checkpoint, "" if usable, else a one-line error
+    finetune_checked = Signal(str, str)  # checkpoint, "" if it can be fine-tuned, else why not
     # {example path: the class it looks like} after each run / relabel ({}: none, or no model);
     # emitted from the engine thread (queued to the UI thread's receivers)
     suspicious_changed = Signal(object)
@@ -118,6 +120,7 @@ class LabelingController(QObject):
         self._scan_examples: set[str] = set()  # the examples the current scan leaves out
         self._label_on_scan = False  # label as soon as the current scan ends (the demo)
         self._stale = False  # edits arrived during a run: relabel when it ends
+        self._rerun = False  # the features changed during a run (fine-tuning): run again
         self._run: GeneratorWorker | None = None
         self._clock = RunProgress()  # the current run's progress line and summary
         self._relabel_timer = QTimer(self, singleShot=True, interval=250)
@@ -152,6 +155,8 @@ class LabelingController(QObject):
         if self._run is not None:
             self._run.cancel()
         self.suspicious_changed.emit({})  # the old model's verdicts
+        self._job(finetune_refusal, name,  # the engine thread: shutdown waits for it
+                  on_done=lambda why: self.finetune_checked.emit(name, why))
         if had_model and self.gallery.labeled_count():
             self.gallery.clear_predictions()
             self._pred_id, self._stamps = "", {}
@@ -172,7 +177,12 @@ class LabelingController(QObject):
 
     def set_settings(self, settings: LabelSettings) -> None:
         old, self.settings = self.settings, settings
-        if settings != old and self._labeled:
+        if "finetune" in {old.adapt, settings.adapt} and old.adapt != settings.adapt and (
+                self._labeled or self._run is not None):
+            self._rerun = True  # another model embeds the images: label them again
+            self.cancel()
+            self._label_again()
+        elif settings != old and self._labeled:
             self._job(self.host.set_settings, settings, on_done=self._apply_all)
         elif settings != old:
             self._resume()
@@ -379,9 +389,15 @@ class LabelingController(QObject):
         self._labeled = False
         self.run_cancelled.emit()
 
+    def _label_again(self) -> None:
+        if self._rerun and self._run is None:
+            self._rerun = False
+            self.label()
+
     def _on_run_done(self) -> None:
         self._run = None
         self.busy_changed.emit(False)
+        self._label_again()
         if self._stale and self._labeled:
             self._stale = False
             self._relabel_timer.start()

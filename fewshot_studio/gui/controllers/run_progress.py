@@ -14,6 +14,9 @@ from fewshot_studio.progress import EtaEstimator, Progress, format_seconds
 
 # The engine's messages before the first image is done, as the status bar says them.
 PHASES = {"embedding examples": "Reading the class examples…"}
+# The engine's message while it fine-tunes a copy of the model on the examples (Label >
+# Fine-tune on my examples): its own determinate phase, in optimiser steps, before the images.
+FINETUNING = "fine-tuning on the examples"
 
 
 class RunProgress:
@@ -26,7 +29,11 @@ class RunProgress:
 
     def report(self, p: Progress) -> tuple[int, int, str]:
         """``(done, total, text)``: total 0 while nothing is done yet (a busy bar), else
-        "123/2000 · 45 img/s · ETA 00:31"."""
+        "123/2000 · 45 img/s · ETA 00:31"; while fine-tuning, its steps ("Fine-tuning on your
+        examples… 12/45"; the image clock has not started)."""
+        if p.message == FINETUNING:
+            steps = f" {p.done}/{p.total}" if p.total else ""
+            return p.done, p.total or 0, f"Fine-tuning on your examples…{steps}"
         if not p.done:
             return 0, 0, PHASES.get(p.message, p.message) or "Starting…"
         if not self._first_batch:

@@ -282,3 +282,22 @@ def check_checkpoint_file(name: str) -> str:
     except Exception as e:  # an unreadable file, whatever the reason: name it
         return describe_error(e)
     return ""
+
+
+def finetune_refusal(name: str) -> str:
+    """Why checkpoint ``name`` cannot be fine-tuned on the examples (Label > Fine-tune on my
+    examples; :func:`~fewshot_studio.models.finetune.can_finetune`), "" when it can or when
+    it cannot be read (:func:`check_checkpoint_file` names that). Pool threads only."""
+    from fewshot_studio.io.checkpoint import read_metadata
+    from fewshot_studio.models import build_model
+    from fewshot_studio.models.finetune import can_finetune
+    from fewshot_studio.paths import resolve_checkpoint
+
+    try:  # the metadata names the model: its weights are not read
+        model = build_model(read_metadata(resolve_checkpoint(name))["model"])
+    except Exception:  # unreadable: check_checkpoint_file reports it
+        return ""
+    if can_finetune(model):
+        return ""
+    return (f"Not available for this {model.method_name} checkpoint: only ProtoNet and "
+            "Relation Network checkpoints with a built-in backbone can be fine-tuned")
