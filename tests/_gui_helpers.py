@@ -58,6 +58,18 @@ def make_dataset(root: Path, n_support: int = 3, n_query: int = 4,
     return support, root / "query"
 
 
+def red_green_images(root: Path, n_query: int) -> dict:
+    """Two examples each of a red and a green class under ``root/support``, and ``n_query``
+    red query images under ``root/query``: ``{"support": {class: [paths]}, "query": dir}``."""
+    colors = {"red": (220, 40, 40), "green": (40, 180, 60)}
+    support = {n: [make_image(root / "support" / n / f"{n}{i}.png", c, 10 * k + i, 24)
+                   for i in range(2)]
+               for k, (n, c) in enumerate(colors.items())}
+    for i in range(n_query):
+        make_image(root / "query" / f"q{i}.png", colors["red"], 50 + i, 24)
+    return {"support": support, "query": root / "query"}
+
+
 def shown_window(qtbot, **kwargs):
     """A shown ``MainWindow(restore_state=False, **kwargs)`` whose error dialogs fail the test
     and which discards unsaved work without asking; close it when done."""

@@ -20,7 +20,13 @@ import pytest
 
 pytest.importorskip("pytestqt")
 
-from _gui_helpers import FakeSession, make_dataset, make_image, shown_window, tiny_checkpoint
+from _gui_helpers import (
+    FakeSession,
+    make_dataset,
+    red_green_images,
+    shown_window,
+    tiny_checkpoint,
+)
 from _gui_helpers import label_and_wait as _label
 from _gui_helpers import wait_idle as _idle
 from PySide6.QtCore import QThreadPool
@@ -65,13 +71,7 @@ class TuneSession(FakeSession):
 
 @pytest.fixture
 def images(tmp_path: Path) -> dict:
-    support = {n: [make_image(tmp_path / "support" / n / f"{n}{i}.png", c, 10 * k + i, 24)
-                   for i in range(2)]
-               for k, (n, c) in enumerate(zip(CLASSES, [(220, 40, 40), (40, 180, 60)],
-                                              strict=True))}
-    for i in range(N):
-        make_image(tmp_path / "query" / f"q{i}.png", (220, 40, 40), 50 + i, 24)
-    return {"support": support, "query": tmp_path / "query"}
+    return red_green_images(tmp_path, N)
 
 
 def _project(images: dict, checkpoint: str) -> pio.Project:
