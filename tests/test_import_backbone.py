@@ -5,6 +5,7 @@ outputs are refused with one line."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -12,11 +13,14 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from engine_fixtures import COLOURS, make_support
+from engine_fixtures import COLOURS, colour_image, make_support
 from torch import nn
 
 from fewshot_studio.cli import main
+from fewshot_studio.engine.api import LabelSettings
 from fewshot_studio.engine.export import read_csv
+from fewshot_studio.engine.onnx_export import quantize_embed_onnx, synthetic_calibration
+from fewshot_studio.engine.session import LabelingSession
 from fewshot_studio.errors import UserError
 from fewshot_studio.io.backbone_import import InputOptions, import_onnx
 from fewshot_studio.io.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
@@ -43,9 +47,21 @@ class TinyEmbedder(nn.Module):
         return self.fc(pooled)
 
 
+class TinyMaps(nn.Module):
+    """``(n, 3, H, W)`` -> ``(n, 5, H/2, W/2)`` feature maps (average-pooled by ProtoNet)."""
+
+    def __init__(self, nhwc: bool = False) -> None:
+        super().__init__()
+        torch.manual_seed(1)
+        self.conv = nn.Conv2d(3, 5, 3, stride=2, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.conv(x))
+
+
 def export(path: Path, size: int = 32, nhwc: bool = False, batch: str | None = "n",
-           metadata: dict[str, str] | None = None) -> Path:
-    model = TinyEmbedder(nhwc).eval()
+           metadata: dict[str, str] | None = None, maps: bool = False) -> Path:
+    model = (TinyMaps() if maps else TinyEmbedder(nhwc)).eval()
     shape = (2, size, size, 3) if nhwc else (2, 3, size, size)
     if batch is None:
         shape = (1, *shape[1:])
@@ -150,9 +166,71 @@ def test_cli_imports_and_labels_a_folder(tmp_path: Path,
                  "--query", str(query), "--out", str(tmp_path / "ft.csv"), "--cache",
                  str(tmp_path / "cache.sqlite"), "--adapt", "finetune"]) == 2
     assert "fine-tuning does not apply" in capsys.readouterr().err
+    # export-onnx writes the embedded graph (nothing to trace), checked against torch
+    assert main(["export-onnx", "--checkpoint", str(out), "--out",
+                 str(tmp_path / "enc.embed.onnx")]) == 0
+    assert "max abs difference vs torch" in capsys.readouterr().out
     # an existing file that is not an imported checkpoint is never overwritten
     other = tmp_path / "notes.safetensors"
     other.write_text("mine")
     assert main(["import-backbone", str(src), "--out", str(other)]) != 0
     assert other.read_text() == "mine"
     assert main(["import-backbone", str(src), "--out", str(out)]) == 0  # ours: replaced
+
+
+def _label(ckpt: Path, support: dict[str, list[Path]], queries: list[Path], prefer: str,
+           cache: Path) -> tuple[str, dict[str, str], np.ndarray, np.ndarray]:
+    """Label ``queries`` with the ``prefer`` backend: (backend name, labels by file name,
+    the backend's features of random images, the torch model's)."""
+    with LabelingSession(ckpt, LabelSettings(device="cpu"), cache_path=cache,
+                         backend=prefer) as s:
+        s.set_support(support)
+        for _ in s.run(queries):
+            pass
+        labels = {p.path.name: str(p.label) for p in s.predictions()}
+        x = np.random.default_rng(2).normal(size=(5, 3, 32, 32)).astype(np.float32)
+        feats = s.embedding.embedder.embed(x)
+        ref = s.model.embed(torch.from_numpy(x)).numpy()
+        return s.backend.name, labels, feats, ref
+
+
+@pytest.mark.parametrize("kind", ["vectors", "maps", "nhwc_fixed_batch"])
+def test_the_engine_runs_the_embedded_graph(tmp_path: Path, caplog: pytest.LogCaptureFixture,
+                                            kind: str) -> None:
+    src = export(tmp_path / "enc.onnx", maps=kind == "maps", nhwc=kind == "nhwc_fixed_batch",
+                 batch=None if kind == "nhwc_fixed_batch" else "n")
+    ckpt = save_checkpoint(tmp_path / "enc.safetensors", import_onnx(src))
+    support = make_support(tmp_path / "support", per_class=2)
+    queries = []
+    for name in COLOURS:
+        queries.append(tmp_path / f"q_{name}.png")
+        colour_image(name, 7).save(queries[-1])
+    with caplog.at_level(logging.WARNING):
+        ort_run = _label(ckpt, support, queries, "onnxruntime", tmp_path / "a.sqlite")
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
+    torch_run = _label(ckpt, support, queries, "torch", tmp_path / "b.sqlite")
+    assert (ort_run[0], torch_run[0]) == ("onnxruntime", "torch")
+    assert ort_run[1] == torch_run[1] == {q.name: q.stem[2:] for q in queries}
+    np.testing.assert_allclose(ort_run[2], ort_run[3], atol=1e-5, rtol=1e-4)
+    np.testing.assert_allclose(torch_run[2], ort_run[3], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["maps", "nhwc_fixed_batch"])
+def test_the_embedded_graph_quantises(tmp_path: Path, kind: str) -> None:
+    from fewshot_studio.engine.backends import OnnxBackend
+    from fewshot_studio.engine.onnx_export import export_embed_onnx
+
+    fixed = kind == "nhwc_fixed_batch"
+    ckpt = import_onnx(export(tmp_path / "enc.onnx", maps=not fixed, nhwc=fixed,
+                              batch=None if fixed else "n"))
+    model = ckpt.build("cpu")
+    fp32 = export_embed_onnx(model, ckpt.preprocess, tmp_path / "embed.onnx")
+    int8 = quantize_embed_onnx(fp32, tmp_path / "embed.int8.onnx",
+                               synthetic_calibration(ckpt.preprocess))
+    assert any(n.op_type == "QuantizeLinear" for n in onnx.load(str(int8)).graph.node)
+    x = synthetic_calibration(ckpt.preprocess, 4, seed=5)
+    got = OnnxBackend(int8, precision="int8").embed(x)  # a fixed batch runs 1 at a time
+    ref = model.embed(torch.from_numpy(x)).numpy()
+    assert got.shape == ref.shape == (4, 8 if fixed else 5)
+    cos = (got * ref).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(ref, axis=1)
+    assert cos.min() > 0.99, cos

@@ -1,8 +1,9 @@
 """Embedding backends: run ``model.embed`` on batches of preprocessed images.
 
 * :class:`OnnxBackend`: ONNX Runtime on an export of ``model.embed`` (built on first use and
-  cached by checkpoint identity). CUDA only when the created session really lists
-  ``CUDAExecutionProvider``.
+  cached by checkpoint identity; for an imported ONNX backbone, its own graph composed with
+  the method's pooling: :func:`~fewshot_studio.engine.onnx_export.embedded_graph`). CUDA
+  only when the created session really lists ``CUDAExecutionProvider``.
 * :class:`TorchBackend`: the torch model itself (CUDA when it really works). On CUDA it
   declares ``decodes_on_device``: the pipeline then decodes its images onto the GPU
   (:mod:`fewshot_studio.data.gpu_decode`, nvJPEG for plain JPEGs, Pillow for the rest).
@@ -122,6 +123,8 @@ class OnnxBackend(EmbedBackend):
         # 84 px RGB, 1 at 224 px). Measured in CPU time per image with one thread, Conv4 at
         # 84 px: 1.86 ms at batch 1, 2.05 ms at 8; Lite0 at 224 px: 11.1 ms vs 14.0 ms.
         self.micro_batch = max(1, min(16, (256 << 10) // input_bytes)) if input_bytes else 4
+        fixed = self.session.get_inputs()[0].shape[0]  # an int: the graph's batch is fixed
+        self._step = fixed if isinstance(fixed, int) and fixed > 0 else 0
         self.precision = precision
         detail = ", ".join(active) + (", int8" if precision == "int8" else "")
         if self.concurrent:
@@ -130,7 +133,12 @@ class OnnxBackend(EmbedBackend):
 
     def embed(self, images: np.ndarray) -> np.ndarray:
         x = np.ascontiguousarray(images, dtype=np.float32)
-        return np.asarray(self.session.run([self._out], {self._in: x})[0], dtype=np.float32)
+        # an imported graph may fix its batch size: then run it that many images at a time
+        step = self._step or max(1, len(x))
+        outs = [self.session.run([self._out], {self._in: x[i:i + step]})[0]
+                for i in range(0, max(1, len(x)), step)]
+        return np.asarray(outs[0] if len(outs) == 1 else np.concatenate(outs),
+                          dtype=np.float32)
 
     def close(self) -> None:
         self.session = None

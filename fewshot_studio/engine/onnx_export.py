@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from fewshot_studio.data.preprocess import Preprocess
+from fewshot_studio.errors import UserError
 from fewshot_studio.io.atomic import atomic_path
 
 OPSET = 18
@@ -84,29 +85,56 @@ def _export_legacy(module: nn.Module, x: Tensor, path: str) -> None:
                       dynamo=False, opset_version=OPSET)
 
 
+def embedded_graph(model: nn.Module) -> bytes | None:
+    """The ready ONNX graph of ``model.embed`` when its backbone declares that it carries one
+    (an imported ONNX model, :class:`~fewshot_studio.models.backbones.onnx_graph.OnnxGraph`):
+    that graph composed with the method's pooling (ProtoNet, the only method
+    ``import-backbone`` builds; UserError for another). None: ``model.embed`` is exported."""
+    from fewshot_studio.models.backbones.onnx_graph import OnnxGraph
+    from fewshot_studio.models.protonet import ProtoNet
+
+    backbone = model.backbone
+    if not isinstance(backbone, OnnxGraph):
+        return None
+    if not isinstance(model, ProtoNet):
+        raise UserError(f"an ONNX backbone runs under ProtoNet only, not "
+                        f"{type(model).__name__}")
+    return backbone.embed_graph(model.pool, INPUT_NAME, OUTPUT_NAME)
+
+
+def _export_traced(model: nn.Module, pre: Preprocess, tmp: str) -> None:
+    """Trace ``model.embed`` to ``tmp``: the TorchScript-based exporter first, then the
+    torch.export-based one."""
+    module = _Embed(model).eval()
+    x = example_input(pre, 2)
+    errors = []
+    for exporter in (_export_legacy, _export_dynamo):
+        try:
+            with _quiet(), torch.no_grad():
+                exporter(module, x, tmp)
+            return
+        except Exception as e:  # pragma: no cover - depends on the torch version
+            errors.append(f"{exporter.__name__}: {type(e).__name__}: {e}")
+    raise RuntimeError("ONNX export failed: " + " | ".join(errors))
+
+
 def export_embed_onnx(model: nn.Module, pre: Preprocess, out: str | os.PathLike[str],
                       metadata: dict[str, Any] | None = None) -> Path:
     """Write ``model.embed`` as ONNX to ``out`` atomically (temp file + rename); returns the
-    path. Tries the TorchScript-based exporter first (well under a second, against several
-    seconds for EfficientNet-Lite0 with the torch.export-based one), then the torch.export
-    one (torch removes the TorchScript exporter in a future release)."""
+    path. A model whose backbone carries a ready graph (:func:`embedded_graph`) writes that,
+    nothing is traced; else tries the TorchScript-based exporter first (well under a second,
+    against several seconds for EfficientNet-Lite0 with the torch.export-based one), then
+    the torch.export one (torch removes the TorchScript exporter in a future release)."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     model = model.to("cpu").eval()
-    module = _Embed(model).eval()
-    x = example_input(pre, 2)
+    ready = embedded_graph(model)
     with atomic_path(out) as tmp_path:
         tmp = str(tmp_path)
-        errors = []
-        for exporter in (_export_legacy, _export_dynamo):
-            try:
-                with _quiet(), torch.no_grad():
-                    exporter(module, x, tmp)
-                break
-            except Exception as e:  # pragma: no cover - depends on the torch version
-                errors.append(f"{exporter.__name__}: {type(e).__name__}: {e}")
+        if ready is None:
+            _export_traced(model, pre, tmp)
         else:
-            raise RuntimeError("ONNX export failed: " + " | ".join(errors))
+            Path(tmp).write_bytes(ready)
         import onnx
 
         proto = onnx.load(tmp)
@@ -160,15 +188,17 @@ def onnx_session(path: str | os.PathLike[str], providers: list[str] | None = Non
 def max_abs_difference(model: nn.Module, onnx_path: str | os.PathLike[str], pre: Preprocess,
                        batch_sizes: tuple[int, ...] = (1, 3), seed: int = 0) -> float:
     """Largest ``|torch - onnx|`` of ``model.embed`` on random inputs of several batch sizes
-    (on the CPU, float32)."""
-    sess = onnx_session(onnx_path)
+    (on the CPU, float32; a graph that fixes its batch size runs in batches of it)."""
+    from fewshot_studio.engine.backends import OnnxBackend
+
+    backend = OnnxBackend(onnx_path)
     model = model.to("cpu").eval()
     worst = 0.0
     for i, n in enumerate(batch_sizes):
         x = example_input(pre, n, seed + i)
         with torch.inference_mode():
             ref = model.embed(x).float().numpy()
-        got = sess.run([OUTPUT_NAME], {INPUT_NAME: x.numpy()})[0]
+        got = backend.embed(x.numpy())
         if got.shape != ref.shape:
             raise RuntimeError(f"ONNX output shape {got.shape} != torch {ref.shape}")
         worst = max(worst, float(np.abs(got.astype(np.float64) - ref).max(initial=0.0)))
@@ -283,16 +313,21 @@ def quantize_embed_onnx(src: str | os.PathLike[str], out: str | os.PathLike[str]
     output; inside, QDQ (QuantizeLinear/DequantizeLinear) pairs that ONNX Runtime fuses into
     int8 kernels: per-output-channel int8 weights, uint8 activations whose ranges are the
     MinMax of ``calibration`` (``(n, C, H, W)`` float32 preprocessed images) run through the
-    graph ``batch_size`` at a time. Input channels are padded first
-    (:func:`_pad_input_channels`). ``weight_bits``: 8, or 7 (``reduce_range``); None: what
-    :func:`int8_weight_bits` says for this CPU. Metadata props are kept. Raises whatever the
-    quantiser raises (callers fall back to fp32)."""
+    graph ``batch_size`` at a time (the graph's own batch size if it fixes one). Input
+    channels are padded first (:func:`_pad_input_channels`). ``weight_bits``: 8, or 7
+    (``reduce_range``); None: what :func:`int8_weight_bits` says for this CPU. Metadata props
+    are kept. Raises whatever the quantiser raises (callers fall back to fp32)."""
     import onnx
     from onnxruntime import quantization as q
 
     bits = int8_weight_bits() if weight_bits is None else weight_bits
     if bits not in (7, 8):
         raise ValueError(f"weight_bits must be 7 or 8, not {bits}")
+    proto = onnx.load(str(src))
+    batch = proto.graph.input[0].type.tensor_type.shape.dim[0]
+    if batch.dim_value > 0:  # an imported graph may fix its batch size: calibrate in those
+        batch_size = batch.dim_value
+        calibration = calibration[:len(calibration) // batch_size * batch_size]
     calibration = np.ascontiguousarray(calibration, dtype=np.float32)
     if calibration.ndim != 4 or not len(calibration):
         raise ValueError(f"calibration must be (n, C, H, W) images, got {calibration.shape}")
@@ -308,7 +343,6 @@ def quantize_embed_onnx(src: str | os.PathLike[str], out: str | os.PathLike[str]
 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    proto = onnx.load(str(src))
     _pad_input_channels(proto)
     with tempfile.TemporaryDirectory(prefix="fewshot-int8-") as work, \
             atomic_path(out) as tmp_path:

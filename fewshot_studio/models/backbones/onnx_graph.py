@@ -10,7 +10,9 @@ refuses a file whose graph was cut short. The graph's input is fed as the checkp
 :class:`~fewshot_studio.data.preprocess.Preprocess` prepares it (size, mean/std), in the
 graph's own ``layout`` ("NCHW" or "NHWC"); its output ``(n, d)`` (or ``(n, C, h, w)`` maps)
 is the backbone's output. ONNX Runtime runs it on the CPU; it has no gradients, so an ONNX
-backbone cannot be fine-tuned (a timm backbone can).
+backbone cannot be fine-tuned (a timm backbone can). It cannot be traced either: the engine's
+ONNX Runtime backend runs the graph itself, composed with the method's pooling
+(:meth:`OnnxGraph.embed_graph`, declared by :meth:`OnnxGraph.onnx_graph`).
 """
 
 from __future__ import annotations
@@ -84,6 +86,50 @@ class OnnxGraph(nn.Module):
                 "output_name": self.output_name, "layout": self.layout,
                 "feature_shape": list(self.feature_shape)}
 
+    def onnx_graph(self) -> bytes:
+        """The held serialised ONNX model: this backbone declares that it carries a ready
+        graph (the engine runs it, see :meth:`embed_graph`, instead of exporting)."""
+        return self.graph.cpu().numpy().tobytes()
+
+    def embed_graph(self, pool: str, input_name: str, output_name: str) -> bytes:
+        """The held graph as a method's ``embed``: ``input_name`` ``(n, C, H, W)`` float32
+        -> ``output_name`` ``(n, d)`` float32, i.e. the layout transposed in front, then a cast
+        to float32, global average pooling of ``(n, C, h, w)`` maps when ``pool`` is "avg",
+        and a flatten (ProtoNet's ``embed``). The graph's own names get a prefix, so they
+        cannot clash; its batch axis (fixed or not) is kept."""
+        import onnx
+        from onnx import TensorProto, compose, helper
+
+        prefix = "fs_graph/"
+        model = compose.add_prefix(onnx.load_model_from_string(self.onnx_graph()), prefix)
+        g = model.graph
+        src = next(i for i in g.input if i.name == prefix + self.input_name)
+        batch = src.type.tensor_type.shape.dim[0]
+        n: int | str = batch.dim_value if batch.HasField("dim_value") else "batch"
+        c, s = self.in_channels, self.image_size
+        head = [helper.make_node("Transpose", [input_name], [src.name], perm=[0, 2, 3, 1])
+                if self.layout == "NHWC" else
+                helper.make_node("Identity", [input_name], [src.name])]
+        tail = [helper.make_node("Cast", [prefix + self.output_name], [prefix + "cast"],
+                                 to=TensorProto.FLOAT)]
+        last = prefix + "cast"
+        if pool == "avg" and len(self.feature_shape) == 3:
+            tail.append(helper.make_node("GlobalAveragePool", [last], [prefix + "pooled"]))
+            last = prefix + "pooled"
+        tail.append(helper.make_node("Flatten", [last], [output_name], axis=1))
+        d = self.feature_shape[0] if pool == "avg" else int(np.prod(self.feature_shape))
+        nodes = [*head, *g.node, *tail]
+        del g.node[:]
+        g.node.extend(nodes)
+        g.input.remove(src)
+        g.input.insert(0, helper.make_tensor_value_info(input_name, TensorProto.FLOAT,
+                                                        [n, c, s, s]))
+        del g.output[:]
+        g.output.append(helper.make_tensor_value_info(output_name, TensorProto.FLOAT, [n, d]))
+        del model.metadata_props[:]
+        onnx.checker.check_model(model)
+        return model.SerializeToString()
+
     def session(self) -> Any:
         """The ONNX Runtime session of the held graph (built on first use, one thread per
         call: the engine runs several at once)."""
@@ -95,7 +141,7 @@ class OnnxGraph(nn.Module):
                 opts.intra_op_num_threads = 1
                 opts.inter_op_num_threads = 1
                 opts.log_severity_level = 3
-                self._session = ort.InferenceSession(self.graph.cpu().numpy().tobytes(), opts,
+                self._session = ort.InferenceSession(self.onnx_graph(), opts,
                                                      providers=["CPUExecutionProvider"])
             return self._session
 
@@ -104,8 +150,8 @@ class OnnxGraph(nn.Module):
         gradients: ONNX Runtime computes it)."""
         if torch.jit.is_tracing() or torch.compiler.is_exporting() \
                 or torch.compiler.is_compiling():
-            # ONNX Runtime's output would be traced as a constant: refuse to be exported (the
-            # engine then runs this backbone through torch, i.e. ONNX Runtime here)
+            # ONNX Runtime's output would be traced as a constant: refuse to be traced (the
+            # engine runs :meth:`embed_graph` instead of exporting)
             raise UserError("this backbone is an ONNX model already: nothing to export")
         a = x.detach().float().cpu().numpy()
         if self.layout == "NHWC":
