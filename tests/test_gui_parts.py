@@ -20,7 +20,7 @@ from PySide6.QtGui import QImage
 from fewshot_studio.engine.api import LabelSettings
 from fewshot_studio.gui import project_io as pio
 from fewshot_studio.gui.thumbnails import ThumbnailCache
-from fewshot_studio.gui.workers import FunctionWorker, GeneratorWorker
+from fewshot_studio.gui.workers import FunctionWorker, GeneratorWorker, bind_to
 
 
 def test_generator_worker_yields_finishes_and_runs_off_thread(qtbot) -> None:
@@ -442,3 +442,33 @@ def test_export_menu_and_writer_come_from_the_format_table(qtbot, tmp_path: Path
         ctl.export_file("fiftyone", preds, out, root, ["cat", "dog"])
     doc = json.loads(out.read_text(encoding="utf-8"))
     assert doc["classes"] == ["cat", "dog"]
+
+
+def test_a_job_that_outlives_its_owner_reports_to_no_one(qtbot) -> None:
+    """A window closed while its job runs: the job's report must not reach the deleted
+    controller (emitting its signal would raise "Signal source has been deleted")."""
+    import shiboken6
+    from PySide6.QtCore import QObject, Signal
+
+    class Owner(QObject):
+        said = Signal(object)
+
+    owner, heard = Owner(), []
+    owner.said.connect(heard.append)
+    gate = threading.Event()
+    w = FunctionWorker(lambda: gate.wait(5) and "done")
+    w.signals.finished.connect(bind_to(owner, lambda v: owner.said.emit(v)))
+    w.start()
+    shiboken6.delete(owner)  # the window goes while the job still runs
+    gate.set()
+    qtbot.waitUntil(lambda: w.is_done, timeout=5_000)
+    qtbot.wait(50)
+    assert heard == [] and not shiboken6.isValid(owner)
+
+    alive, heard2 = Owner(), []
+    alive.said.connect(heard2.append)
+    w2 = FunctionWorker(lambda: "done")
+    w2.signals.finished.connect(bind_to(alive, lambda v: alive.said.emit(v)))
+    w2.start()
+    qtbot.waitUntil(lambda: heard2 == ["done"], timeout=5_000)
+

@@ -16,6 +16,7 @@ import threading
 from collections.abc import Callable, Generator, Iterator
 from typing import Any, ClassVar, Self
 
+import shiboken6
 from PySide6.QtCore import QObject, QRunnable, QThreadPool, Signal
 
 BACKGROUND_NICE = 5
@@ -35,6 +36,16 @@ def lower_thread_priority(nice: int = BACKGROUND_NICE) -> bool:
         return True
     except OSError:
         return False
+
+
+def bind_to(owner: QObject, fn: Callable[[Any], None]) -> Callable[[Any], None]:
+    """``fn``, made to do nothing once ``owner`` is deleted: a job that outlives its window
+    (closed while the job ran) then reports to no one instead of emitting a deleted
+    object's signal ("Signal source has been deleted")."""
+    def call(value: Any) -> None:
+        if shiboken6.isValid(owner):
+            fn(value)
+    return call
 
 
 class WorkerSignals(QObject):

@@ -25,7 +25,7 @@ from fewshot_studio.gui.undo import (
     SetColorCommand,
     SetExamplesCommand,
 )
-from fewshot_studio.gui.workers import FunctionWorker
+from fewshot_studio.gui.workers import FunctionWorker, bind_to
 
 
 def expand_images(items: Sequence[Path]) -> list[Path]:
@@ -164,8 +164,8 @@ class ClassesController(QObject):
         return out
 
     def _start(self, w: FunctionWorker) -> FunctionWorker:
-        w.signals.errored.connect(
-            lambda e: self.failed.emit("Could not read the dropped items", str(e), ""))
+        w.signals.errored.connect(bind_to(
+            self, lambda e: self.failed.emit("Could not read the dropped items", str(e), "")))
         self.workers.append(w)
         del self.workers[:-20]
         return w.start()

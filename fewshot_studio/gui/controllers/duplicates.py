@@ -22,7 +22,7 @@ from PySide6.QtGui import QUndoStack
 
 from fewshot_studio.gui.models.gallery import GalleryModel
 from fewshot_studio.gui.undo import MarkDuplicatesCommand
-from fewshot_studio.gui.workers import GeneratorWorker
+from fewshot_studio.gui.workers import GeneratorWorker, bind_to
 from fewshot_studio.progress import Progress
 
 
@@ -92,12 +92,12 @@ class DuplicatesController(QObject):
         if self.busy or not paths:
             return None
         w = GeneratorWorker(find_job, paths, cache_path)
-        w.signals.yielded.connect(
-            lambda p: self.progress.emit(p.done, p.total or 0,
-                                         f"Finding duplicates… {p.done}/{p.total or 0}"))
+        w.signals.yielded.connect(bind_to(
+            self, lambda p: self.progress.emit(p.done, p.total or 0,
+                                         f"Finding duplicates… {p.done}/{p.total or 0}")))
         w.signals.finished.connect(self._on_found)
-        w.signals.errored.connect(
-            lambda e: self.failed.emit("Cannot look for duplicates", str(e), ""))
+        w.signals.errored.connect(bind_to(
+            self, lambda e: self.failed.emit("Cannot look for duplicates", str(e), "")))
         self.worker = w
         return w.start()
 

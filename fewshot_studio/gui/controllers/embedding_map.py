@@ -46,7 +46,7 @@ from fewshot_studio.gui.models.classes import ClassListModel
 from fewshot_studio.gui.models.gallery import GalleryModel, GalleryProxy, Role
 from fewshot_studio.gui.thumbnails import ThumbnailCache
 from fewshot_studio.gui.views.embedding_map import NO_LABEL, EmbeddingMapPanel, MapPoints
-from fewshot_studio.gui.workers import GeneratorWorker
+from fewshot_studio.gui.workers import GeneratorWorker, bind_to
 from fewshot_studio.progress import Progress
 
 THUMB_PX = 128  # the hover thumbnail's longest side
@@ -346,7 +346,8 @@ class EmbeddingMapController(QObject):
         w = GeneratorWorker(_similar_job, self.gallery.paths(), path, n,
                             self.labeling.feature_id, self.labeling.cache_path)
         w.signals.finished.connect(done)
-        w.signals.errored.connect(lambda e: self.message.emit(f"Cannot compare: {e}", 6000))
+        w.signals.errored.connect(bind_to(
+            self, lambda e: self.message.emit(f"Cannot compare: {e}", 6000)))
         return self._start(w)
 
     def _sort_by(self, anchor: Path, paths: list[Path], ranked: list[int]) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 from PySide6.QtCore import QObject, Signal
 
 from fewshot_studio.engine.api import Prediction
-from fewshot_studio.gui.workers import GeneratorWorker
+from fewshot_studio.gui.workers import GeneratorWorker, bind_to
 from fewshot_studio.progress import Progress
 
 
@@ -52,14 +52,14 @@ class ExportController(QObject):
         to the message at the end."""
         w = GeneratorWorker(_write_job, kind, list(preds), Path(out), Path(root),
                             list(classes))
-        w.signals.finished.connect(
-            lambda p: self.finished.emit(f"Exported {len(preds)} rows to {p}{note}"))
+        w.signals.finished.connect(bind_to(
+            self, lambda p: self.finished.emit(f"Exported {len(preds)} rows to {p}{note}")))
         return self._start(w)
 
     def copy_to_folders(self, preds: Sequence[Prediction], dest: Path,
                         note: str = "") -> GeneratorWorker:
         w = GeneratorWorker(_copy_job, list(preds), Path(dest))
-        w.signals.finished.connect(lambda m: self.finished.emit(m + note))
+        w.signals.finished.connect(bind_to(self, lambda m: self.finished.emit(m + note)))
         return self._start(w)
 
     def _start(self, w: GeneratorWorker) -> GeneratorWorker:
@@ -72,7 +72,7 @@ class ExportController(QObject):
                 self.progress.emit(p.done, p.total or 0, p.message)
 
         w.signals.yielded.connect(on_item)
-        w.signals.errored.connect(
-            lambda e: self.failed.emit("Export failed", str(e), ""))
+        w.signals.errored.connect(bind_to(
+            self, lambda e: self.failed.emit("Export failed", str(e), "")))
         self.worker = w
         return w.start()

@@ -22,7 +22,7 @@ from fewshot_studio.errors import UserError
 from fewshot_studio.gui.controllers.labeling import LabelingController
 from fewshot_studio.gui.models.classes import ClassListModel
 from fewshot_studio.gui.undo import CorrectCommand, SetExamplesCommand
-from fewshot_studio.gui.workers import FunctionWorker
+from fewshot_studio.gui.workers import FunctionWorker, bind_to
 
 
 def _plural(n: int, word: str) -> str:
@@ -89,8 +89,8 @@ class LabelImportController(QObject):
         w = FunctionWorker(read_known_labels, Path(source), root,
                            frozenset(self.labeling.gallery.paths()))
         w.signals.finished.connect(self.apply)
-        w.signals.errored.connect(
-            lambda e: self.failed.emit("Cannot import labels", str(e), ""))
+        w.signals.errored.connect(bind_to(
+            self, lambda e: self.failed.emit("Cannot import labels", str(e), "")))
         self.worker = w
         return w.start()
 

@@ -58,7 +58,7 @@ from fewshot_studio.gui.controllers.session_host import (
 from fewshot_studio.gui.models.classes import ClassListModel
 from fewshot_studio.gui.models.gallery import GalleryModel
 from fewshot_studio.gui.saved_predictions import NO_STAMP, SavedPredictions, Stamp
-from fewshot_studio.gui.workers import FunctionWorker, GeneratorWorker, Worker
+from fewshot_studio.gui.workers import FunctionWorker, GeneratorWorker, Worker, bind_to
 from fewshot_studio.progress import Progress
 
 
@@ -473,9 +473,9 @@ class LabelingController(QObject):
         :class:`GeneratorWorker`."""
         w = (GeneratorWorker if generator else FunctionWorker)(fn, *args)
         if on_done:
-            w.signals.finished.connect(on_done)
+            w.signals.finished.connect(bind_to(self, on_done))
         if on_item:
-            w.signals.yielded.connect(on_item)
+            w.signals.yielded.connect(bind_to(self, on_item))
         w.signals.errored.connect(self._on_error)
         self.workers.append(w)
         del self.workers[:-50]
