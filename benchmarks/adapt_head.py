@@ -151,33 +151,17 @@ def relabel_ms(settings: list[LabelSettings], n: int = 10_000, d: int = 1280, n_
     machine's load hits them alike); overlapping generated classes, so ``adapt="auto"``
     chooses the head. CPU time: the head is single-threaded, so it is what a correction takes
     on an idle core."""
-    from label_speed import make_checkpoint  # type: ignore[import-not-found]
+    from label_speed import cached_placeholders  # type: ignore[import-not-found]
 
-    from fewshot_studio.engine.cache import FEATURE_FORMAT, EmbeddingCache, FileKey
     from fewshot_studio.engine.session import LabelingSession
 
     with tempfile.TemporaryDirectory() as td:
-        tmp = Path(td)
-        ckpt = make_checkpoint(tmp / "relabel.safetensors", "conv4", 84)
-        folder = tmp / "relabel"
-        folder.mkdir()
-        rng = np.random.default_rng(0)
-        centres = rng.normal(0, 1, (n_way, d)).astype(np.float32)
-        paths = []
-        for i in range(n + n_way * shot):
-            p = folder / f"{i:05d}.jpg"
-            p.write_bytes(b"x")
-            paths.append(p)
-        with EmbeddingCache(tmp / "cache.sqlite") as cache:
-            model_id = f"{cache.checkpoint_identity(ckpt)}:{FEATURE_FORMAT}"
-            rows = [(FileKey.of(p), centres[i % n_way]
-                     + rng.normal(0, 3.0, d).astype(np.float32), "")
-                    for i, p in enumerate(paths)]
-            cache.store(model_id, rows)
+        ckpt, paths, cache_path = cached_placeholders(Path(td), n, d, n_way, per_class=shot,
+                                                      spread=3.0)
         support = {f"c{k}": paths[n + k::n_way] for k in range(n_way)}
         cpu: list[list[float]] = [[] for _ in settings]
         kinds = [""] * len(settings)
-        with LabelingSession(ckpt, settings[0], cache_path=tmp / "cache.sqlite",
+        with LabelingSession(ckpt, settings[0], cache_path=cache_path,
                              backend="torch") as s:
             s.set_support(support)
             list(s.run(paths[:n]))

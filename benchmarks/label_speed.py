@@ -141,28 +141,39 @@ def network_cpu_ms(ckpt: Path, cache: Path, n: int = 96) -> dict[str, float]:
 CPU_MS: dict[tuple[str, str], float] = {}  # CPU ms per image of the last runs (all threads)
 
 
-def relabel_ms(tmp: Path, n: int = 10_000, d: int = 1280, n_way: int = 5
-               ) -> tuple[float, float, float]:
-    """Median ms of correct() (wall, and CPU time: the head is single-threaded, so CPU time
-    is what it takes on an idle core), and of a threshold change, with ``n`` cached
-    ``d``-dim features: placeholder files whose features are put in the cache through its
-    API."""
+def cached_placeholders(tmp: Path, n: int, d: int, n_way: int, per_class: int = 1,
+                        spread: float = 0.8) -> tuple[Path, list[Path], Path]:
+    """A tiny checkpoint and ``n + n_way * per_class`` placeholder files under ``tmp`` whose
+    ``(d,)`` features (class ``i % n_way``'s centre plus ``spread`` noise) are put in the cache
+    through its API, so a session embeds nothing. Returns ``(checkpoint, paths, cache)``: the
+    last ``n_way * per_class`` paths are meant as examples, class ``k`` every ``n_way``-th."""
     ckpt = make_checkpoint(tmp / "relabel.safetensors", "conv4", 84)
     folder = tmp / "relabel"
     folder.mkdir()
     rng = np.random.default_rng(0)
     centres = rng.normal(0, 1, (n_way, d)).astype(np.float32)
     paths = []
-    for i in range(n + n_way):
+    for i in range(n + n_way * per_class):
         p = folder / f"{i:05d}.jpg"
         p.write_bytes(b"x")
         paths.append(p)
     cache_path = tmp / "relabel.sqlite"
     with EmbeddingCache(cache_path) as cache:
         model_id = f"{cache.checkpoint_identity(ckpt)}:{FEATURE_FORMAT}"
-        rows = [(FileKey.of(p), centres[i % n_way] + rng.normal(0, 0.8, d).astype(np.float32),
-                 "") for i, p in enumerate(paths)]
+        rows = [(FileKey.of(p), centres[i % n_way]
+                 + rng.normal(0, spread, d).astype(np.float32), "")
+                for i, p in enumerate(paths)]
         cache.store(model_id, rows)
+    return ckpt, paths, cache_path
+
+
+def relabel_ms(tmp: Path, n: int = 10_000, d: int = 1280, n_way: int = 5
+               ) -> tuple[float, float, float]:
+    """Median ms of correct() (wall, and CPU time: the head is single-threaded, so CPU time
+    is what it takes on an idle core), and of a threshold change, with ``n`` cached
+    ``d``-dim features: placeholder files whose features are put in the cache through its
+    API (:func:`cached_placeholders`)."""
+    ckpt, paths, cache_path = cached_placeholders(tmp, n, d, n_way)
     support = {f"c{k}": [paths[n + k]] for k in range(n_way)}
     with LabelingSession(ckpt, LabelSettings(), cache_path=cache_path, backend="torch") as s:
         s.set_support(support)

@@ -160,6 +160,28 @@ class FakeSession:
         pass
 
 
+class RedSession(FakeSession):
+    """Every image is "red" at 0.9."""
+
+    def guess(self, index: int, path: Path):
+        from fewshot_studio.engine.api import Prediction, Status
+        return Prediction(path, "red", 0.9, 0.5, Status.OK, (("red", 0.9),))
+
+
+def window_with_classes(qtbot, support: dict[str, list[Path]], query: Path, rows: int,
+                        session_factory=RedSession):
+    """A shown window whose project has ``support``'s classes and ``query`` as its folder,
+    once the gallery lists ``rows`` images."""
+    from fewshot_studio.gui import project_io as pio
+    w = shown_window(qtbot, session_factory=session_factory)
+    w.project.apply(pio.Project(
+        classes=[pio.ClassSpec(n, pio.PALETTE[i], ps) for i, (n, ps) in
+                 enumerate(support.items())],
+        query_folder=query, checkpoint="fake"))
+    qtbot.waitUntil(lambda: w.gallery_model.rowCount() == rows, timeout=10_000)
+    return w
+
+
 def wait_idle(qtbot, w) -> None:
     """Wait until the window's engine thread is idle, with no run or relabel pending, then let
     the queued result signals land."""

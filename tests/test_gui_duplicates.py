@@ -14,18 +14,12 @@ from PIL import Image
 
 pytest.importorskip("pytestqt")
 
-from _gui_helpers import FakeSession, label_and_wait, shown_window
+from _gui_helpers import label_and_wait, window_with_classes
 
-from fewshot_studio.engine.api import Prediction, Status
 from fewshot_studio.gui import project_io as pio
 from fewshot_studio.gui.controllers import commands
 from fewshot_studio.gui.main_window import MainWindow
 from fewshot_studio.gui.models.gallery import Role
-
-
-class RedSession(FakeSession):
-    def guess(self, index: int, p: Path) -> Prediction:
-        return Prediction(p, "red", 0.9, 0.5, Status.OK, (("red", 0.9),))
 
 
 def texture(seed: int, w: int = 96, h: int = 72) -> Image.Image:
@@ -54,12 +48,7 @@ def data(tmp_path: Path) -> dict:
 
 @pytest.fixture
 def win(qtbot, data: dict):
-    w = shown_window(qtbot, session_factory=RedSession)
-    w.project.apply(pio.Project(
-        classes=[pio.ClassSpec(n, pio.PALETTE[i], ps) for i, (n, ps) in
-                 enumerate(data["support"].items())],
-        query_folder=data["query"], checkpoint="fake"))
-    qtbot.waitUntil(lambda: w.gallery_model.rowCount() == 6, timeout=10_000)
+    w = window_with_classes(qtbot, data["support"], data["query"], rows=6)
     w.labeling.set_cache_path(data["root"] / "cache.sqlite")
     yield w
     w.close()

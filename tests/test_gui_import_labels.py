@@ -10,19 +10,10 @@ import pytest
 
 pytest.importorskip("pytestqt")
 
-from _gui_helpers import FakeSession, label_and_wait, make_image, shown_window, wait_idle
+from _gui_helpers import label_and_wait, make_image, wait_idle, window_with_classes
 
-from fewshot_studio.engine.api import Prediction, Status
-from fewshot_studio.gui import project_io as pio
 from fewshot_studio.gui.controllers import commands
 from fewshot_studio.gui.main_window import MainWindow
-
-
-class RedSession(FakeSession):
-    """Every image is "red" at 0.9."""
-
-    def guess(self, index: int, p: Path) -> Prediction:
-        return Prediction(p, "red", 0.9, 0.5, Status.OK, (("red", 0.9),))
 
 
 @pytest.fixture
@@ -40,12 +31,7 @@ def data(tmp_path: Path) -> dict:
 
 @pytest.fixture
 def win(qtbot, data: dict):
-    w = shown_window(qtbot, session_factory=RedSession)
-    w.project.apply(pio.Project(
-        classes=[pio.ClassSpec(n, pio.PALETTE[i], ps) for i, (n, ps) in
-                 enumerate(data["support"].items())],
-        query_folder=data["query"], checkpoint="fake"))
-    qtbot.waitUntil(lambda: w.gallery_model.rowCount() == 6, timeout=10_000)
+    w = window_with_classes(qtbot, data["support"], data["query"], rows=6)
     yield w
     w.close()
 
