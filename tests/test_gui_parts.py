@@ -82,11 +82,13 @@ def test_function_worker_returns_a_plain_functions_value_off_thread(qtbot) -> No
         return a + b
 
     w = FunctionWorker(add, 2, b=3)
-    yielded = []
+    yielded, finished = [], []
     w.yielded.connect(yielded.append)
-    with qtbot.waitSignal(w.finished, timeout=5000) as sig:
+    w.finished.connect(finished.append)
+    # ``done`` comes last, after ``finished`` and after ``is_done`` is set in the pool thread
+    with qtbot.waitSignal(w.signals.done, timeout=5000):
         w.start()
-    assert sig.args == [5] and not yielded and w.is_done
+    assert finished == [5] and not yielded and w.is_done
     assert threads == [w.thread_ident] and w.thread_ident != threading.get_ident()
 
 

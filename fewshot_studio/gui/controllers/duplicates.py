@@ -102,6 +102,7 @@ class DuplicatesController(QObject):
         return w.start()
 
     def _on_found(self, found: FoundDuplicates) -> None:
+        self.worker = None  # not busy from here, though the pool thread may not have ended yet
         self.sizes = found.sizes
         self.searched = True
         self.gallery.set_duplicate_groups(found.groups)
