@@ -121,14 +121,16 @@ def ci95(values: np.ndarray) -> float:
 
 def episode_accuracies(x: torch.Tensor, y: np.ndarray, model: FewShotClassifier,
                        temperature: float, way: int, shot: int, query: int, episodes: int,
-                       modes: tuple[str, ...]) -> tuple[dict[str, np.ndarray], float, float]:
+                       modes: tuple[str, ...], seed: int = 0
+                       ) -> tuple[dict[str, np.ndarray], float, float]:
     """Per-episode accuracy of each ``adapt`` mode on the same episodes; the share of
     episodes where ``auto`` chose the head and the mean ms of an ``auto`` fit."""
     from fewshot_studio.engine.head import adapt_to_support
 
     acc: dict[str, list[float]] = {m: [] for m in modes}
     chose_head, auto_ms = 0, 0.0
-    for s_idx, s_lab, q_idx, q_lab, _ in draw_episodes(y, way, shot, query, episodes):
+    for s_idx, s_lab, q_idx, q_lab, _ in draw_episodes(y, way, shot, query, episodes,
+                                                           seed):
         sx, sy, qx = x[s_idx], torch.from_numpy(s_lab), x[q_idx]
         for mode in modes:
             t = time.perf_counter()
@@ -193,6 +195,8 @@ def main() -> None:
     ap.add_argument("--episodes", type=int, default=300)
     ap.add_argument("--l2", type=float, default=head.HEAD_L2, help="tuning: HEAD_L2")
     ap.add_argument("--steps", type=int, default=head.HEAD_STEPS, help="tuning: HEAD_STEPS")
+    ap.add_argument("--seed", type=int, default=0, help="episode seed (tune on one, e.g. "
+                    "100; report on 0, the model card's)")
     ap.add_argument("--refresh", action="store_true", help="re-embed the images")
     ap.add_argument("--no-relabel", action="store_true", help="skip the relabel timing")
     args = ap.parse_args()
@@ -200,7 +204,8 @@ def main() -> None:
     head.HEAD_L2, head.HEAD_STEPS = args.l2, args.steps
     model, _, temperature = load_model(args.checkpoint)
     print(f"# {args.checkpoint}, {args.way}-way, {args.query} queries a class, "
-          f"{args.episodes} paired episodes; head L2 {args.l2}, {args.steps} steps")
+          f"{args.episodes} paired episodes (seed {args.seed}); head L2 {args.l2}, "
+          f"{args.steps} steps")
     print("dataset      shot  prototypes      head            auto            "
           "auto - prototypes  auto chose head  auto fit ms")
     for dataset in args.datasets:
@@ -208,7 +213,7 @@ def main() -> None:
         for shot in args.shots:
             acc, share, ms = episode_accuracies(x, y, model, temperature, args.way, shot,
                                                 args.query, args.episodes,
-                                                ("none", "head", "auto"))
+                                                ("none", "head", "auto"), args.seed)
             diff = acc["auto"] - acc["none"]
             cells = "  ".join(f"{100 * acc[m].mean():5.2f} +- {100 * ci95(acc[m]):4.2f}"
                               for m in ("none", "head", "auto"))

@@ -1,5 +1,11 @@
-"""Bring your own backbone: an ONNX image-embedding model -> a FewShot Studio checkpoint
-(``fewshot-studio import-backbone``).
+"""Bring your own backbone: an ONNX image-embedding model or a timm model -> a FewShot Studio
+checkpoint (``fewshot-studio import-backbone``).
+
+A timm model (:func:`import_timm_model`) becomes a ProtoNet around
+:class:`~fewshot_studio.models.backbones.timm_model.TimmBackbone`: its pretrained weights
+(from timm's cache or hub, or a local file) are the checkpoint's weights, its
+``pretrained_cfg`` says how images are fed, and fine-tuning applies. The rest of this note
+is about ONNX models.
 
 The checkpoint is a ProtoNet (cosine prototypes by default: what suits the embeddings of
 foundation models such as DINOv2 or CLIP) whose backbone is the ONNX graph itself
@@ -26,6 +32,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import Tensor, nn
 
 from fewshot_studio.data.preprocess import Preprocess
 from fewshot_studio.errors import UserError
@@ -128,7 +135,6 @@ def import_onnx(path: str | os.PathLike[str], options: InputOptions = InputOptio
     UserError with a one-line reason otherwise."""
     import onnx
 
-    from fewshot_studio.models import create_method, model_spec
     from fewshot_studio.models.backbones.onnx_graph import OnnxGraph
 
     path = Path(path)
@@ -146,28 +152,92 @@ def import_onnx(path: str | os.PathLike[str], options: InputOptions = InputOptio
     probe = OnnxGraph(pre.channels, pre.image_size, len(data), input_name, output_name,
                       layout)
     probe.set_graph(data)
-    x = torch.randn(2, pre.channels, pre.image_size, pre.image_size)
-    try:
-        out = probe(x)
-    except Exception as e:
-        raise UserError(f"{path}: the model does not run on a {pre.image_size} px "
-                        f"{layout} batch ({type(e).__name__}: {str(e)[:120]})") from None
-    if out.dim() not in (2, 4) or out.shape[0] != 2:
-        raise UserError(f"{path}: the model's output must be (batch, features) or "
-                        f"(batch, C, h, w) maps, not {tuple(out.shape)}")
-    if not bool(torch.isfinite(out).all()):
-        raise UserError(f"{path}: the model's output holds NaN or Inf")
+    out = _probe(probe, pre, f"{path}: the model", layout)
     backbone = OnnxGraph(pre.channels, pre.image_size, len(data), input_name, output_name,
                          layout, tuple(out.shape[1:]))
     backbone.set_graph(data)
+    digest = hashlib.sha256(data).hexdigest()
+    return _protonet_checkpoint(
+        backbone, "onnx", out, pre, name or path.stem, distance,
+        f"the ONNX model {path.name}",
+        {"source": "onnx", "file": path.name, "sha256": digest, "layout": layout,
+         "meta_trained": False})
+
+
+def timm_preprocess(cfg: dict[str, Any], options: InputOptions) -> Preprocess:
+    """The :class:`Preprocess` of a timm model: ``options`` first, then its
+    ``pretrained_cfg`` (``input_size``, ``mean``, ``std``, ``crop_pct``), then ImageNet's."""
+    if options.layout not in (None, "NCHW"):
+        raise UserError("a timm model takes NCHW images: --layout is for ONNX models")
+    c, h, _ = tuple(cfg.get("input_size") or (3, 224, 224))  # (C, H, W)
+    channels = int(options.channels or c)
+    mean = options.mean or tuple(cfg.get("mean") or IMAGENET_MEAN)
+    std = options.std or tuple(cfg.get("std") or IMAGENET_STD)
+    if channels == 1 and len(mean) != 1:  # grey input: timm sums the RGB stem's weights
+        mean, std = (sum(mean) / len(mean),), (sum(std) / len(std),)
+    return Preprocess.from_dict({
+        "image_size": int(options.image_size or h), "channels": channels,
+        "mean": list(mean), "std": list(std), "resize": options.resize or "center_crop",
+        "crop_fraction": float(cfg.get("crop_pct") or 0.875)})
+
+
+def import_timm_model(model_name: str, options: InputOptions = InputOptions(),
+                      weights: str | os.PathLike[str] | None = None, name: str = "",
+                      distance: str = "cosine") -> Checkpoint:
+    """A timm model (``timm.create_model(model_name, pretrained=True, num_classes=0)``; its
+    weights from ``weights``, a local file, when given, else timm's cache or hub) -> a
+    :class:`Checkpoint` of a ProtoNet around it, whose weights the checkpoint holds. How
+    images are fed comes from ``options``, else the model's ``pretrained_cfg``
+    (:func:`timm_preprocess`). UserError with a one-line reason when it cannot be had."""
+    from fewshot_studio.models.backbones.timm_model import TimmBackbone, create_timm_model
+
+    if weights is not None and not Path(weights).is_file():
+        raise UserError(f"no such weights file: {weights}")
+    module = create_timm_model(model_name, options.channels or 3, pretrained=True,
+                               weights_file=weights).eval()
+    pre = timm_preprocess(dict(module.pretrained_cfg or {}), options)
+    probe = TimmBackbone(model_name, pre.channels, pre.image_size, model=module)
+    with torch.no_grad():
+        out = _probe(probe, pre, f"timm model {model_name!r}", "NCHW")
+    backbone = TimmBackbone(model_name, pre.channels, pre.image_size, tuple(out.shape[1:]),
+                            model=module)
+    source = Path(weights).name if weights is not None else "timm's cache or hub"
+    return _protonet_checkpoint(
+        backbone, "timm", out, pre, name or model_name.replace("/", "_"), distance,
+        f"the timm model {model_name}",
+        {"source": "timm", "model": model_name, "weights": source, "meta_trained": False})
+
+
+def _probe(backbone: nn.Module, pre: Preprocess, what: str, layout: str) -> Tensor:
+    """``backbone`` run on a random batch of 2: its ``(2, d)`` or ``(2, C, h, w)`` output,
+    finite; UserError (naming ``what``) otherwise."""
+    x = torch.randn(2, pre.channels, pre.image_size, pre.image_size)
+    try:
+        out = backbone(x)
+    except Exception as e:
+        raise UserError(f"{what} does not run on a {pre.image_size} px {layout} batch "
+                        f"({type(e).__name__}: {str(e)[:120]})") from None
+    if out.dim() not in (2, 4) or out.shape[0] != 2:
+        raise UserError(f"{what}'s output must be (batch, features) or (batch, C, h, w) "
+                        f"maps, not {tuple(out.shape)}")
+    if not bool(torch.isfinite(out).all()):
+        raise UserError(f"{what}'s output holds NaN or Inf")
+    return out
+
+
+def _protonet_checkpoint(backbone: nn.Module, backbone_name: str, out: Tensor,
+                         pre: Preprocess, name: str, distance: str, source: str,
+                         imported: dict[str, Any]) -> Checkpoint:
+    """A ProtoNet (``distance``) around an imported ``backbone`` whose probe output was
+    ``out``: maps are average-pooled, vectors used as they are."""
+    from fewshot_studio.models import create_method, model_spec
+
     method = create_method("protonet", backbone, distance=distance,
                            pool="avg" if out.dim() == 4 else "flatten")
-    digest = hashlib.sha256(data).hexdigest()
     return Checkpoint(
-        model=model_spec(method, "onnx", backbone.config()), preprocess=pre,
-        state_dict={k: v.clone() for k, v in method.state_dict().items()},
-        name=name or path.stem,
-        description=f"ProtoNet ({distance}) on the ONNX model {path.name} "
+        model=model_spec(method, backbone_name, backbone.config()), preprocess=pre,
+        state_dict={k: v.detach().clone() for k, v in method.state_dict().items()},
+        name=name,
+        description=f"ProtoNet ({distance}) on {source} "
                     f"({int(np.prod(out.shape[1:]))}-d features), imported",
-        training={"imported": {"source": "onnx", "file": path.name, "sha256": digest,
-                               "layout": layout, "meta_trained": False}})
+        training={"imported": imported})

@@ -8,7 +8,8 @@ own augmentation, :func:`augment_for`), so a 1-shot support set works too.
 
 The frozen part (the "prefix") never changes, so every augmented view goes through it once:
 ``views`` augmented views of each support image are computed up front and each step only
-runs the trainable suffix (a few percent of EfficientNet-Lite0's cost at 224 px). BatchNorm
+runs the trainable suffix (a few percent of EfficientNet-Lite0's cost at 224 px; a timm
+model, which has no general cut, runs whole and trains its last units). BatchNorm
 keeps its running statistics (eval mode throughout); its affine weights train.
 
 :func:`finetune` returns an adapted deep copy and never mutates the model it is given; it is
@@ -33,6 +34,7 @@ from fewshot_studio.errors import UserError
 from fewshot_studio.models.backbones.conv4 import Conv4
 from fewshot_studio.models.backbones.efficientnet_lite0 import EfficientNetLite0, lite0_readout
 from fewshot_studio.models.backbones.resnet12 import ResNet12
+from fewshot_studio.models.backbones.timm_model import TimmBackbone, trailing_units
 from fewshot_studio.models.base import FewShotClassifier
 from fewshot_studio.progress import Progress
 
@@ -47,7 +49,9 @@ class FinetuneSettings:
 
     ``steps``: optimiser steps (Adam, learning rate ``lr``). ``blocks``: trailing backbone
     units trained (EfficientNet-Lite0: 1 = its 1x1 head conv and the readout weight, 2 = also
-    the last MBConv block, ...; Conv4 / ResNet-12: the last ``blocks`` blocks). ``views``:
+    the last MBConv block, ...; Conv4 / ResNet-12: the last ``blocks`` blocks; a timm model:
+    its last ``blocks`` units, :func:`~fewshot_studio.models.backbones.timm_model.
+    trailing_units`). ``views``:
     augmented views of each support image computed through the frozen part up front.
     ``way``: classes per pseudo-episode (None or more than the support has: all).
     ``query``: images of a class held out as that class's queries in each pseudo-episode,
@@ -83,10 +87,18 @@ class Split:
     """A backbone cut in two: ``prefix`` (frozen) maps ``(n, C, H, W)`` images to
     intermediate maps, ``suffix`` (trained) maps those to the backbone's output, so
     ``suffix(prefix(x)) == backbone(x)``. ``suffix`` shares its parameters with the
-    backbone it was cut from."""
+    backbone it was cut from. ``trained``: the suffix's parameters that train (None: all of
+    them; a backbone that cannot be cut in general, a timm model, has the identity prefix
+    and trains only its last units)."""
 
     prefix: Callable[[Tensor], Tensor]
     suffix: nn.Module
+    trained: tuple[nn.Parameter, ...] | None = None
+
+    def parameters(self) -> list[nn.Parameter]:
+        """The floating-point parameters that train."""
+        params = self.suffix.parameters() if self.trained is None else self.trained
+        return [p for p in params if p.is_floating_point()]
 
 
 class _Lite0Suffix(nn.Module):
@@ -113,12 +125,20 @@ def _split_sequential(seq: nn.Sequential, blocks: int) -> Split:
     return Split(seq[:start], seq[start:])
 
 
+def _split_timm(bb: TimmBackbone, blocks: int) -> Split:
+    """The whole model runs each step (a timm model has no general cut); only the parameters
+    of its last ``blocks`` units (:func:`trailing_units`) train."""
+    units = trailing_units(bb.model)[-blocks:]
+    return Split(nn.Identity(), bb, tuple(p for _, u in units for p in u.parameters()))
+
+
 # How each backbone is cut: a table, one entry per backbone class (a backbone not in it
 # cannot be fine-tuned).
 SPLITS: dict[type[nn.Module], Callable[[Any, int], Split]] = {
     EfficientNetLite0: _split_lite0,
     Conv4: lambda bb, b: _split_sequential(bb.encoder, b),
     ResNet12: lambda bb, b: _split_sequential(bb.blocks, b),
+    TimmBackbone: _split_timm,
 }
 
 
@@ -221,7 +241,7 @@ def finetune_on_bank(model: FewShotClassifier, bank: Tensor, labels: Tensor,
     adapted = copy.deepcopy(model).eval()
     split = split_backbone(adapted, settings.blocks)
     adapted.requires_grad_(False)
-    params = [p for p in split.suffix.parameters() if p.is_floating_point()]
+    params = split.parameters()
     for p in params:
         p.requires_grad_(True)
     opt = torch.optim.Adam(params, lr=settings.lr)

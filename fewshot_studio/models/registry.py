@@ -34,7 +34,8 @@ class BackboneCfg:
     """What a backbone declares on its registry entry (after timm's ``pretrained_cfg``):
     ``preprocess``, its default input (size, channels, normalisation, resize mode), which
     its ``image_size`` and ``in_channels`` defaults equal; ``trainable``: False for a
-    backbone without gradients (an imported ONNX graph), which ``train`` does not offer."""
+    backbone that ``train`` does not offer: one without gradients (an imported ONNX graph) or
+    one that only ``import-backbone`` builds (a timm model, which needs a name and weights)."""
 
     preprocess: Preprocess = field(default_factory=Preprocess)
     trainable: bool = True

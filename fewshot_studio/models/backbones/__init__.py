@@ -13,12 +13,14 @@ from fewshot_studio.models.backbones.efficientnet_lite0 import (
 )
 from fewshot_studio.models.backbones.onnx_graph import OnnxGraph
 from fewshot_studio.models.backbones.resnet12 import ResNet12
+from fewshot_studio.models.backbones.timm_model import TimmBackbone
 
 __all__ = [
     "Conv4",
     "EfficientNetLite0",
     "OnnxGraph",
     "ResNet12",
+    "TimmBackbone",
     "convert_pretrained_lite0",
     "pretrained_lite0_path",
 ]

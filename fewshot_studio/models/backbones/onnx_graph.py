@@ -10,8 +10,9 @@ refuses a file whose graph was cut short. The graph's input is fed as the checkp
 :class:`~fewshot_studio.data.preprocess.Preprocess` prepares it (size, mean/std), in the
 graph's own ``layout`` ("NCHW" or "NHWC"); its output ``(n, d)`` (or ``(n, C, h, w)`` maps)
 is the backbone's output. ONNX Runtime runs it on the CPU; it has no gradients, so an ONNX
-backbone cannot be fine-tuned (a timm backbone can). It cannot be traced either: the engine's
-ONNX Runtime backend runs the graph itself, composed with the method's pooling
+backbone cannot be fine-tuned (a timm backbone, ``timm_model.py``, can). It cannot be
+traced either: the engine's ONNX Runtime backend runs the graph itself, composed with the
+method's pooling
 (:meth:`OnnxGraph.embed_graph`, declared by :meth:`OnnxGraph.onnx_graph`).
 """
 
