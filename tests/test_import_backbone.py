@@ -59,13 +59,15 @@ class TinyMaps(nn.Module):
         return torch.tanh(self.conv(x))
 
 
-def export(path: Path, size: int = 32, nhwc: bool = False, batch: str | None = "n",
+def export(path: Path, size: int = 32, nhwc: bool = False, batch: str | int | None = "n",
            metadata: dict[str, str] | None = None, maps: bool = False) -> Path:
+    """A tiny model as ONNX; ``batch``: a name (any batch size), None (fixed at 1) or a
+    fixed size."""
     model = (TinyMaps() if maps else TinyEmbedder(nhwc)).eval()
     shape = (2, size, size, 3) if nhwc else (2, 3, size, size)
-    if batch is None:
-        shape = (1, *shape[1:])
-    axes = {"pixels": {0: batch}, "embedding": {0: batch}} if batch else None
+    if not isinstance(batch, str):
+        shape = (batch or 1, *shape[1:])
+    axes = {"pixels": {0: batch}, "embedding": {0: batch}} if isinstance(batch, str) else None
     torch.onnx.export(model, (torch.randn(*shape),), str(path), input_names=["pixels"],
                       output_names=["embedding"], dynamic_axes=axes, dynamo=False)
     if metadata:
@@ -129,6 +131,23 @@ def test_bad_models_are_refused(tmp_path: Path) -> None:
                     location="ext.data", size_threshold=0)
     with pytest.raises(UserError, match="external data"):
         import_onnx(ext)
+
+
+def test_a_graph_with_a_fixed_batch_of_four_runs_any_number_of_images(tmp_path: Path) -> None:
+    from fewshot_studio.engine.backends import OnnxBackend
+    from fewshot_studio.engine.onnx_export import export_embed_onnx
+
+    ckpt = import_onnx(export(tmp_path / "enc.onnx", batch=4))  # probed with 2 images
+    model = ckpt.build("cpu")
+    graph = export_embed_onnx(model, ckpt.preprocess, tmp_path / "embed.onnx")
+    backend = OnnxBackend(graph)
+    torch.manual_seed(4)
+    x = torch.randn(9, 3, 32, 32)
+    with torch.no_grad():
+        ref = TinyEmbedder().eval()(x).numpy()
+    for n in (1, 3, 4, 5, 9):  # partial last calls are padded, their extra rows dropped
+        np.testing.assert_allclose(model.embed(x[:n]).numpy(), ref[:n], atol=1e-5)
+        np.testing.assert_allclose(backend.embed(x[:n].numpy()), ref[:n], atol=1e-5)
 
 
 def test_a_truncated_graph_is_refused_before_it_runs(tmp_path: Path) -> None:

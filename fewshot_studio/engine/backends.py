@@ -34,6 +34,7 @@ from torch import nn
 from fewshot_studio.data.preprocess import Preprocess
 from fewshot_studio.engine.api import BackendInfo
 from fewshot_studio.errors import UserError
+from fewshot_studio.models.backbones.onnx_graph import fixed_batch, run_batched
 from fewshot_studio.models.base import FewShotClassifier
 
 log = logging.getLogger(__name__)
@@ -123,8 +124,7 @@ class OnnxBackend(EmbedBackend):
         # 84 px RGB, 1 at 224 px). Measured in CPU time per image with one thread, Conv4 at
         # 84 px: 1.86 ms at batch 1, 2.05 ms at 8; Lite0 at 224 px: 11.1 ms vs 14.0 ms.
         self.micro_batch = max(1, min(16, (256 << 10) // input_bytes)) if input_bytes else 4
-        fixed = self.session.get_inputs()[0].shape[0]  # an int: the graph's batch is fixed
-        self._step = fixed if isinstance(fixed, int) and fixed > 0 else 0
+        self._fixed = fixed_batch(self.session)  # an imported graph may fix its batch size
         self.precision = precision
         detail = ", ".join(active) + (", int8" if precision == "int8" else "")
         if self.concurrent:
@@ -132,13 +132,10 @@ class OnnxBackend(EmbedBackend):
         self.info = BackendInfo("onnxruntime", real_device, detail)
 
     def embed(self, images: np.ndarray) -> np.ndarray:
-        x = np.ascontiguousarray(images, dtype=np.float32)
-        # an imported graph may fix its batch size: then run it that many images at a time
-        step = self._step or max(1, len(x))
-        outs = [self.session.run([self._out], {self._in: x[i:i + step]})[0]
-                for i in range(0, max(1, len(x)), step)]
-        return np.asarray(outs[0] if len(outs) == 1 else np.concatenate(outs),
-                          dtype=np.float32)
+        x = np.asarray(images, dtype=np.float32)
+        out = run_batched(lambda c: self.session.run([self._out], {self._in: c})[0], x,
+                          self._fixed)
+        return np.asarray(out, dtype=np.float32)
 
     def close(self) -> None:
         self.session = None

@@ -19,6 +19,7 @@ method's pooling
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -30,6 +31,32 @@ from fewshot_studio.errors import UserError
 from fewshot_studio.models.registry import BACKBONES, BackboneCfg
 
 LAYOUTS = ("NCHW", "NHWC")
+
+
+def fixed_batch(session: Any) -> int:
+    """An ONNX Runtime session's fixed batch size: its input's first dimension when that is
+    a number, else 0 (any batch)."""
+    fixed = session.get_inputs()[0].shape[0]
+    return fixed if isinstance(fixed, int) and fixed > 0 else 0
+
+
+def run_batched(run: Callable[[np.ndarray], np.ndarray], x: np.ndarray, fixed: int
+                ) -> np.ndarray:
+    """``run`` on ``x (n, ...)``: at once when ``fixed`` is 0, else ``fixed`` rows a call (a
+    graph exported with a fixed batch size), the last call's rows padded to ``fixed`` with
+    copies of its last row and their outputs dropped. -> ``(n, ...)``."""
+    if fixed <= 0:
+        return run(np.ascontiguousarray(x))
+    outs = []
+    for i in range(0, max(1, x.shape[0]), fixed):
+        chunk = x[i:i + fixed]
+        short = fixed - chunk.shape[0]
+        if short:
+            pad = (np.repeat(chunk[-1:], short, axis=0) if chunk.shape[0]
+                   else np.zeros((short, *x.shape[1:]), x.dtype))
+            chunk = np.concatenate([chunk, pad])
+        outs.append(run(np.ascontiguousarray(chunk))[:fixed - short])
+    return np.concatenate(outs)
 
 
 @BACKBONES.register("onnx", cfg=BackboneCfg(Preprocess(  # no gradients: not trainable
@@ -158,12 +185,8 @@ class OnnxGraph(nn.Module):
         if self.layout == "NHWC":
             a = a.transpose(0, 2, 3, 1)
         session = self.session()
-        fixed = session.get_inputs()[0].shape[0]  # an int when the graph's batch is fixed
-        step = fixed if isinstance(fixed, int) and fixed > 0 else max(1, a.shape[0])
-        outs = [session.run([self.output_name],
-                            {self.input_name: np.ascontiguousarray(a[i:i + step])})[0]
-                for i in range(0, a.shape[0], step)]
-        out = np.concatenate(outs) if outs else np.zeros((0, *self.feature_shape))
+        out = run_batched(lambda c: session.run([self.output_name], {self.input_name: c})[0],
+                          a, fixed_batch(session))
         return torch.from_numpy(np.asarray(out, dtype=np.float32)).to(x.device)
 
     def __getstate__(self) -> dict[str, Any]:
