@@ -453,3 +453,23 @@ def test_help_lists_every_action_with_a_shortcut(qtbot) -> None:
     late.setShortcut(QKeySequence("Ctrl+Alt+Q"))  # changed: the dialog follows
     assert "Ctrl+Alt+Q" in dialog_text()
     w.close()
+
+
+def test_a_reopened_project_shows_its_map_without_a_run(qtbot, labeled_win,
+                                                        tmp_path: Path) -> None:
+    from _gui_helpers import shown_window
+
+    a = labeled_win
+    shown = sorted(map(str, _open_map(qtbot, a).paths))
+    labeled = a.gallery_model.labeled_count()
+    saved = a.project.save(tmp_path / "proj" / "mine")
+    a.close()
+    b = shown_window(qtbot)
+    with qtbot.waitSignal(b.labeling.scanned, timeout=20_000):
+        b.project.open(saved)
+    assert b.gallery_model.labeled_count() == labeled  # the saved labels, no Label press
+    b.labeling.set_cache_path(tmp_path / "cache.sqlite")  # where the first window's run put them
+    ctl = _open_map(qtbot, b)
+    assert sorted(map(str, ctl.paths)) == shown
+    assert b.labeling.host.session is None  # read from the cache: the engine never ran
+    b.close()

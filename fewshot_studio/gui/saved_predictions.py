@@ -30,11 +30,14 @@ NO_STAMP: Stamp = (-1, 0)
 class SavedPredictions:
     """Predictions as a project keeps them: ``checkpoint_id`` is the SHA-256 of the checkpoint
     file that made them (the embedding cache's checkpoint identity); ``stamps[i]`` is the
-    :data:`Stamp` of ``predictions[i].path`` when it was labeled."""
+    :data:`Stamp` of ``predictions[i].path`` when it was labeled; ``feature_id``: the cache
+    key their features were stored under ("" unknown: the embedding map of a reopened
+    project reads them with it, without a run)."""
 
     checkpoint_id: str
     predictions: list[Prediction] = field(default_factory=list)
     stamps: list[Stamp] = field(default_factory=list)
+    feature_id: str = ""
 
 
 # -- predictions ----------------------------------------------------------------------------
@@ -77,6 +80,7 @@ def predictions_to_dict(saved: SavedPredictions, base: Path) -> dict[str, Any]:
     return {
         "format": PREDICTIONS_FORMAT,
         "checkpoint_id": saved.checkpoint_id,
+        "feature_id": saved.feature_id,
         "labels": list(labels),
         "path": [rel_path(p.path, base) for p in preds],
         "label": label_col,
@@ -126,6 +130,7 @@ def predictions_from_dict(doc: Any, base: str, corrections: dict[Path, str],
     if doc.get("format") != PREDICTIONS_FORMAT:
         raise UserError(f"{w}: unknown format {show(doc.get('format'))}")
     ident = typed(doc, "checkpoint_id", str, "text", "", w)
+    feature_id = typed(doc, "feature_id", str, "text", "", w)  # "" in older files
     labels = typed(doc, "labels", list, "a list", [], w)
     if not _types(labels) <= {str}:
         raise UserError(f"{w}: 'labels' must be a list of class names")
@@ -166,4 +171,5 @@ def predictions_from_dict(doc: Any, base: str, corrections: dict[Path, str],
             status_of[status], tuple((labels[top[j]], float(top[j + 1]))
                                      for j in range(0, len(top), 2)),
             errors.get(str(i), ""), bool(corrected) and str(path) in corrected))
-    return SavedPredictions(ident, preds, list(zip(cols["size"], cols["mtime"], strict=True)))
+    return SavedPredictions(ident, preds, list(zip(cols["size"], cols["mtime"], strict=True)),
+                            feature_id)

@@ -251,8 +251,8 @@ class LabelingController(QObject):
         preds = self.gallery.predictions()
         if not preds:
             return None
-        return SavedPredictions(self._pred_id, preds,
-                                    [self._stamps.get(p.path, NO_STAMP) for p in preds])
+        stamps = [self._stamps.get(p.path, NO_STAMP) for p in preds]
+        return SavedPredictions(self._pred_id, preds, stamps, self.feature_id)
 
     # -- query folder -----------------------------------------------------------------------
     def set_query_folder(self, folder: Path | None,
@@ -300,13 +300,13 @@ class LabelingController(QObject):
         self._pending = None
         note, fixed = "", []
         if restored is not None:
-            ident, preds, stamps, note = restored
+            ident, preds, stamps, note, feature_id = restored
             corr = self.corrections  # corrections may have changed during the scan
             fixed = [p if p.corrected == (p.path in corr) else
                      replace(p, corrected=not p.corrected) for p in preds]
             self.gallery.apply_predictions(fixed)
             self._pred_id, self._stamps = ident, stamps
-            self._restored = bool(fixed)
+            self._restored, self.feature_id = bool(fixed), feature_id  # the map reads it
         self.scanned.emit(len(paths))
         if warning := unreadable_note(paths):
             self.scan_warning.emit(warning)

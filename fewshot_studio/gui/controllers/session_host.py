@@ -250,13 +250,14 @@ def checkpoint_identity(checkpoint: str, cache_path: Path | None) -> str:
 
 
 def current_predictions(saved: SavedPredictions, on_disk: set[str], checkpoint_id: str
-                        ) -> tuple[list[Prediction], dict[Path, Stamp], str]:
+                        ) -> tuple[list[Prediction], dict[Path, Stamp], str, str]:
     """The saved predictions that still hold (same checkpoint, file unchanged), their stamps,
-    and a one-line account for the status bar. Pool threads only (one stat per image)."""
+    a one-line account for the status bar and the cache key of their features ("" when none
+    hold). Pool threads only (one stat per image)."""
     n = len(saved.predictions)
     if not checkpoint_id or checkpoint_id != saved.checkpoint_id:
         return [], {}, (f"{n} saved labels not shown: they were made with another checkpoint "
-                        "(press Label)")
+                        "(press Label)"), ""
     keep: list[Prediction] = []
     stamps: dict[Path, Stamp] = {}
     for p, stamp in zip(saved.predictions, saved.stamps, strict=True):
@@ -266,7 +267,7 @@ def current_predictions(saved: SavedPredictions, on_disk: set[str], checkpoint_i
     note = f"Restored {len(keep)} saved labels"
     if len(keep) < n:
         note += f"; {n - len(keep)} not shown: the images changed or are gone (press Label)"
-    return keep, stamps, note
+    return keep, stamps, note, saved.feature_id if keep else ""
 
 
 def check_checkpoint_file(name: str) -> str:
