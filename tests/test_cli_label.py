@@ -80,6 +80,8 @@ def test_save_project_holds_every_prediction(env: dict, tmp_path: Path,
     saved = p.predictions
     assert saved is not None
     assert saved.checkpoint_id == hashlib.sha256(env["ckpt"].read_bytes()).hexdigest()
+    # the features' cache key too: the app's map reads them without a run
+    assert saved.feature_id.startswith(saved.checkpoint_id + ":")
     rows = {r["path"]: r for r in read_csv(out)}
     got = {pr.path.relative_to(env["query"].resolve()).as_posix(): pr for pr in saved.predictions}
     assert set(got) == set(rows)
@@ -335,6 +337,9 @@ def test_labels_csv_and_folder_are_corrections_or_examples(
     (tmp_path / "nothing" / "empty").mkdir(parents=True)
     assert _label(env, out, "--labels", str(tmp_path / "nothing")) == 2
     assert "no class sub-folders with images" in capsys.readouterr().err
+    (tmp_path / "empty.csv").write_text("path,label\n", encoding="utf-8")  # as the app: refused
+    assert _label(env, out, "--labels", str(tmp_path / "empty.csv")) == 2
+    assert "no labels in it" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("case", ["unknown_class", "missing", "skip_unknown_alone"])

@@ -402,7 +402,8 @@ def _label_here(args: argparse.Namespace, plan: Plan) -> Outcome:
         if args.save_project is not None:
             done.project_file = save_project(args.save_project, args, plan.classes,
                                               plan.settings, preds,
-                                              session.model_id.split(":")[0])
+                                              session.model_id.split(":")[0],
+                                              session.embedding.feature_id())
         if plan.dest is not None:
             _copy(args, plan, preds, done)
     return done

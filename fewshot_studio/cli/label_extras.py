@@ -58,15 +58,16 @@ def check_project_target(args: argparse.Namespace) -> None:
 
 def save_project(path: Path, args: argparse.Namespace, classes: dict[str, list[Path]],
                   settings: LabelSettings, predictions: list[Prediction] | None,
-                  checkpoint_id: str) -> Path:
+                  checkpoint_id: str, feature_id: str = "") -> Path:
     """``--save-project``: the same file the app saves (``project_io.save_project``);
-    ``predictions`` None: never labeled (an empty query folder)."""
+    ``predictions`` None: never labeled (an empty query folder); ``feature_id``: the cache
+    key of their features (the app's map reads them without a run)."""
     from fewshot_studio.gui import project_io as pio
 
     specs = [pio.ClassSpec(name, pio.PALETTE[i % len(pio.PALETTE)], list(paths))
              for i, (name, paths) in enumerate(classes.items())]
     saved = None if predictions is None else pio.SavedPredictions(
-        checkpoint_id, predictions, [pio.file_stamp(p.path) for p in predictions])
+        checkpoint_id, predictions, [pio.file_stamp(p.path) for p in predictions], feature_id)
     project = pio.Project(classes=specs, query_folder=abs_path(args.query),
                           checkpoint=_project_checkpoint(args.checkpoint), settings=settings,
                           predictions=saved)
@@ -74,42 +75,29 @@ def save_project(path: Path, args: argparse.Namespace, classes: dict[str, list[P
 
 
 def known_labels(source: Path | None, query: Path, classes: dict[str, list[Path]],
-                  queries: list[Path]) -> dict[Path, str]:
-    """``--labels``: read a path,label CSV or a folder of class sub-folders. A query image
-    becomes a correction (returned: ``{path: label}``), any other existing image a support
-    example (added to ``classes``); a missing file is ignored with a note. UserError for an
-    unreadable source or a class that --support does not have."""
+                 queries: list[Path]) -> dict[Path, str]:
+    """``--labels``: read a path,label CSV or a folder of class sub-folders
+    (:func:`~fewshot_studio.engine.label_files.read_known_labels`, as the app's File > Import
+    labels). A query image becomes a correction (returned: ``{path: label}``), any other
+    existing image a support example (added to ``classes``); a missing file is ignored with a
+    note. UserError for an unreadable source or a class that --support does not have."""
     if source is None:
         return {}
-    from fewshot_studio.data.scan import class_folders
-    from fewshot_studio.engine import export
+    from fewshot_studio.engine.label_files import read_known_labels
 
-    if source.is_dir():
-        pairs = [(p, name) for name, images in class_folders(source, what="--labels folder")
-                 .items() for p in images]
-        if not pairs:
-            raise UserError(f"--labels {source}: no class sub-folders with images")
-    elif source.exists():
-        pairs = export.read_labels_csv(source, query)
-    else:
-        raise UserError(f"--labels not found: {source}")
-    strange = sorted({label for _, label in pairs} - set(classes))
+    found = read_known_labels(source, query, queries, what="--labels")
+    strange = sorted(found.labels - set(classes))
     if strange:
         raise UserError(f"--labels {source}: classes not in --support: "
                         + ", ".join(map(repr, strange[:5]))
                         + (f" and {len(strange) - 5} more" if len(strange) > 5 else ""))
-    in_query = set(queries)
-    corrections: dict[Path, str] = {}
-    n_support = n_missing = 0
-    for path, label in pairs:
-        if path in in_query:
-            corrections[path] = label
-        elif path.is_file():
+    n_support = 0
+    for label, paths in found.examples.items():
+        for path in paths:
             if path not in classes[label]:
                 classes[label].append(path)
                 n_support += 1
-        else:
-            n_missing += 1
-    print(f"note: --labels: {len(corrections)} corrections, {n_support} support examples"
+    n_missing = len(found.missing)
+    print(f"note: --labels: {len(found.corrections)} corrections, {n_support} support examples"
           + (f", {n_missing} missing files ignored" if n_missing else ""), file=sys.stderr)
-    return corrections
+    return found.corrections

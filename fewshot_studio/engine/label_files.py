@@ -1,6 +1,6 @@
 """Label files: the tabular formats of :mod:`.export`'s ``EXPORT_FORMATS`` (rows from
 :func:`~.label_rows.row_values`, one schema for every format), the duplicates CSV, and
-reading a labels CSV back.
+reading known labels back (a labels CSV or class folders: :func:`read_known_labels`).
 
 CSV (UTF-8, a header, one row per query file sorted by path), columns
 :data:`~.label_rows.CSV_COLUMNS`, numbers with 6 decimals, empty cells for None, booleans
@@ -46,11 +46,13 @@ import csv
 import io
 import json
 import os
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+from fewshot_studio.data.scan import class_folders
 from fewshot_studio.engine.api import Prediction
 from fewshot_studio.engine.label_rows import (
     CSV_COLUMNS,
@@ -333,3 +335,51 @@ def read_labels_csv(path: str | os.PathLike[str], root: Path) -> list[tuple[Path
             continue
         pairs.append((Path(os.path.abspath(Path(root) / where)), label))
     return pairs
+
+
+@dataclass
+class KnownLabels:
+    """What a labels source says, split by where each image is: ``corrections`` (query
+    images -> label, keyed by the caller's own query paths), ``examples`` (label -> other
+    existing images), ``missing`` (files that are not there) and ``labels`` (every label it
+    names)."""
+
+    source: Path
+    corrections: dict[Path, str] = field(default_factory=dict)
+    examples: dict[str, list[Path]] = field(default_factory=dict)
+    missing: list[Path] = field(default_factory=list)
+    labels: set[str] = field(default_factory=set)
+
+
+def read_known_labels(source: str | os.PathLike[str], root: Path, queries: Collection[Path],
+                      what: str = "labels") -> KnownLabels:
+    """Known labels (``label --labels``, the app's File > Import labels): a path,label CSV
+    (:func:`read_labels_csv`, relative paths against ``root``) or a folder of class
+    sub-folders (:func:`~fewshot_studio.data.scan.class_folders`), split against
+    ``queries`` (the query images): a query image is a correction, any other existing image
+    an example, a missing file is counted. UserError (naming ``what``) when the source is
+    not there, cannot be read or holds no labels. One stat per non-query image."""
+    source = Path(source)
+    if source.is_dir():
+        pairs = [(p, name) for name, images in class_folders(source, what=f"{what} folder")
+                 .items() for p in images]
+        if not pairs:
+            raise UserError(f"{what} {source}: no class sub-folders with images")
+    elif source.exists():
+        pairs = read_labels_csv(source, root)
+        if not pairs:
+            raise UserError(f"{what} {source}: no labels in it (a path,label CSV or a folder "
+                            "of class folders)")
+    else:
+        raise UserError(f"{what} not found: {source}")
+    query_of = {os.path.abspath(q): q for q in queries}
+    found = KnownLabels(source, labels={label for _, label in pairs})
+    for path, label in pairs:
+        path = Path(os.path.abspath(path))
+        if (q := query_of.get(str(path))) is not None:
+            found.corrections[q] = label
+        elif path.is_file():
+            found.examples.setdefault(label, []).append(path)
+        else:
+            found.missing.append(path)
+    return found

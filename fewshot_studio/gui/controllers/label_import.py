@@ -1,24 +1,21 @@
-"""File > Import labels: known labels from a ``path,label`` CSV (the CLI's ``--labels`` reader,
-:func:`~fewshot_studio.engine.export.read_labels_csv`: the app's and the CLI's own CSV exports
-read back) or from a folder of class sub-folders (:func:`~fewshot_studio.data.scan.
-class_folders`, the rule of every class-folder import). As in ``fewshot-studio label
---labels``, an image in the query folder becomes a correction (and counts as reviewed), any
-other existing image an example of its class, and a missing file is ignored and counted.
+"""File > Import labels: known labels from a ``path,label`` CSV (the app's and the CLI's own
+CSV exports read back) or from a folder of class sub-folders, read by
+:func:`~fewshot_studio.engine.label_files.read_known_labels` as ``fewshot-studio label
+--labels`` reads them: an image in the query folder becomes a correction (and counts as
+reviewed), any other existing image an example of its class, and a missing file is ignored
+and counted.
 
 The file is read in a worker; the edits are one undo step. A label that names no class of the
 panel refuses the whole import, naming the classes (add or rename them first)."""
 
 from __future__ import annotations
 
-import os
-from collections.abc import Collection
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from PySide6.QtCore import QObject, Signal
 from PySide6.QtGui import QUndoStack
 
-from fewshot_studio.errors import UserError
+from fewshot_studio.engine.label_files import KnownLabels, read_known_labels
 from fewshot_studio.gui.controllers.labeling import LabelingController
 from fewshot_studio.gui.models.classes import ClassListModel
 from fewshot_studio.gui.undo import CorrectCommand, SetExamplesCommand
@@ -27,50 +24,6 @@ from fewshot_studio.gui.workers import FunctionWorker, bind_to
 
 def _plural(n: int, word: str) -> str:
     return f"{n} {word}{'s' if n != 1 else ''}"
-
-
-@dataclass
-class KnownLabels:
-    """What a labels source says, split by where each image is: ``corrections`` (query
-    images -> label), ``examples`` (label -> other existing images), ``missing`` (files that
-    are not there) and ``labels`` (every label it names)."""
-
-    source: Path
-    corrections: dict[Path, str] = field(default_factory=dict)
-    examples: dict[str, list[Path]] = field(default_factory=dict)
-    missing: list[Path] = field(default_factory=list)
-    labels: set[str] = field(default_factory=set)
-
-
-def read_known_labels(source: Path, root: Path, queries: Collection[Path]) -> KnownLabels:
-    """Read ``source`` (a labels CSV, relative paths against ``root``; or a folder of class
-    sub-folders) and split it against ``queries`` (the query images). UserError when it cannot
-    be read or holds no labels. Pool threads (one stat per non-query image)."""
-    from fewshot_studio.data.scan import class_folders
-    from fewshot_studio.engine.export import read_labels_csv
-
-    source = Path(source)
-    if source.is_dir():
-        pairs = [(p, name) for name, images in class_folders(source, what="labels folder")
-                 .items() for p in images]
-    elif source.exists():
-        pairs = read_labels_csv(source, root)
-    else:
-        raise UserError(f"not found: {source}")
-    if not pairs:
-        raise UserError(f"{source}: no labels in it (a path,label CSV or a folder of class "
-                        "folders)")
-    in_query = set(queries)
-    found = KnownLabels(source, labels={label for _, label in pairs})
-    for path, label in pairs:
-        path = Path(os.path.abspath(path))
-        if path in in_query:
-            found.corrections[path] = label
-        elif path.is_file():
-            found.examples.setdefault(label, []).append(path)
-        else:
-            found.missing.append(path)
-    return found
 
 
 class LabelImportController(QObject):
