@@ -36,7 +36,8 @@ $(STAMP): $(LOCK) pyproject.toml setup.py
 
 # Re-resolve both locks (uv, in a throw-away venv under build/) from pyproject.toml and
 # requirements/*.in, for CPython 3.11 on Linux x86_64 (glibc >= 2.34) whatever machine runs
-# it: an upgrade is a reviewed commit of the lock files. The CUDA lock comes from PyPI alone,
+# it: an upgrade is a reviewed commit of the lock files. The CUDA locks also hold the timm
+# extra (import-backbone --timm), which needs the gpu extra's torchvision. The CUDA lock comes from PyPI alone,
 # with hashes; the CPU lock has none, as its torch wheel comes from the local wheel folder in
 # pip's find-links (or TORCH_INDEX), whose files differ from machine to machine.
 UV_VERSION := 0.13.9
@@ -53,14 +54,15 @@ lock:
 		--extra cpu $(LOCK_EXTRAS) $(LOCK_TORCH) -o requirements/cpu.lock
 	build/lock-venv/bin/uv pip compile --no-config --upgrade --quiet $(LOCK_TARGET) \
 		--custom-compile-command "make lock" pyproject.toml requirements/cuda.in \
-		--extra gpu $(LOCK_EXTRAS) --generate-hashes -o requirements/cuda.lock
+		--extra gpu $(LOCK_EXTRAS) --extra timm --generate-hashes -o requirements/cuda.lock
 	build/lock-venv/bin/uv pip compile --no-config --upgrade --quiet $(LOCK_TARGET) \
 		--custom-compile-command "make lock" pyproject.toml requirements/cpu.in \
 		--extra cpu $(LOCK_EXTRAS) --extra cluster -c requirements/cpu.lock $(LOCK_TORCH) \
 		-o requirements/cpu-cluster.lock
 	build/lock-venv/bin/uv pip compile --no-config --upgrade --quiet $(LOCK_TARGET) \
 		--custom-compile-command "make lock" pyproject.toml requirements/cuda.in \
-		--extra gpu $(LOCK_EXTRAS) --extra cluster -c requirements/cuda.lock --generate-hashes \
+		--extra gpu $(LOCK_EXTRAS) --extra timm --extra cluster -c requirements/cuda.lock \
+		--generate-hashes \
 		-o requirements/cuda-cluster.lock
 	@! grep -q "^onnxruntime==" requirements/cuda.lock requirements/cuda-cluster.lock || \
 		{ echo "a cuda lock holds onnxruntime beside onnxruntime-gpu"; exit 1; }
