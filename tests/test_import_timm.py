@@ -19,9 +19,10 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from fewshot_studio.cli import main
+from fewshot_studio.data.preprocess import IMAGENET_MEAN
 from fewshot_studio.engine.export import read_csv
 from fewshot_studio.errors import UserError
-from fewshot_studio.io.backbone_import import InputOptions, import_timm_model
+from fewshot_studio.io.backbone_import import InputOptions, import_timm_model, timm_preprocess
 from fewshot_studio.io.checkpoint import load_checkpoint, save_checkpoint
 from fewshot_studio.models.backbones.timm_model import TimmBackbone, trailing_units
 from fewshot_studio.models.finetune import FinetuneSettings, augment_for, can_finetune, finetune
@@ -118,6 +119,10 @@ def test_options_override_the_models_input_settings(fake_timm: list[dict[str, An
     assert grey.channels == 1 and grey.mean == pytest.approx((0.45,))
     with pytest.raises(UserError, match="NCHW"):
         import_timm_model("tiny_net.test", InputOptions(layout="NHWC"))
+    squashed = timm_preprocess({"input_size": (3, 64, 64), "crop_mode": "squash"},
+                               InputOptions())
+    assert (squashed.image_size, squashed.resize, squashed.mean) == (64, "squash",
+                                                                     IMAGENET_MEAN)
 
 
 def test_weights_from_a_local_file(fake_timm: list[dict[str, Any]], tmp_path: Path) -> None:

@@ -34,12 +34,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from fewshot_studio.data.preprocess import Preprocess
+from fewshot_studio.data.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess
 from fewshot_studio.errors import UserError
 from fewshot_studio.io.checkpoint import Checkpoint
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 @dataclass(frozen=True)
@@ -166,7 +163,8 @@ def import_onnx(path: str | os.PathLike[str], options: InputOptions = InputOptio
 
 def timm_preprocess(cfg: dict[str, Any], options: InputOptions) -> Preprocess:
     """The :class:`Preprocess` of a timm model: ``options`` first, then its
-    ``pretrained_cfg`` (``input_size``, ``mean``, ``std``, ``crop_pct``), then ImageNet's."""
+    ``pretrained_cfg`` (``input_size``, ``mean``, ``std``, ``crop_pct``, ``crop_mode``), then
+    ImageNet's."""
     if options.layout not in (None, "NCHW"):
         raise UserError("a timm model takes NCHW images: --layout is for ONNX models")
     c, h, _ = tuple(cfg.get("input_size") or (3, 224, 224))  # (C, H, W)
@@ -177,7 +175,9 @@ def timm_preprocess(cfg: dict[str, Any], options: InputOptions) -> Preprocess:
         mean, std = (sum(mean) / len(mean),), (sum(std) / len(std),)
     return Preprocess.from_dict({
         "image_size": int(options.image_size or h), "channels": channels,
-        "mean": list(mean), "std": list(std), "resize": options.resize or "center_crop",
+        "mean": list(mean), "std": list(std),
+        "resize": options.resize or ("squash" if cfg.get("crop_mode") == "squash"
+                                     else "center_crop"),
         "crop_fraction": float(cfg.get("crop_pct") or 0.875)})
 
 

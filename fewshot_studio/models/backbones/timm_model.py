@@ -21,12 +21,9 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from fewshot_studio.data.preprocess import Preprocess
+from fewshot_studio.data.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess
 from fewshot_studio.errors import UserError
 from fewshot_studio.models.registry import BACKBONES, BackboneCfg
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def import_timm() -> ModuleType:
