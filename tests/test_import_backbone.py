@@ -253,3 +253,57 @@ def test_the_embedded_graph_quantises(tmp_path: Path, kind: str) -> None:
     assert got.shape == ref.shape == (4, 8 if fixed else 5)
     cos = (got * ref).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(ref, axis=1)
     assert cos.min() > 0.99, cos
+
+
+def test_the_app_opens_an_onnx_model_as_a_checkpoint(qtbot, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Open checkpoint… on an ``.onnx`` file: imported (in a worker) into the user data
+    folder and used; the same file again reuses that import; a broken one is reported and the
+    checkpoint in use is kept."""
+    from _gui_helpers import shown_window
+    from PySide6.QtWidgets import QFileDialog
+
+    from fewshot_studio.paths import user_data_dir
+
+    src = export(tmp_path / "enc.onnx")
+    chosen = [src]
+    monkeypatch.setattr(QFileDialog, "getOpenFileName", lambda *a, **k: (str(chosen[0]), ""))
+    w = shown_window(qtbot)
+    cmd = w.commands
+    with qtbot.waitSignal(cmd.checkpoint_changed, timeout=20_000) as sig:
+        w.acts.open_checkpoint.trigger()
+    out = Path(sig.args[0])
+    assert out == user_data_dir() / "imported" / "enc.safetensors"
+    assert w.labeling.checkpoint == str(out) and cmd.onnx_import.thread_ident is not None
+    assert load_checkpoint(out).training["imported"]["file"] == "enc.onnx"
+    stamp = out.stat().st_mtime_ns
+    with qtbot.waitSignal(cmd.checkpoint_changed, timeout=20_000) as sig:
+        w.acts.open_checkpoint.trigger()
+    assert sig.args[0] == str(out) and out.stat().st_mtime_ns == stamp
+    assert len(list(out.parent.iterdir())) == 1
+    errors: list[tuple] = []
+    w.show_error = lambda *a: errors.append(a)
+    chosen[0] = tmp_path / "junk.onnx"
+    chosen[0].write_bytes(b"not a model")
+    with qtbot.waitSignal(cmd.checkpoint_kept, timeout=20_000):
+        w.acts.open_checkpoint.trigger()
+    assert len(errors) == 1 and "not a readable ONNX model" in errors[0][1]
+    assert w.labeling.checkpoint == str(out)
+    w.close()
+
+
+def test_import_into_a_folder_never_replaces_another_file(tmp_path: Path) -> None:
+    from fewshot_studio.io.backbone_import import import_onnx_into
+
+    folder = tmp_path / "imported"
+    folder.mkdir()
+    (folder / "enc.safetensors").write_text("mine")  # not a checkpoint: kept
+    for sub in ("a", "b"):
+        (tmp_path / sub).mkdir()
+    a = import_onnx_into(export(tmp_path / "a" / "enc.onnx"), folder)
+    b = import_onnx_into(export(tmp_path / "b" / "enc.onnx", maps=True), folder)  # other bytes
+    assert (a.name, b.name) == ("enc-2.safetensors", "enc-3.safetensors")
+    assert import_onnx_into(tmp_path / "a" / "enc.onnx", folder) == a  # the same: reused
+    assert (folder / "enc.safetensors").read_text() == "mine"
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "enc-2.safetensors", "enc-3.safetensors", "enc.safetensors"]

@@ -161,6 +161,32 @@ def import_onnx(path: str | os.PathLike[str], options: InputOptions = InputOptio
          "meta_trained": False})
 
 
+def import_onnx_into(path: str | os.PathLike[str], folder: Path) -> Path:
+    """The app's *Open checkpoint* on an ``.onnx`` file: :func:`import_onnx` with what the
+    model itself says about its input (metadata, input shape, ImageNet's mean/std), saved as
+    ``folder/<stem>.safetensors`` (``<stem>-2`` ... beside a file that is another model's).
+    A file imported before from the same bytes is used as it is. Returns its path;
+    UserError as :func:`import_onnx`."""
+    from fewshot_studio.io.checkpoint import CheckpointError, read_metadata, save_checkpoint
+
+    path = Path(path)
+    try:
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError as e:
+        raise UserError(f"{path}: cannot be read ({e.strerror or e})") from None
+    for n in range(1, 1000):
+        out = folder / f"{path.stem}{'' if n == 1 else f'-{n}'}.safetensors"
+        if not out.exists():
+            break
+        try:
+            done = read_metadata(out).get("training", {}).get("imported", {})
+        except CheckpointError:
+            continue
+        if done.get("sha256") == digest:
+            return out
+    return save_checkpoint(out, import_onnx(path))
+
+
 def timm_preprocess(cfg: dict[str, Any], options: InputOptions) -> Preprocess:
     """The :class:`Preprocess` of a timm model: ``options`` first, then its
     ``pretrained_cfg`` (``input_size``, ``mean``, ``std``, ``crop_pct``, ``crop_mode``), then

@@ -28,6 +28,7 @@ from fewshot_studio.gui.models.classes import ClassListModel
 from fewshot_studio.gui.models.gallery import GalleryModel
 from fewshot_studio.gui.project_io import PROJECT_SUFFIX
 from fewshot_studio.gui.settings import last_dir, remember_dir
+from fewshot_studio.gui.workers import FunctionWorker, bind_to
 
 PROJECT_FILTER = f"FewShot Studio project (*{PROJECT_SUFFIX})"
 
@@ -61,6 +62,7 @@ class Commands(QObject):
         self.classes_ctl, self.export_ctl, self.gallery = classes_ctl, export, gallery
         self.label_import, self.duplicates, self.selected = label_import, duplicates, selected
         self.current_class, self.ask_unsaved = current_class, ask_unsaved
+        self.onnx_import: FunctionWorker | None = None  # Open checkpoint on an .onnx file
 
     def _report(self, title: str, message: str) -> None:
         self.failed.emit(title, message, "")
@@ -191,14 +193,45 @@ class Commands(QObject):
         self.project.mark_dirty()
 
     def open_checkpoint(self) -> None:
-        f, _ = QFileDialog.getOpenFileName(self.parent_widget, "Open checkpoint",
-                                           self.start_dir("checkpoint"),
-                                           "Checkpoints (*.safetensors)")
+        """A checkpoint file, or an ONNX image encoder: imported first
+        (:meth:`import_onnx`)."""
+        f, _ = QFileDialog.getOpenFileName(
+            self.parent_widget, "Open checkpoint", self.start_dir("checkpoint"),
+            "Checkpoints and ONNX image encoders (*.safetensors *.onnx);;"
+            "Checkpoints (*.safetensors);;ONNX image encoders (*.onnx)")
         if f:
             remember_dir("checkpoint", Path(f))
-            self.set_checkpoint(f)
+            if Path(f).suffix.lower() == ".onnx":
+                self.import_onnx(Path(f))
+            else:
+                self.set_checkpoint(f)
         else:
             self.checkpoint_kept.emit(self.labeling.checkpoint)
+
+    def import_onnx(self, path: Path) -> FunctionWorker:
+        """Turn an ONNX image encoder into a checkpoint in the user data folder (in a worker;
+        the model is run once to check it), then use it."""
+        from fewshot_studio.io.backbone_import import import_onnx_into
+
+        self.message.emit(f"Importing {path.name}…", 0)
+        w = FunctionWorker(import_onnx_into, path, app_paths.user_data_dir() / "imported")
+        w.signals.finished.connect(bind_to(self, lambda out: self._imported(path, out)))
+        w.signals.errored.connect(bind_to(self, self._import_failed))
+        self.onnx_import = w
+        return w.start()
+
+    def _imported(self, source: Path, checkpoint: Path) -> None:
+        self.set_checkpoint(str(checkpoint))
+        self.message.emit(f"Imported {source.name} as {checkpoint}; its input settings come "
+                          "from the model (fewshot-studio import-backbone sets them by hand)",
+                          0)
+
+    def _import_failed(self, error: BaseException) -> None:
+        self.checkpoint_kept.emit(self.labeling.checkpoint)
+        self.failed.emit("Cannot use this ONNX model", str(error),
+                         "fewshot-studio import-backbone MODEL.onnx --out X.safetensors "
+                         "--image-size N --mean R G B --std R G B gives its input settings "
+                         "by hand; then open X.safetensors.")
 
     def paste(self) -> None:
         img = QGuiApplication.clipboard().image()
