@@ -52,7 +52,6 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from fewshot_studio.data.scan import class_folders
 from fewshot_studio.engine.api import Prediction
 from fewshot_studio.engine.label_rows import (
     CSV_COLUMNS,
@@ -359,6 +358,8 @@ def read_known_labels(source: str | os.PathLike[str], root: Path, queries: Colle
     ``queries`` (the query images): a query image is a correction, any other existing image
     an example, a missing file is counted. UserError (naming ``what``) when the source is
     not there, cannot be read or holds no labels. One stat per non-query image."""
+    from fewshot_studio.data.scan import class_folders  # not at import: it loads PIL (--help)
+
     source = Path(source)
     if source.is_dir():
         pairs = [(p, name) for name, images in class_folders(source, what=f"{what} folder")
