@@ -31,6 +31,7 @@ def _worker(rank: int, store: str, data: str, out: str, report: str) -> None:
                             world_size=WORLD)
     try:
         _train_and_report(rank, data, out, report)
+        dist.barrier()  # both reports written before either rank leaves the group
     finally:
         dist.destroy_process_group()
 

@@ -137,6 +137,9 @@ def train(config: TrainConfig, resume: bool = False) -> Iterator[Progress]:
     info = distributed.setup(config.device)
     try:
         yield from _train(config, resume, info)
+        # every rank done (rank 0 has written the checkpoints) before any leaves the group: a
+        # rank that tears down while another still talks to it can abort both (gloo)
+        distributed.barrier(info)
     finally:
         distributed.teardown(info)
 
