@@ -20,6 +20,7 @@ examples a class, the head chosen) <= 50 ms.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
@@ -38,7 +39,8 @@ from fewshot_studio.engine.api import LabelSettings  # noqa: E402
 from fewshot_studio.models import FewShotClassifier  # noqa: E402
 from fewshot_studio.paths import user_cache_dir  # noqa: E402
 
-DATA = ROOT.parent / "shared" / "data"
+# the shared data folder; FEWSHOT_DEV_DATA elsewhere (a GPU lease's copy, say)
+DATA = Path(os.environ.get("FEWSHOT_DEV_DATA") or ROOT.parent / "shared" / "data")
 DEV_SETS = {"gtsrb": "gtsrb/gtsrb_subset.zip", "cifar10": "cifar10/cifar10_subset.zip",
             "caltech-val": "caltech101/caltech101.zip"}
 

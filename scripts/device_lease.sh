@@ -2,7 +2,8 @@
 # One short GPU lease, unattended (about 10 minutes of one GPU, start to finish):
 #
 #   1. the CUDA benchmarks, alone on the GPU: benchmarks/train_speed.py (ProtoNet episodes/s,
-#      vectorised vs per-task-loop MAML) and benchmarks/label_speed.py --cuda-only;
+#      vectorised vs per-task-loop MAML), benchmarks/label_speed.py --cuda-only and, when the
+#      GTSRB dev set is in $FEWSHOT_DATA, benchmarks/finetune.py --device cuda;
 #   2. the six Omniglot trainings of `scripts/train_checkpoints.py --budget gpu` (shipped
 #      omniglot-* and the papers' protocol paper-*) at the same time on the one GPU, each
 #      stopped by its time limit, then their evaluations, until the deadline;
@@ -47,6 +48,13 @@ if [ "${BENCH:-1}" = 1 ]; then
   echo "== [$(since) s] benchmarks/label_speed.py --cuda-only"
   timeout 60 $PY benchmarks/label_speed.py --cuda-only --n 1000 "${q[@]}" 2>&1 \
     | tee "$OUT/label_speed_cuda.txt"
+  # issue 17's GPU budget: 5-way 5-shot test-time fine-tuning <= 2 s (copy the dev set
+  # gtsrb/gtsrb_subset.zip into $FEWSHOT_DATA first; the features are embedded there once)
+  if [ -f "$FEWSHOT_DATA/gtsrb/gtsrb_subset.zip" ]; then
+    echo "== [$(since) s] benchmarks/finetune.py --device cuda"
+    FEWSHOT_DEV_DATA=$FEWSHOT_DATA timeout 150 $PY benchmarks/finetune.py --datasets gtsrb \
+      --episodes 5 --device cuda 2>&1 | tee "$OUT/finetune_cuda.txt"
+  fi
 fi
 
 echo "== [$(since) s] trainings: $STEPS"
