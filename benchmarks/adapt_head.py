@@ -54,15 +54,10 @@ def load_model(checkpoint: str) -> tuple[FewShotClassifier, object, float]:
     return ck.build("cpu").float().eval(), ck.preprocess, ck.temperature
 
 
-def dev_features(checkpoint: str, dataset: str, per_class: int = 60, refresh: bool = False
-                 ) -> tuple[torch.Tensor, np.ndarray]:
-    """``(features (n, d), labels (n,))`` of up to ``per_class`` images a class of a dev set,
-    embedded once and cached in ``<user cache dir>/benchmarks/``."""
-    cache = user_cache_dir() / "benchmarks" / f"{checkpoint}-{dataset}-{per_class}.npz"
-    if cache.exists() and not refresh:
-        z = np.load(cache)
-        return torch.from_numpy(z["x"]), z["y"]
-    model, pre, _ = load_model(checkpoint)
+def dev_images(dataset: str, per_class: int = 60
+               ) -> tuple[ClassFolderDataset, list[str], np.ndarray]:
+    """``(dataset, member names, labels (n,))``: up to ``per_class`` images a class of a dev
+    set, class by class (the rows of :func:`dev_features`)."""
     if dataset == "caltech-val":
         split = ROOT / "resources" / "splits" / "caltech101_val.txt"
         names = [c.strip() for c in split.read_text().splitlines() if c.strip()]
@@ -71,21 +66,32 @@ def dev_features(checkpoint: str, dataset: str, per_class: int = 60, refresh: bo
         ds = ClassFolderDataset(DATA / "omniglot" / "images_background.zip")
     else:
         ds = ClassFolderDataset(DATA / DEV_SETS[dataset])
-    members: list[list[str]] = [[] for _ in ds.class_names]
+    by_class: list[list[str]] = [[] for _ in ds.class_names]
     for m, c in ds.samples:
-        if len(members[c]) < per_class:
-            members[c].append(m)
-    xs, ys = [], []
-    for c, ms in enumerate(members):
-        for m in ms:
-            xs.append(load_and_preprocess(ds.read_bytes(m), pre))  # type: ignore[arg-type]
-            ys.append(c)
+        if len(by_class[c]) < per_class:
+            by_class[c].append(m)
+    members = [m for ms in by_class for m in ms]
+    labels = np.asarray([c for c, ms in enumerate(by_class) for _ in ms])
+    return ds, members, labels
+
+
+def dev_features(checkpoint: str, dataset: str, per_class: int = 60, refresh: bool = False
+                 ) -> tuple[torch.Tensor, np.ndarray]:
+    """``(features (n, d), labels (n,))`` of :func:`dev_images`, embedded once and cached in
+    ``<user cache dir>/benchmarks/``."""
+    cache = user_cache_dir() / "benchmarks" / f"{checkpoint}-{dataset}-{per_class}.npz"
+    if cache.exists() and not refresh:
+        z = np.load(cache)
+        return torch.from_numpy(z["x"]), z["y"]
+    model, pre, _ = load_model(checkpoint)
+    ds, members, y = dev_images(dataset, per_class)
+    xs = [load_and_preprocess(ds.read_bytes(m), pre) for m in members]  # type: ignore[arg-type]
     feats = []
     t = time.perf_counter()
     with torch.inference_mode():
         for i in range(0, len(xs), 64):
             feats.append(model.embed(torch.from_numpy(np.stack(xs[i:i + 64]))).float())
-    x, y = torch.cat(feats).reshape(len(xs), -1), np.asarray(ys)
+    x = torch.cat(feats).reshape(len(xs), -1)
     print(f"# embedded {len(y)} {dataset} images with {checkpoint} in "
           f"{time.perf_counter() - t:.0f} s", flush=True)
     cache.parent.mkdir(parents=True, exist_ok=True)

@@ -41,14 +41,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from adapt_head import (  # type: ignore[import-not-found]  # noqa: E402
-    DATA,
-    DEV_SETS,
     ci95,
     dev_features,
+    dev_images,
     draw_episodes,
 )
 
-from fewshot_studio.data.datasets import ClassFolderDataset  # noqa: E402
 from fewshot_studio.data.images import load_and_preprocess  # noqa: E402
 from fewshot_studio.data.preprocess import Preprocess  # noqa: E402
 from fewshot_studio.models import FewShotClassifier  # noqa: E402
@@ -60,25 +58,6 @@ from fewshot_studio.models.finetune import (  # noqa: E402
     prefix_maps,
     view_bank,
 )
-
-
-def dev_images(dataset: str, per_class: int = 60
-               ) -> tuple[ClassFolderDataset, list[str], np.ndarray]:
-    """``(dataset, member names, labels (n,))``: up to ``per_class`` images a class, class
-    by class: the rows of ``adapt_head.dev_features`` (its cached features pair with them)."""
-    if dataset == "caltech-val":
-        split = ROOT / "resources" / "splits" / "caltech101_val.txt"
-        names = [c.strip() for c in split.read_text().splitlines() if c.strip()]
-        ds = ClassFolderDataset(DATA / DEV_SETS[dataset], classes=names)
-    else:
-        ds = ClassFolderDataset(DATA / DEV_SETS[dataset])
-    by_class: list[list[str]] = [[] for _ in ds.class_names]
-    for m, c in ds.samples:
-        if len(by_class[c]) < per_class:
-            by_class[c].append(m)
-    members = [m for ms in by_class for m in ms]
-    labels = np.asarray([c for c, ms in enumerate(by_class) for _ in ms])
-    return ds, members, labels
 
 
 def cheap_modes(model: FewShotClassifier, temperature: float, feats: torch.Tensor,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -329,16 +330,12 @@ def _fails(x: np.ndarray, seed: int) -> np.ndarray:
 
 
 def _sleepy(x: np.ndarray, seed: int) -> np.ndarray:  # a projection that takes ten minutes
-    import time
-
     time.sleep(600)
     return np.zeros((len(x), 2), np.float32)
 
 
 def _in_thread(proc, x: np.ndarray) -> tuple[threading.Thread, list[object]]:
     """``proc.run(x)`` in a thread; returns once the child is computing."""
-    import time
-
     out: list[object] = []
     t = threading.Thread(target=lambda: out.append(proc.run(x)))
     t.start()
@@ -349,9 +346,18 @@ def _in_thread(proc, x: np.ndarray) -> tuple[threading.Thread, list[object]]:
     return t, out
 
 
-def test_projection_process_returns_reports_cancels_and_stops() -> None:
-    import time
+def _interrupt_slow_run(proc, x: np.ndarray, interrupt) -> None:
+    """Start a ten-minute run of ``proc`` in a thread, then ``interrupt()``: the run returns
+    None within 5 s."""
+    proc.target = _sleepy
+    t, out = _in_thread(proc, x)
+    t0 = time.monotonic()
+    interrupt()
+    t.join(10)
+    assert not t.is_alive() and time.monotonic() - t0 < 5 and out == [None]
 
+
+def test_projection_process_returns_reports_cancels_and_stops() -> None:
     from fewshot_studio.engine.projection import ProjectionProcess
 
     x = np.arange(12, dtype=np.float32).reshape(4, 3)
@@ -365,22 +371,12 @@ def test_projection_process_returns_reports_cancels_and_stops() -> None:
     with pytest.raises(RuntimeError, match="ValueError: no map today"):
         proc.run(x)
     # a slow run: cancel() kills it at once, the next run starts a new child
-    proc.target = _sleepy
-    t, out = _in_thread(proc, x)
-    t0 = time.monotonic()
-    proc.cancel()
-    t.join(10)
-    assert not t.is_alive() and time.monotonic() - t0 < 5 and out == [None]
+    _interrupt_slow_run(proc, x, proc.cancel)
     assert not child.is_alive()
     proc.target = _first_two
     np.testing.assert_array_equal(proc.run(x), x[:, :2])
     # stop(): kills a slow run too, and refuses any later one
-    proc.target = _sleepy
-    t, out = _in_thread(proc, x)
-    t0 = time.monotonic()
-    proc.stop()
-    t.join(10)
-    assert not t.is_alive() and time.monotonic() - t0 < 5 and out == [None]
+    _interrupt_slow_run(proc, x, proc.stop)
     assert not proc.ready() and proc.run(x) is None
     # stop() with an idle child: told to exit, it cleans up and ends by itself (code 0)
     idle = ProjectionProcess(_first_two, requires=None)
@@ -392,8 +388,6 @@ def test_projection_process_returns_reports_cancels_and_stops() -> None:
 
 
 def test_closing_the_window_never_waits_on_a_projection(qtbot, labeled_win) -> None:
-    import time
-
     from fewshot_studio.engine.projection import ProjectionProcess
 
     w = labeled_win

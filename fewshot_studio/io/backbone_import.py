@@ -130,15 +130,26 @@ def import_onnx(path: str | os.PathLike[str], options: InputOptions = InputOptio
     (``distance`` "cosine" or "euclidean"). The graph is run once on a probe batch: its
     output must be ``(n, d)`` (or ``(n, C, h, w)`` maps, average-pooled) and finite.
     UserError with a one-line reason otherwise."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise UserError(f"{path}: not a readable ONNX model ({type(e).__name__})") from None
+    return _import_onnx_data(data, hashlib.sha256(data).hexdigest(), path, options, name,
+                             distance)
+
+
+def _import_onnx_data(data: bytes, digest: str, path: Path, options: InputOptions,
+                      name: str, distance: str) -> Checkpoint:
+    """:func:`import_onnx` of the file ``path`` whose bytes (read once) are ``data`` and
+    their SHA-256 ``digest``."""
     import onnx
 
     from fewshot_studio.models.backbones.onnx_graph import OnnxGraph
 
-    path = Path(path)
     try:
-        data = path.read_bytes()
         model = onnx.load_model_from_string(data)
-    except Exception as e:  # OSError, or protobuf's DecodeError (not importable portably)
+    except Exception as e:  # protobuf's DecodeError (not importable portably)
         raise UserError(f"{path}: not a readable ONNX model ({type(e).__name__})") from None
     if _has_external_data(model):
         raise UserError(f"{path}: the model keeps its weights in external data files; "
@@ -152,8 +163,7 @@ def import_onnx(path: str | os.PathLike[str], options: InputOptions = InputOptio
     out = _probe(probe, pre, f"{path}: the model", layout)
     backbone = OnnxGraph(pre.channels, pre.image_size, len(data), input_name, output_name,
                          layout, tuple(out.shape[1:]))
-    backbone.set_graph(data)
-    digest = hashlib.sha256(data).hexdigest()
+    backbone.graph = probe.graph  # the same bytes: no second copy
     return _protonet_checkpoint(
         backbone, "onnx", out, pre, name or path.stem, distance,
         f"the ONNX model {path.name}",
@@ -171,9 +181,10 @@ def import_onnx_into(path: str | os.PathLike[str], folder: Path) -> Path:
 
     path = Path(path)
     try:
-        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        data = path.read_bytes()
     except OSError as e:
         raise UserError(f"{path}: cannot be read ({e.strerror or e})") from None
+    digest = hashlib.sha256(data).hexdigest()
     for n in range(1, 1000):
         out = folder / f"{path.stem}{'' if n == 1 else f'-{n}'}.safetensors"
         if not out.exists():
@@ -184,7 +195,8 @@ def import_onnx_into(path: str | os.PathLike[str], folder: Path) -> Path:
             continue
         if done.get("sha256") == digest:
             return out
-    return save_checkpoint(out, import_onnx(path))
+    return save_checkpoint(out, _import_onnx_data(data, digest, path, InputOptions(), "",
+                                                  "cosine"))
 
 
 def timm_preprocess(cfg: dict[str, Any], options: InputOptions) -> Preprocess:
@@ -222,9 +234,8 @@ def import_timm_model(model_name: str, options: InputOptions = InputOptions(),
     module = create_timm_model(model_name, options.channels or 3, pretrained=True,
                                weights_file=weights).eval()
     pre = timm_preprocess(dict(module.pretrained_cfg or {}), options)
-    probe = TimmBackbone(model_name, pre.channels, pre.image_size, model=module)
-    with torch.no_grad():
-        out = _probe(probe, pre, f"timm model {model_name!r}", "NCHW")
+    with torch.no_grad():  # the backbone's forward is the module's
+        out = _probe(module, pre, f"timm model {model_name!r}", "NCHW")
     backbone = TimmBackbone(model_name, pre.channels, pre.image_size, tuple(out.shape[1:]),
                             model=module)
     source = Path(weights).name if weights is not None else "timm's cache or hub"
